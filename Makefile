@@ -1,0 +1,105 @@
+# fastcache — build, test and run. Every target installs what it needs first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+APT_PACKAGES := fuse libfuse-dev pkg-config libxxhash-dev
+BENCH_APT_PACKAGES := fio s3fs
+EXT_SOURCES := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
+PYTEST_ARGS ?=
+
+.PHONY: all deps bench-deps venv build dev-setup test test-verbose test-race bench bench-smoke \
+        lint annotate clean run-coordinator run-client-1 run-client-2 run-client-3 \
+        dev-start dev-stop
+
+all: build
+
+## deps: Debian packages (fuse for fusermount, headers for llfuse, libxxhash for the hashing)
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "missing Debian packages:$$missing"; \
+	    echo "run: sudo apt-get update && sudo apt-get install -y$$missing"; exit 1; \
+	  fi; \
+	fi
+
+bench-deps: deps
+	@missing=""; for p in $(BENCH_APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+## venv: the virtualenv with build, runtime and test dependencies
+$(VENV)/.installed: pyproject.toml | deps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip "setuptools>=68" wheel "Cython>=3.0" "numpy>=1.26"
+	$(PIP) install -q --no-build-isolation -e '.[test]'
+	touch $@
+
+venv: deps $(VENV)/.installed
+
+## build: compile the Cython extensions in place
+fastcache/.built: $(VENV)/.installed setup.py $(EXT_SOURCES)
+	$(PY) setup.py -q build_ext --inplace
+	touch $@
+
+build: deps fastcache/.built
+
+dev-setup: build
+
+test: build
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(MAKE) --no-print-directory bench-smoke
+
+test-verbose: build
+	$(PY) -m pytest -v $(PYTEST_ARGS)
+
+## test-race: the concurrency stress tests with Python's dev mode and asyncio debug
+test-race: build
+	PYTHONDEVMODE=1 PYTHONASYNCIODEBUG=1 $(PY) -m pytest -v -m race $(PYTEST_ARGS)
+
+## bench-smoke: the kernel benchmarks, briefly; never fails on timing
+bench-smoke: build
+	@mkdir -p bench/results
+	$(PY) -m pytest -q bench/test_kernels.py --benchmark-min-rounds=1 --benchmark-max-time=0.05 \
+	  --benchmark-warmup=off --benchmark-json=bench/results/kernels-smoke.json -p no:randomly \
+	  -o testpaths=bench
+
+bench: build bench-deps
+	@mkdir -p bench/results
+	$(PY) -m pytest -q bench/test_kernels.py --benchmark-json=bench/results/kernels.json \
+	  -o testpaths=bench
+	@if [ -f bench/harness.py ]; then $(PY) -m bench.harness; fi
+
+lint: venv
+	$(VENV)/bin/ruff check fastcache tests bench
+	$(VENV)/bin/ruff format --check fastcache tests bench
+
+annotate: venv
+	$(VENV)/bin/cython -a -3 ext/*.pyx
+
+run-coordinator: build
+	$(VENV)/bin/fastcache coordinator --host 127.0.0.1 --port 8080 --state-dir .dev/coordinator
+
+run-client-%: build
+	$(VENV)/bin/fastcache client --coordinator http://127.0.0.1:8080 --host 127.0.0.1 \
+	  --port $$((8080 + $*)) --peer-id client$* --nvme-dir .dev/nvme$* --mount /tmp/fuse-client$*
+
+dev-start: build
+	$(VENV)/bin/fastcache dev-start
+
+dev-stop:
+	@if [ -x $(VENV)/bin/fastcache ]; then $(VENV)/bin/fastcache dev-stop; else echo "nothing to stop"; fi
+
+clean:
+	rm -rf build fastcache/*.so fastcache/.built ext/*.c ext/*.html .pytest_cache .benchmarks
+	find . -name __pycache__ -prune -exec rm -rf {} +

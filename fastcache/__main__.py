@@ -1,0 +1,7 @@
+"""``python -m fastcache`` is the ``fastcache`` command."""
+
+import sys
+
+from fastcache.cli import main
+
+sys.exit(main())

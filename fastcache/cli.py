@@ -1,0 +1,193 @@
+"""The ``fastcache`` command: parse flags and environment into config, then hand over.
+
+Bad flags get a one-line message and exit status 2; no traceback reaches the user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fastcache import __version__
+from fastcache.config import (
+    CacheConfig,
+    ClientConfig,
+    ConfigError,
+    CoordinatorConfig,
+    S3Config,
+    parse_capacity,
+    parse_size,
+    token_from_env,
+)
+from fastcache.log import setup_logging
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--token", help="cluster token (default: $FASTCACHE_TOKEN)")
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastcache",
+        description="A distributed FUSE filesystem with a 3-tier cache: NVMe, peers, S3.",
+    )
+    parser.add_argument("--version", action="version", version=f"fastcache {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("coordinator", help="run the coordinator (peers, locations, namespace)")
+    c.add_argument("--host", default="127.0.0.1")
+    c.add_argument("--port", type=int, default=8080)
+    c.add_argument("--state-dir", type=Path, default=Path("coordinator-state"))
+    c.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=60.0,
+        help="seconds of silence after which a peer is dropped (default 60)",
+    )
+    _add_common(c)
+
+    n = sub.add_parser("client", help="run a client node: API, peer cache, optional mount")
+    n.add_argument("--coordinator", default="http://127.0.0.1:8080", help="coordinator URL")
+    n.add_argument("--host", default="127.0.0.1")
+    n.add_argument("--port", type=int, default=8081)
+    n.add_argument("--advertise-url", help="URL peers use to reach this node")
+    n.add_argument("--peer-id", default="", help="node id (default: host:port)")
+    n.add_argument("--nvme-dir", type=Path, required=True, help="local cache directory")
+    n.add_argument("--nvme-capacity", default="10G", help="bytes, size (64G) or percent (50%%)")
+    n.add_argument("--chunk-size", default="4M")
+    n.add_argument("--chunking", choices=("fixed", "cdc"), default="fixed")
+    n.add_argument(
+        "--verify-cache",
+        action="store_true",
+        help="verify every NVMe read against its digest, not only whole chunks",
+    )
+    n.add_argument("--s3-endpoint", help="S3 endpoint URL (default: AWS, or $AWS_ENDPOINT_URL)")
+    n.add_argument("--bucket", default=None, help="S3 bucket (default fuse-client-cache)")
+    n.add_argument("--region", default=None, help="S3 region (default us-east-1)")
+    n.add_argument("--mount", type=Path, help="mount point for the FUSE filesystem")
+    n.add_argument("--heartbeat-interval", type=float, default=10.0)
+    n.add_argument(
+        "--attr-timeout",
+        type=float,
+        default=1.0,
+        help="kernel attribute/entry cache timeout in seconds (default 1)",
+    )
+    n.add_argument("--readahead", type=int, default=4, help="chunks read ahead (default 4)")
+    _add_common(n)
+
+    d = sub.add_parser("dev-start", help="start S3, a coordinator and 3 mounted clients")
+    d.add_argument("--dir", type=Path, default=Path(".dev"), help="state and logs (default .dev)")
+    d.add_argument(
+        "--base-port", type=int, default=8080, help="coordinator port; clients use the next three"
+    )
+    d.add_argument(
+        "--mount-prefix",
+        default="/tmp/fuse-client",
+        help="mounts at PREFIX1..3 (default /tmp/fuse-client)",
+    )
+    d.add_argument("--nodes", type=int, default=3)
+    d.add_argument("--s3-port", type=int, default=0, help="embedded S3 port (default: free)")
+    d.add_argument("--log-level", default="INFO")
+
+    s = sub.add_parser("dev-stop", help="stop what dev-start started and unmount")
+    s.add_argument("--dir", type=Path, default=Path(".dev"))
+    s.add_argument("--log-level", default="INFO")
+
+    b = sub.add_parser("bench", help="benchmark fastcache beside other filesystems")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the harness")
+    return parser
+
+
+def coordinator_config(args: argparse.Namespace) -> CoordinatorConfig:
+    return CoordinatorConfig(
+        host=args.host,
+        port=args.port,
+        state_dir=args.state_dir,
+        token=args.token or token_from_env(),
+        peer_timeout=args.peer_timeout,
+    )
+
+
+def client_config(args: argparse.Namespace) -> ClientConfig:
+    cache = CacheConfig(
+        nvme_dir=args.nvme_dir,
+        nvme_capacity=parse_capacity(args.nvme_capacity, args.nvme_dir),
+        chunk_size=parse_size(args.chunk_size),
+        chunking=args.chunking,
+        verify_cache=args.verify_cache,
+    )
+    s3 = S3Config.from_env(endpoint=args.s3_endpoint, bucket=args.bucket, region=args.region)
+    return ClientConfig(
+        cache=cache,
+        s3=s3,
+        coordinator_url=args.coordinator.rstrip("/"),
+        host=args.host,
+        port=args.port,
+        advertise_url=args.advertise_url,
+        peer_id=args.peer_id or f"{args.host}:{args.port}",
+        token=args.token or token_from_env(),
+        heartbeat_interval=args.heartbeat_interval,
+        mount=args.mount,
+        attr_timeout=args.attr_timeout,
+        readahead_chunks=args.readahead,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    setup_logging(getattr(args, "log_level", "INFO"))
+    try:
+        if args.command == "coordinator":
+            import uvloop
+
+            from fastcache.coordinator.app import serve
+
+            uvloop.run(serve(coordinator_config(args)))
+            return 0
+        if args.command == "client":
+            config = client_config(args)
+            from fastcache.node import main as run_node
+
+            return run_node(config)
+        if args.command == "dev-start":
+            from fastcache import devcluster
+
+            return devcluster.start(args)
+        if args.command == "dev-stop":
+            from fastcache import devcluster
+
+            return devcluster.stop(args)
+        if args.command == "bench":
+            from bench.harness import main as bench_main
+
+            return bench_main(args.rest)
+    except ConfigError as exc:
+        print(f"fastcache: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(
+            f"fastcache: {exc.strerror or exc}" + (f": {exc.filename}" if exc.filename else ""),
+            file=sys.stderr,
+        )
+        return 1
+    parser.error(f"unknown command {args.command}")
+    return 2
+
+
+def _bench_on_path() -> None:
+    """``fastcache bench`` imports the harness from the source tree it was installed from."""
+    root = Path(__file__).resolve().parent.parent
+    if (root / "bench").is_dir() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+
+
+_bench_on_path()

@@ -1,0 +1,165 @@
+"""Configuration: one frozen dataclass per process, built once from flags and environment.
+
+This is the only module that reads ``os.environ``; everything else gets its config passed in.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+MiB = 1 << 20
+GiB = 1 << 30
+DEFAULT_CHUNK_SIZE = 4 * MiB
+DEFAULT_BUCKET = "fuse-client-cache"
+DEFAULT_REGION = "us-east-1"
+DEFAULT_MAX_BODY = 4 * MiB + 64 * 1024  # one chunk plus headroom
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)?\s*$", re.IGNORECASE)
+
+
+class ConfigError(ValueError):
+    """A flag or variable with a value that cannot work; the CLI prints it on one line."""
+
+
+def parse_size(text: str | int) -> int:
+    """``"4M"``, ``"10GiB"``, ``"1.5g"``, ``"4096"`` → bytes (powers of 1024)."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ConfigError(f"not a size: {text!r} (use e.g. 4096, 64M, 10G)")
+    number, unit = float(m.group(1)), m.group(2).lower()
+    return int(number * (1 << (10 * " kmgtp".index(unit or " "))))
+
+
+def parse_capacity(text: str | int, directory: Path) -> int:
+    """Bytes, a size (``"10G"``) or a percentage of the disk holding ``directory`` (``"50%"``)."""
+    if isinstance(text, str) and text.strip().endswith("%"):
+        pct = float(text.strip()[:-1])
+        if not 0 < pct <= 100:
+            raise ConfigError(f"capacity percentage out of range: {text!r}")
+        probe = directory
+        while not probe.exists():
+            probe = probe.parent
+        return int(shutil.disk_usage(probe).total * pct / 100)
+    size = parse_size(text)
+    if size <= 0:
+        raise ConfigError(f"capacity must be positive: {text!r}")
+    return size
+
+
+@dataclass(frozen=True)
+class S3Config:
+    """Where tier 3 lives. Credentials fall back to the standard ``AWS_*`` variables."""
+
+    endpoint: str | None = None
+    region: str = DEFAULT_REGION
+    bucket: str = DEFAULT_BUCKET
+    access_key: str | None = None
+    secret_key: str | None = None
+    max_concurrency: int = 16
+    max_attempts: int = 5
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not self.bucket:
+            raise ConfigError("bucket must not be empty")
+        if self.max_concurrency < 1:
+            raise ConfigError("S3 concurrency must be at least 1")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> S3Config:
+        env = os.environ if env is None else env
+        values: dict[str, object] = {
+            "endpoint": env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+            "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION,
+            "access_key": env.get("AWS_ACCESS_KEY_ID") or None,
+            "secret_key": env.get("AWS_SECRET_ACCESS_KEY") or None,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """The CacheManager and its NVMe tier."""
+
+    nvme_dir: Path
+    nvme_capacity: int = 10 * GiB
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    chunking: str = "fixed"  # or "cdc" (FastCDC, average = chunk_size)
+    verify_cache: bool = False  # hash every NVMe read, not only whole-chunk reads
+    upload_concurrency: int = 8  # parallel write-back uploads
+    fetch_concurrency: int = 8  # parallel chunk fetches of one read
+    replication: int = 3  # peer replicas per chunk
+    writeback_retry_max: float = 30.0  # seconds between write-back retries, at most
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 4096 or self.chunk_size > 64 * MiB:
+            raise ConfigError("chunk size must be between 4 KiB and 64 MiB")
+        if self.chunking not in ("fixed", "cdc"):
+            raise ConfigError(f"chunking must be 'fixed' or 'cdc', not {self.chunking!r}")
+        if self.nvme_capacity < self.chunk_size:
+            raise ConfigError("NVMe capacity must hold at least one chunk")
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    state_dir: Path = Path("coordinator-state")
+    token: str | None = None
+    peer_timeout: float = 60.0  # a peer silent this long is dropped
+    cleanup_interval: float = 10.0
+    max_body: int = DEFAULT_MAX_BODY
+
+    def __post_init__(self) -> None:
+        if self.peer_timeout <= 0:
+            raise ConfigError("peer timeout must be positive")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port out of range: {self.port}")
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    cache: CacheConfig
+    s3: S3Config = field(default_factory=S3Config)
+    coordinator_url: str = "http://127.0.0.1:8080"
+    host: str = "127.0.0.1"
+    port: int = 8081
+    advertise_url: str | None = None  # how peers reach this node; default http://host:port
+    peer_id: str = ""
+    token: str | None = None
+    heartbeat_interval: float = 10.0
+    mount: Path | None = None
+    attr_timeout: float = 1.0  # kernel attribute/entry cache, seconds
+    readahead_chunks: int = 4
+    max_body: int = DEFAULT_MAX_BODY
+    peer_connect_timeout: float = 0.5
+    peer_read_timeout: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_interval <= 0:
+            raise ConfigError("heartbeat interval must be positive")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port out of range: {self.port}")
+
+    @property
+    def url(self) -> str:
+        return self.advertise_url or f"http://{self.host}:{self.port}"
+
+
+def token_from_env(env: Mapping[str, str] | None = None) -> str | None:
+    env = os.environ if env is None else env
+    return env.get("FASTCACHE_TOKEN") or None
+
+
+def no_extensions(env: Mapping[str, str] | None = None) -> bool:
+    """``FASTCACHE_NO_EXT=1`` forces the pure-Python fallbacks (for tests and debugging)."""
+    env = os.environ if env is None else env
+    return env.get("FASTCACHE_NO_EXT") == "1"
