@@ -19,9 +19,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -72,9 +74,13 @@ def _free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 class SeaweedServer:
     """One ``weed server`` (master, volume, filer, S3) with a single admin identity.
 
-    ``start()`` returns once S3 answers a signed-less request with an S3 response;
-    ``stop()`` is idempotent. ``pause()``/``resume()`` freeze and thaw the process group,
-    for "S3 stops answering" tests without losing data or ports.
+    ``start()`` returns once the master leads, the volume server has joined and the S3
+    gateway answers; ``stop()`` is idempotent. ``pause()``/``resume()`` freeze and thaw the
+    process group, for "S3 stops answering" tests without losing data or ports.
+
+    Ports: ``ports`` pins any of ``master``, ``master_grpc``, ``volume``, ``volume_grpc``,
+    ``filer``, ``filer_grpc``, ``s3``, ``s3_grpc`` (``s3_port`` is a shortcut for ``s3``);
+    the rest are picked free at the first start and kept for restarts.
     """
 
     def __init__(
@@ -88,6 +94,8 @@ class SeaweedServer:
         max_volumes: int = 0,
         start_timeout: float = 60.0,
         weed: str | None = None,
+        s3_port: int | None = None,
+        ports: Mapping[str, int] | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.host = host
@@ -97,6 +105,12 @@ class SeaweedServer:
         self.max_volumes = max_volumes
         self.start_timeout = start_timeout
         self._weed = weed
+        self._requested: dict[str, int] = dict(ports or {})
+        if s3_port:
+            self._requested["s3"] = s3_port
+        unknown = set(self._requested) - set(_PORT_NAMES)
+        if unknown:
+            raise ValueError(f"unknown SeaweedFS ports: {sorted(unknown)}")
         self._ports: dict[str, int] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._log_file: IO[bytes] | None = None
@@ -143,15 +157,22 @@ class SeaweedServer:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         for sub in ("master", "volume", "filer"):
             (self.data_dir / sub).mkdir(exist_ok=True)
+        # weed reads master.toml from its cwd: grow one volume per bucket, not seven
+        (self.data_dir / "master.toml").write_text(
+            "[master.volume_growth]\ncopy_1 = 1\ncopy_2 = 1\ncopy_3 = 1\ncopy_other = 1\n"
+        )
         config = self.data_dir / "s3.json"
-        config.write_text(json.dumps(self._s3_identities()))
-        config.chmod(0o600)
+        fd = os.open(config, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # holds the secret
+        with os.fdopen(fd, "w") as f:
+            json.dump(self._s3_identities(), f)
+        if self._ports is None and len(self._requested) == len(_PORT_NAMES):
+            self._ports = dict(self._requested)
         fixed = self._ports is not None
         attempts = 1 if fixed else 3  # fresh ports may be grabbed between pick and bind
         last: SeaweedError | None = None
         for _ in range(attempts):
             if not fixed:
-                self._ports = dict(zip(_PORT_NAMES, _free_ports(len(_PORT_NAMES)), strict=True))
+                self._ports = self._pick_ports()
             try:
                 self._spawn(weed, config)
                 self._wait_ready()
@@ -163,25 +184,45 @@ class SeaweedServer:
         assert last is not None
         raise last
 
-    def stop(self, timeout: float = 15.0) -> None:
-        """SIGTERM the process group, SIGKILL after ``timeout``; safe to call twice."""
+    def stop(self, timeout: float = 2.0) -> None:
+        """SIGTERM the process group, SIGKILL after ``timeout``; safe to call twice.
+
+        weed stops its filer and volume server within a fraction of a second of SIGTERM,
+        then hangs ~15 s on internal gRPC streams. The data is in files by then (written,
+        not necessarily fsynced), so a short timeout loses nothing a crash would not.
+        """
         proc = self._proc
         if proc is not None:
             if proc.poll() is None:
                 self._signal_group(signal.SIGCONT)  # a paused group ignores SIGTERM until thawed
                 self._signal_group(signal.SIGTERM)
                 try:
-                    proc.wait(timeout)
+                    proc.wait(timeout if timeout > 0 else 0.001)
                 except subprocess.TimeoutExpired:
                     self._signal_group(signal.SIGKILL)
-                    proc.wait(timeout)
+                    proc.wait()
             # children that ignored SIGTERM while the leader exited
             self._signal_group(signal.SIGKILL)
             self._proc = None
+            self._remove_sockets()
         self._paused = False
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+
+    def _pick_ports(self) -> dict[str, int]:
+        """The requested ports plus free ones for the rest, all distinct."""
+        taken = set(self._requested.values())
+        free = [p for p in _free_ports(len(_PORT_NAMES) + len(taken)) if p not in taken]
+        ports = dict(self._requested)
+        for name in _PORT_NAMES:
+            if name not in ports:
+                ports[name] = free.pop()
+        return ports
+
+    def kill(self) -> None:
+        """SIGKILL the group at once (a crash); ``start()`` brings it back on the same ports."""
+        self.stop(timeout=0.0)
 
     def pause(self) -> None:
         """SIGSTOP the group: connections hang (timeouts), ports stay taken."""
@@ -220,9 +261,7 @@ class SeaweedServer:
             "identities": [
                 {
                     "name": "fastcache",
-                    "credentials": [
-                        {"accessKey": self._access_key, "secretKey": self._secret_key}
-                    ],
+                    "credentials": [{"accessKey": self._access_key, "secretKey": self._secret_key}],
                     "actions": ["Admin", "Read", "Write", "List", "Tagging"],
                 }
             ]
@@ -242,6 +281,7 @@ class SeaweedServer:
             f"-master.port.grpc={p['master_grpc']}",
             f"-master.volumeSizeLimitMB={self.volume_size_limit_mb}",
             "-master.telemetry=false",
+            "-master.resumeState=false",  # a lone master with old raft state waits for an election
             f"-volume.port={p['volume']}",
             f"-volume.port.grpc={p['volume_grpc']}",
             f"-volume.max={self.max_volumes}",
@@ -273,6 +313,16 @@ class SeaweedServer:
             env={**os.environ, "GOMAXPROCS": os.environ.get("GOMAXPROCS", "2")},
         )
 
+    def _remove_sockets(self) -> None:
+        """weed leaves ``/tmp/seaweedfs-<role>-<port>.sock`` behind; drop the ones of our ports."""
+        if self._ports is None:
+            return
+        tmp = Path(tempfile.gettempdir())
+        for port in self._ports.values():
+            for sock in tmp.glob(f"seaweedfs-*-{port}.sock"):
+                with contextlib.suppress(OSError):
+                    sock.unlink()
+
     def _signal_group(self, sig: signal.Signals) -> None:
         proc = self._proc
         if proc is None:
@@ -281,9 +331,8 @@ class SeaweedServer:
             os.killpg(proc.pid, sig)  # pgid == pid: start_new_session
 
     def _wait_ready(self) -> None:
-        """Poll until S3 answers a real request (a ListBuckets, rejected for lack of auth)."""
+        """Poll until the master leads, the volume server has joined and S3 answers."""
         deadline = time.monotonic() + self.start_timeout
-        url = self.endpoint + "/"
         delay = 0.05
         while True:
             proc = self._proc
@@ -291,24 +340,51 @@ class SeaweedServer:
                 raise SeaweedError(
                     f"weed exited with {proc.returncode if proc else '?'}; see {self.log_path}"
                 )
-            if self._s3_answers(url):
+            if self._ready():
                 return
             if time.monotonic() > deadline:
                 raise SeaweedError(
-                    f"S3 at {url} did not answer within {self.start_timeout:.0f}s; "
+                    f"SeaweedFS at {self.endpoint} not ready within {self.start_timeout:.0f}s; "
                     f"see {self.log_path}"
                 )
             time.sleep(delay)  # polling interval, bounded by the deadline above
             delay = min(delay * 1.5, 0.5)
 
-    @staticmethod
-    def _s3_answers(url: str) -> bool:
-        """True once the S3 gateway (not just the port) answers: an S3 XML error or listing."""
-        try:
-            with urllib.request.urlopen(url, timeout=2.0) as resp:
-                body = resp.read(4096)
-        except urllib.error.HTTPError as exc:
-            body = exc.read(4096)
-        except (OSError, ValueError):
+    def _ready(self) -> bool:
+        p = self.ports
+        master = f"http://{self.host}:{p['master']}"
+        status = _get_json(master + "/cluster/status")
+        if not status or not status.get("IsLeader"):
             return False
-        return b"<Error>" in body or b"ListAllMyBucketsResult" in body
+        # without a registered volume server, reads of existing objects fail with 500
+        topo = _get_json(master + "/dir/status")
+        if not topo or f"{self.host}:{p['volume']}" not in json.dumps(topo):
+            return False
+        return _s3_answers(self.endpoint + "/")
+
+
+def _get(url: str) -> bytes | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2.0) as resp:
+            return resp.read(1 << 20)
+    except urllib.error.HTTPError as exc:
+        return exc.read(1 << 20)
+    except (OSError, ValueError):
+        return None
+
+
+def _get_json(url: str) -> dict[str, object] | None:
+    body = _get(url)
+    if body is None:
+        return None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _s3_answers(url: str) -> bool:
+    """True once the S3 gateway itself answers: an S3 XML error (anonymous) or a listing."""
+    body = _get(url)
+    return body is not None and (b"<Error>" in body or b"ListAllMyBucketsResult" in body)

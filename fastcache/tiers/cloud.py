@@ -1,0 +1,356 @@
+"""Tier 3: S3 (any S3-compatible endpoint) through botocore, the durable copy of every chunk.
+
+botocore is synchronous, so every call runs in one bounded thread pool sized to the
+connection pool (``S3Config.max_concurrency``); the event loop only awaits. Chunks live at
+``chunks/<digest>``. botocore's standard retry mode already retries 5xx and throttling;
+on top of it connection-level failures (refused, timeouts, resets) get a few more tries with
+exponential backoff and full jitter, awaited on the loop so no pool thread sleeps. What still
+fails is translated once, here: missing → ``ChunkNotFound``, anything else →
+``TierUnavailable`` (with a plain message for credentials problems).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import botocore.session
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    ConnectionClosedError,
+    ConnectTimeoutError,
+    EndpointConnectionError,
+    ReadTimeoutError,
+)
+
+from fastcache.chunks import Buffer, is_digest
+from fastcache.config import S3Config
+from fastcache.errors import BadRequest, ChunkNotFound, FastcacheError, TierUnavailable
+
+log = logging.getLogger("fastcache.client.s3")
+T = TypeVar("T")
+
+PREFIX = "chunks/"
+_NOT_FOUND = frozenset({"NoSuchKey", "404", "NotFound"})
+_DENIED = frozenset(
+    {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"}
+)
+_CONNECTION_ERRORS = (
+    EndpointConnectionError,
+    ConnectTimeoutError,
+    ReadTimeoutError,
+    ConnectionClosedError,
+)
+_SAMPLES = 1024  # latency samples kept per operation
+
+
+def _error_code(exc: ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: ClientError) -> int:
+    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+def _percentile(samples: list[float], q: float) -> float | None:
+    if not samples:
+        return None
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+class CloudTier:
+    """Chunks in one S3 bucket. Build with ``await CloudTier.open(config)``."""
+
+    name = "s3"
+
+    def __init__(
+        self,
+        config: S3Config,
+        client: Any,
+        pool: ThreadPoolExecutor,
+        *,
+        retries: int = 2,
+        backoff: float = 0.2,
+    ) -> None:
+        self.config = config
+        self.bucket = config.bucket
+        self._client = client
+        self._pool = pool
+        self._retries = retries
+        self._backoff = backoff
+        self._lock = threading.Lock()
+        self._requests: collections.Counter[str] = collections.Counter()
+        self._errors: collections.Counter[str] = collections.Counter()
+        self._bytes_up = 0
+        self._bytes_down = 0
+        self._retried = 0
+        self._latency: dict[str, collections.deque[float]] = {
+            "get": collections.deque(maxlen=_SAMPLES),
+            "put": collections.deque(maxlen=_SAMPLES),
+        }
+        self._usage: dict[str, Any] | None = None
+        self._closed = False
+
+    # --- construction --------------------------------------------------------------------
+    @classmethod
+    async def open(
+        cls,
+        config: S3Config,
+        *,
+        create_bucket: bool = True,
+        retries: int = 2,
+        backoff: float = 0.2,
+    ) -> CloudTier:
+        """Build the client (in the pool: botocore loads its models from disk) and make
+        sure the bucket exists. ``retries``/``backoff`` bound our connection-error retries
+        on top of botocore's own."""
+        pool = ThreadPoolExecutor(max_workers=config.max_concurrency, thread_name_prefix="s3")
+        loop = asyncio.get_running_loop()
+        try:
+            client = await loop.run_in_executor(pool, _make_client, config)
+        except BaseException:
+            pool.shutdown(wait=False)
+            raise
+        tier = cls(config, client, pool, retries=retries, backoff=backoff)
+        if create_bucket:
+            try:
+                await tier._call("bucket", tier._ensure_bucket_sync)
+            except BaseException:
+                await tier.close()
+                raise
+        return tier
+
+    def _ensure_bucket_sync(self) -> None:
+        try:
+            self._client.head_bucket(Bucket=self.bucket)
+            return
+        except ClientError as exc:
+            if _error_code(exc) not in ("404", "NoSuchBucket", "NotFound"):
+                raise
+        kwargs: dict[str, Any] = {"Bucket": self.bucket}
+        if self.config.region != "us-east-1":
+            kwargs["CreateBucketConfiguration"] = {"LocationConstraint": self.config.region}
+        try:
+            self._client.create_bucket(**kwargs)
+            log.info("created bucket %s at %s", self.bucket, self.config.endpoint or "AWS")
+        except ClientError as exc:
+            code = _error_code(exc)
+            if code == "BucketAlreadyOwnedByYou":
+                return
+            if code == "BucketAlreadyExists":  # a concurrent creator; fine if we may use it
+                self._client.head_bucket(Bucket=self.bucket)
+                return
+            raise
+
+    # --- TierStorage ---------------------------------------------------------------------
+    async def read(self, digest: str) -> bytes:
+        key = self._key(digest)
+        data: bytes = await self._call("get", self._get_sync, key, digest=digest)
+        return data
+
+    def _get_sync(self, key: str) -> bytes:
+        resp = self._client.get_object(Bucket=self.bucket, Key=key)
+        body = resp["Body"]
+        try:
+            data: bytes = body.read()
+        finally:
+            body.close()
+        with self._lock:
+            self._bytes_down += len(data)
+        return data
+
+    async def write(self, digest: str, data: Buffer) -> None:
+        key = self._key(digest)
+        # botocore takes bytes or bytearray; a memoryview must become bytes (one copy)
+        body = bytes(data) if isinstance(data, memoryview) else data
+        await self._call("put", self._put_sync, key, body, digest=digest)
+
+    def _put_sync(self, key: str, body: bytes | bytearray) -> None:
+        self._client.put_object(Bucket=self.bucket, Key=key, Body=body)
+        with self._lock:
+            self._bytes_up += len(body)
+
+    async def delete(self, digest: str) -> None:
+        key = self._key(digest)
+        await self._call(
+            "delete", self._client.delete_object, digest=digest, Bucket=self.bucket, Key=key
+        )
+
+    async def exists(self, digest: str) -> bool:
+        try:
+            await self.size(digest)
+        except ChunkNotFound:
+            return False
+        return True
+
+    async def size(self, digest: str) -> int:
+        key = self._key(digest)
+        head = await self._call(
+            "head", self._client.head_object, digest=digest, Bucket=self.bucket, Key=key
+        )
+        return int(head["ContentLength"])
+
+    # --- tooling ---------------------------------------------------------------------------
+    async def list_chunks(self) -> list[str]:
+        """Every chunk digest in the bucket (paginated listing; for tests and tooling)."""
+        return [d for d, _ in await self._call("list", self._list_sync)]
+
+    def _list_sync(self) -> list[tuple[str, int]]:
+        out: list[tuple[str, int]] = []
+        paginator = self._client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=PREFIX):
+            for obj in page.get("Contents", ()):
+                name = obj["Key"][len(PREFIX) :]
+                if is_digest(name):
+                    out.append((name, int(obj["Size"])))
+        return out
+
+    async def usage(self, max_age: float = 60.0) -> dict[str, Any]:
+        """``{"chunks", "bytes"}`` of the bucket, from a listing at most ``max_age`` s old."""
+        cached = self._usage
+        if cached is not None and time.monotonic() - cached["at"] < max_age:
+            return {"chunks": cached["chunks"], "bytes": cached["bytes"]}
+        listing = await self._call("list", self._list_sync)
+        self._usage = {
+            "at": time.monotonic(),
+            "chunks": len(listing),
+            "bytes": sum(n for _, n in listing),
+        }
+        return {"chunks": self._usage["chunks"], "bytes": self._usage["bytes"]}
+
+    def last_usage(self) -> dict[str, Any] | None:
+        """The last ``usage()`` result without I/O (for synchronous callers such as statfs)."""
+        cached = self._usage
+        if cached is None:
+            return None
+        return {"chunks": cached["chunks"], "bytes": cached["bytes"]}
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            get = list(self._latency["get"])
+            put = list(self._latency["put"])
+            return {
+                "tier": self.name,
+                "bucket": self.bucket,
+                "requests": sum(self._requests.values()),
+                "requests_by_op": dict(self._requests),
+                "errors": sum(self._errors.values()),
+                "errors_by_kind": dict(self._errors),
+                "retries": self._retried,
+                "bytes_up": self._bytes_up,
+                "bytes_down": self._bytes_down,
+                "get_p50_ms": _ms(_percentile(get, 0.50)),
+                "get_p99_ms": _ms(_percentile(get, 0.99)),
+                "put_p50_ms": _ms(_percentile(put, 0.50)),
+                "put_p99_ms": _ms(_percentile(put, 0.99)),
+            }
+
+    async def close(self) -> None:
+        """Wait for calls in flight, then drop the pool and the client's connections."""
+        if self._closed:
+            return
+        self._closed = True
+        await asyncio.to_thread(self._pool.shutdown, True)
+        self._client.close()
+
+    # --- internals -----------------------------------------------------------------------
+    def _key(self, digest: str) -> str:
+        if not is_digest(digest):
+            raise BadRequest(f"not a chunk digest: {digest!r}")
+        return PREFIX + digest
+
+    async def _call(
+        self, op: str, fn: Callable[..., T], *args: Any, digest: str | None = None, **kwargs: Any
+    ) -> T:
+        """Run one botocore call in the pool, retrying connection errors, translating the rest."""
+        if self._closed:
+            raise TierUnavailable("S3 tier is closed")
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        while True:
+            try:
+                return await loop.run_in_executor(self._pool, self._timed, op, fn, args, kwargs)
+            except _CONNECTION_ERRORS as exc:
+                if attempt >= self._retries:
+                    raise self._translate(op, exc, digest) from exc
+                attempt += 1
+                with self._lock:
+                    self._retried += 1
+                delay = random.uniform(0, self._backoff * (2 ** (attempt - 1)))
+                log.debug("S3 %s: %s; retry %d in %.2fs", op, exc, attempt, delay)
+                await asyncio.sleep(delay)
+            except (ClientError, BotoCoreError) as exc:
+                raise self._translate(op, exc, digest) from exc
+
+    def _timed(
+        self, op: str, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> T:
+        start = time.monotonic()
+        with self._lock:
+            self._requests[op] += 1
+        result = fn(*args, **kwargs)
+        samples = self._latency.get(op)
+        if samples is not None:
+            elapsed = time.monotonic() - start
+            with self._lock:
+                samples.append(elapsed)
+        return result
+
+    def _translate(self, op: str, exc: Exception, digest: str | None) -> FastcacheError:
+        where = f"S3 {op} {self.bucket}/{PREFIX}{digest}" if digest else f"S3 {op} {self.bucket}"
+        if isinstance(exc, ClientError):
+            code = _error_code(exc)
+            if code in _NOT_FOUND and digest is not None:
+                return ChunkNotFound(f"chunk {digest} not in S3 bucket {self.bucket}")
+            self._count_error(code or str(_status(exc)))
+            if code in _DENIED:
+                return TierUnavailable(
+                    f"{where}: access denied ({code}); check the S3 access key, secret key "
+                    f"and bucket policy"
+                )
+            if code == "NoSuchBucket":
+                return TierUnavailable(f"{where}: bucket {self.bucket} does not exist")
+            return TierUnavailable(f"{where}: {code or _status(exc)}: {exc}")
+        self._count_error(type(exc).__name__)
+        return TierUnavailable(f"{where}: {exc}")
+
+    def _count_error(self, kind: str) -> None:
+        with self._lock:
+            self._errors[kind] += 1
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _make_client(config: S3Config) -> Any:
+    boto_config = BotoConfig(
+        region_name=config.region,
+        max_pool_connections=config.max_concurrency,
+        retries={"max_attempts": config.max_attempts, "mode": "standard"},
+        connect_timeout=config.connect_timeout,
+        read_timeout=config.read_timeout,
+        s3={"addressing_style": "path"},
+        # chunks carry their own xxh3 names and are verified on read; skip the CRC trailer
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    session = botocore.session.get_session()
+    return session.create_client(
+        "s3",
+        endpoint_url=config.endpoint,
+        region_name=config.region,
+        aws_access_key_id=config.access_key,
+        aws_secret_access_key=config.secret_key,
+        config=boto_config,
+    )

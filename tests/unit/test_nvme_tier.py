@@ -1,0 +1,452 @@
+"""The NVMe tier on a tmp dir: round trips, the rebuilt index, LRU with pins, corruption,
+error translation, O_DIRECT detection and concurrent FUSE-thread reads beside loop writes."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import subprocess
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fastcache import chunks
+from fastcache.chunks import digest
+from fastcache.config import CacheConfig
+from fastcache.errors import (
+    BadRequest,
+    ChunkCorrupt,
+    ChunkNotFound,
+    TierFull,
+    TierUnavailable,
+)
+from fastcache.tiers.base import LocalChunkReader, TierStorage
+from fastcache.tiers.nvme import NvmeTier
+
+CS = 4096  # the smallest chunk size CacheConfig allows keeps capacities tiny
+
+
+def blob(seed: int, size: int = CS) -> bytes:
+    """Deterministic, seed-unique bytes: a torn or misplaced read cannot match by chance."""
+    return (seed.to_bytes(4, "little") * (size // 4 + 1))[:size]
+
+
+def config(root: Path, capacity: int = 64 * CS, **kw: Any) -> CacheConfig:
+    return CacheConfig(nvme_dir=root, nvme_capacity=capacity, chunk_size=CS, **kw)
+
+
+def run(root: Path, body: Callable[[NvmeTier], Awaitable[None]], **kw: Any) -> None:
+    async def main() -> None:
+        tier = await NvmeTier.open(config(root, **kw))
+        try:
+            await body(tier)
+        finally:
+            await tier.close()
+
+    asyncio.run(main())
+
+
+def read_all(tier: NvmeTier, d: str, size: int = CS) -> bytes | None:
+    out = bytearray(size)
+    n = tier.read_into(d, 0, memoryview(out))
+    return None if n is None else bytes(out[:n])
+
+
+def fs_type(path: Path) -> str:
+    return subprocess.run(
+        ["stat", "-f", "-c", "%T", str(path)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+
+# --- basics ------------------------------------------------------------------------------
+def test_round_trip_and_protocols(tmp_path: Path) -> None:
+    data = blob(1, 3000)
+    d = digest(data)
+
+    async def body(tier: NvmeTier) -> None:
+        assert isinstance(tier, TierStorage)
+        reader: LocalChunkReader = tier
+        assert tier.name == "nvme"
+        assert not await tier.exists(d)
+        await tier.write(d, data)
+        assert await tier.exists(d)
+        assert await tier.size(d) == 3000
+        assert await tier.read(d) == data
+        assert Path(tier.path_for(d)).read_bytes() == data
+        assert tier.path_for(d).endswith(f"chunks/{d[:2]}/{d[2:4]}/{d}")
+        # partial, offset and past-the-end reads on the hit path
+        out = bytearray(100)
+        assert reader.read_into(d, 10, memoryview(out)) == 100
+        assert bytes(out) == data[10:110]
+        big = bytearray(CS)
+        assert tier.read_into(d, 2990, memoryview(big)) == 10
+        assert bytes(big[:10]) == data[2990:]
+        assert tier.read_into(d, 3000, memoryview(big)) == 0
+        await tier.write(d, data)  # idempotent rewrite
+        stats = tier.stats()
+        assert stats["chunks"] == 1 and stats["used"] == 3000
+        assert stats["bytes_written"] == 3000  # the rewrite did no I/O
+        assert stats["hits"] == 4 and stats["bytes_read"] == 3000 + 100 + 10
+        await tier.delete(d)
+        await tier.delete(d)  # absent is fine
+        assert not await tier.exists(d)
+        assert tier.read_into(d, 0, memoryview(big)) is None
+        with pytest.raises(ChunkNotFound):
+            await tier.read(d)
+        with pytest.raises(ChunkNotFound):
+            await tier.size(d)
+        assert tier.stats()["misses"] == 2
+        assert tier.stats()["used"] == 0
+        assert tier.staging_dir.is_dir() and tier.journal_dir.is_dir()
+        assert tier.staging_dir == tmp_path / "staging"
+
+    run(tmp_path, body)
+
+
+def test_rejects_names_that_are_not_digests(tmp_path: Path) -> None:
+    async def body(tier: NvmeTier) -> None:
+        for bad in ("../../etc/passwd", "abc", "Z" * 32, ""):
+            with pytest.raises(BadRequest):
+                await tier.write(bad, b"x")
+            with pytest.raises(BadRequest):
+                await tier.read(bad)
+
+    run(tmp_path, body)
+
+
+def test_blocking_io_runs_in_the_tier_pool(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    threads: list[str] = []
+    real = chunks.write_chunk_file
+
+    def spy(path: str, data: chunks.Buffer, direct: bool) -> None:
+        threads.append(threading.current_thread().name)
+        real(path, data, direct)
+
+    monkeypatch.setattr(chunks, "write_chunk_file", spy)
+
+    async def body(tier: NvmeTier) -> None:
+        await tier.write(digest(b"a"), b"a")
+        assert await tier.read(digest(b"a")) == b"a"
+
+    run(tmp_path, body)
+    assert threads and all(t.startswith("nvme") for t in threads)
+
+
+# --- index rebuild -----------------------------------------------------------------------
+def test_index_rebuilt_at_open_in_lru_order(tmp_path: Path) -> None:
+    datas = [blob(i, 1000 + i) for i in range(5)]
+    names = [digest(x) for x in datas]
+
+    async def write_all(tier: NvmeTier) -> None:
+        for d, x in zip(names, datas, strict=True):
+            await tier.write(d, x)
+
+    run(tmp_path, write_all)
+    # give the files a known last-use order: 3, 1, 4, 0, 2 (oldest first)
+    order = [3, 1, 4, 0, 2]
+    for rank, i in enumerate(order):
+        t = 1_700_000_000 + rank
+        os.utime(tmp_path / "chunks" / names[i][:2] / names[i][2:4] / names[i], (t, t))
+
+    async def check(tier: NvmeTier) -> None:
+        assert tier.digests() == [names[i] for i in order]
+        for d, x in zip(names, datas, strict=True):
+            assert await tier.size(d) == len(x)
+            assert read_all(tier, d) == x
+        assert tier.stats()["used"] == sum(len(x) for x in datas)
+
+    run(tmp_path, check)
+
+
+def test_stray_temp_files_and_foreign_files_at_open(tmp_path: Path) -> None:
+    data = blob(7)
+    d = digest(data)
+
+    run(tmp_path, lambda tier: tier.write(d, data))
+    sub = tmp_path / "chunks" / d[:2] / d[2:4]
+    stray = sub / f"{d}.tmp.1234.5678"
+    stray.write_bytes(b"half a chunk")
+    misplaced = sub / digest(b"elsewhere")  # a digest in the wrong directory is not indexed
+    misplaced.write_bytes(b"elsewhere")
+
+    async def check(tier: NvmeTier) -> None:
+        assert tier.digests() == [d]
+        assert tier.stats()["used"] == CS
+
+    run(tmp_path, check)
+    assert not stray.exists()
+    assert (sub / d).exists()
+
+
+# --- LRU and pins ------------------------------------------------------------------------
+def test_lru_evicts_least_recently_used_and_read_into_refreshes(tmp_path: Path) -> None:
+    datas = [blob(i) for i in range(5)]
+    a, b, c, d, e = (digest(x) for x in datas)
+
+    async def body(tier: NvmeTier) -> None:
+        for name, x in zip((a, b, c, d), datas, strict=False):
+            await tier.write(name, x)
+        assert read_all(tier, a) == datas[0]  # a becomes most recent: b is now oldest
+        await tier.write(e, datas[4])
+        assert tier.digests() == [c, d, a, e]
+        assert not await tier.exists(b)
+        assert not Path(tier.path_for(b)).exists()
+        assert read_all(tier, b) is None
+        st = tier.stats()
+        assert st["evictions"] == 1 and st["used"] == 4 * CS and st["chunks"] == 4
+
+    run(tmp_path, body, capacity=4 * CS)
+
+
+def test_pinned_chunks_are_never_evicted(tmp_path: Path) -> None:
+    datas = [blob(i) for i in range(6)]
+    names = [digest(x) for x in datas]
+
+    async def body(tier: NvmeTier) -> None:
+        tier.pin(names[0])  # pinning may precede the write
+        for name, x in zip(names[:4], datas, strict=False):
+            await tier.write(name, x)
+        for name in names[1:4]:
+            tier.pin(name)
+        assert tier.pinned() == set(names[:4])
+        with pytest.raises(TierFull):
+            await tier.write(names[4], datas[4])
+        assert tier.digests() == names[:4]  # nothing was evicted for the failed write
+        assert tier.stats()["evictions"] == 0
+        tier.unpin(names[2])
+        await tier.write(names[4], datas[4])
+        assert not await tier.exists(names[2])
+        for name in (names[0], names[1], names[3], names[4]):
+            assert await tier.exists(name)
+        assert tier.stats()["pinned"] == 3
+        with pytest.raises(TierFull):  # larger than the whole capacity
+            await tier.write(digest(b"x" * (5 * CS)), b"x" * (5 * CS))
+
+    run(tmp_path, body, capacity=4 * CS)
+
+
+# --- corruption --------------------------------------------------------------------------
+def corrupt(path: str) -> None:
+    with open(path, "r+b") as f:
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 0xFF]))
+
+
+def test_read_detects_corruption_and_deletes(tmp_path: Path) -> None:
+    data = blob(3)
+    d = digest(data)
+
+    async def body(tier: NvmeTier) -> None:
+        await tier.write(d, data)
+        corrupt(tier.path_for(d))
+        with pytest.raises(ChunkCorrupt):
+            await tier.read(d)
+        assert not Path(tier.path_for(d)).exists()
+        assert not await tier.exists(d)
+        assert tier.stats()["corrupt"] == 1 and tier.stats()["used"] == 0
+        await tier.write(d, data)  # a refetch can put it back
+        assert await tier.read(d) == data
+
+    run(tmp_path, body)
+
+
+def test_verify_reads_turns_corruption_into_a_miss(tmp_path: Path) -> None:
+    data = blob(4)
+    d = digest(data)
+
+    async def body(tier: NvmeTier) -> None:
+        assert tier.verify_reads
+        await tier.write(d, data)
+        out = bytearray(16)
+        assert tier.read_into(d, 8, memoryview(out)) == 16
+        assert bytes(out) == data[8:24]
+        corrupt(tier.path_for(d))
+        assert tier.read_into(d, 8, memoryview(out)) is None
+        assert not Path(tier.path_for(d)).exists()
+        assert d not in tier
+        assert tier.stats()["corrupt"] == 1
+
+    run(tmp_path, body, verify_cache=True)
+
+
+def test_without_verify_reads_the_hit_path_does_not_hash(tmp_path: Path) -> None:
+    """The default hit path is one pread: corruption shows only on whole-chunk read()."""
+    data = blob(5)
+    d = digest(data)
+
+    async def body(tier: NvmeTier) -> None:
+        await tier.write(d, data)
+        corrupt(tier.path_for(d))
+        assert read_all(tier, d) != data
+        assert tier.stats()["corrupt"] == 0
+
+    run(tmp_path, body)
+
+
+# --- failures ----------------------------------------------------------------------------
+def test_unusable_directory_is_unavailable(tmp_path: Path) -> None:
+    data = blob(6)
+    d = digest(data)
+
+    async def body(tier: NvmeTier) -> None:
+        # a FILE where the fan-out directory should be: ENOTDIR, even for root
+        (tmp_path / "chunks" / d[:2]).write_bytes(b"")
+        with pytest.raises(TierUnavailable):
+            await tier.write(d, data)
+        assert tier.stats()["used"] == 0 and tier.stats()["errors"] == 1
+        assert tier.usage()["used"] == 0  # the reservation was released
+
+    run(tmp_path, body)
+
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    (blocked / "chunks").write_bytes(b"not a directory")
+    with pytest.raises(TierUnavailable):
+        asyncio.run(NvmeTier.open(config(blocked)))
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [
+        (errno.ENOSPC, TierFull),
+        (errno.EDQUOT, TierFull),
+        (errno.EIO, TierUnavailable),
+        (errno.EROFS, TierUnavailable),
+        (errno.EACCES, TierUnavailable),
+    ],
+)
+def test_os_errors_are_translated(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, expected: type[Exception]
+) -> None:
+    def failing(path: str, data: chunks.Buffer, direct: bool) -> None:
+        raise OSError(code, os.strerror(code), path)
+
+    monkeypatch.setattr(chunks, "write_chunk_file", failing)
+
+    async def body(tier: NvmeTier) -> None:
+        with pytest.raises(expected):
+            await tier.write(digest(b"z"), b"z")
+        assert tier.usage()["used"] == 0
+
+    run(tmp_path, body)
+
+
+def test_real_enospc_on_a_tiny_tmpfs(tmp_path: Path) -> None:
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+
+        async def body(tier: NvmeTier) -> None:
+            assert not tier.direct  # tmpfs has no O_DIRECT
+            datas = [blob(i, CS) for i in range(32)]  # 128 KiB into 64 KiB
+            with pytest.raises(TierFull):
+                for x in datas:
+                    await tier.write(digest(x), x)
+            assert tier.stats()["chunks"] < 32
+
+        run(mnt, body, capacity=1024 * CS)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+# --- O_DIRECT ----------------------------------------------------------------------------
+def test_direct_io_on_disk_and_buffered_on_tmpfs(tmp_path: Path) -> None:
+    seen: dict[str, bool] = {}
+    data = blob(9, CS + 123)  # not a multiple of the block size
+    d = digest(data)
+
+    async def body(tier: NvmeTier) -> None:
+        seen[str(tier.root)] = tier.direct
+        assert tier.stats()["direct"] == tier.direct
+        await tier.write(d, data)
+        assert await tier.read(d) == data
+        assert read_all(tier, d, len(data)) == data
+
+    run(tmp_path / "disk", body)
+    shm = Path("/dev/shm")
+    if shm.is_dir() and fs_type(shm) == "tmpfs":
+        import tempfile
+
+        with tempfile.TemporaryDirectory(dir=shm) as tmp:
+            run(Path(tmp), body)
+            assert seen[tmp] is False
+    disk_type = fs_type(tmp_path)
+    if chunks.HAVE_EXT and disk_type in ("ext2/ext3", "xfs", "btrfs"):
+        assert seen[str(tmp_path / "disk")] is True, disk_type
+
+
+# --- concurrency -------------------------------------------------------------------------
+@pytest.mark.race
+def test_concurrent_thread_readers_and_loop_writers(tmp_path: Path) -> None:
+    """FUSE-like reader threads hammer read_into while the loop writes and evicts:
+    every answer is a miss or exactly the chunk's bytes, never a torn read or an error."""
+    datas = [blob(i) for i in range(48)]
+    names = [digest(x) for x in datas]
+    errors: list[BaseException] = []
+    hits = [0] * 4
+    stop = threading.Event()
+    ready: list[NvmeTier] = []
+
+    def reader(slot: int) -> None:
+        tier = ready[0]
+        out = bytearray(CS)
+        view = memoryview(out)
+        i = slot
+        try:
+            while not stop.is_set():
+                i = (i * 7 + 3) % len(names)
+                n = tier.read_into(names[i], 0, view)
+                if n is None:
+                    continue
+                if n != CS or out != datas[i]:
+                    raise AssertionError(f"torn read of chunk {i}: {n} bytes")
+                hits[slot] += 1
+        except BaseException as exc:
+            errors.append(exc)
+
+    async def main() -> None:
+        tier = await NvmeTier.open(config(tmp_path, capacity=16 * CS))
+        ready.append(tier)
+        threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+        for t in threads:
+            t.start()
+        deadline = asyncio.get_running_loop().time() + 20
+        rounds = 0
+        try:
+            # at least 3 rounds, and on until every reader has had hits (bounded)
+            while rounds < 3 or (min(hits) < 50 and asyncio.get_running_loop().time() < deadline):
+                rounds += 1
+                await asyncio.gather(*(tier.write(n, x) for n, x in zip(names, datas, strict=True)))
+                for n, x in zip(names[:8], datas, strict=False):
+                    try:
+                        assert await tier.read(n) == x
+                    except ChunkNotFound:
+                        pass  # evicted by a concurrent write: fine
+                await asyncio.gather(*(tier.delete(n) for n in names[::5]))
+                if errors:
+                    break
+        finally:
+            stop.set()
+            for t in threads:
+                await asyncio.to_thread(t.join)
+            st = tier.stats()
+            await tier.close()
+        assert not errors, errors
+        assert min(hits) > 0, hits
+        assert st["used"] <= 16 * CS
+        assert st["evictions"] > 0
+        assert st["used"] == sum(
+            p.stat().st_size for p in (tmp_path / "chunks").rglob("*") if p.is_file()
+        )
+
+    asyncio.run(main())
