@@ -1,0 +1,626 @@
+"""The coordinator's HTTP face: a thin aiohttp adapter over ``CoordinatorService``.
+
+Every route is declared once through ``OpenAPI.add`` with the JSON schemas its input is
+validated against, so ``/api/openapi.json`` describes exactly what the server accepts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator
+from typing import Any
+
+from aiohttp import web
+
+from fastcache import __version__
+from fastcache.config import CoordinatorConfig
+from fastcache.coordinator.service import (
+    INODE_TYPES,
+    MAX_READDIR,
+    UID_MAX,
+    CoordinatorService,
+    location_key,
+)
+from fastcache.http import (
+    ERROR_SCHEMA,
+    INT64_MAX,
+    OpenAPI,
+    Param,
+    Schema,
+    auth_middleware,
+    error_middleware,
+    opt_bool,
+    opt_int,
+    opt_str,
+    protocol_logger,
+    read_json,
+    req_int,
+    req_str,
+)
+
+log = logging.getLogger("fastcache.coordinator")
+
+SERVICE = web.AppKey("service", CoordinatorService)
+CLEANUP_TASK = web.AppKey("cleanup_task", asyncio.Task)
+
+# --- schemas -----------------------------------------------------------------------------
+_INT64: Schema = {"type": "integer", "minimum": 0, "maximum": INT64_MAX}
+_TIME: Schema = {"type": "integer", "minimum": -INT64_MAX, "maximum": INT64_MAX}
+_INO: Schema = {"type": "integer", "minimum": 1, "maximum": INT64_MAX}
+_MODE: Schema = {"type": "integer", "minimum": 0, "maximum": 0o7777}
+_ID: Schema = {"type": "integer", "minimum": 0, "maximum": UID_MAX}
+_NAME: Schema = {"type": "string", "minLength": 1, "maxLength": 255}
+_PATH: Schema = {"type": "string", "maxLength": 4096}
+_DIGEST: Schema = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
+_PEER_ID: Schema = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"}
+_URL: Schema = {"type": "string", "maxLength": 2048, "pattern": "^https?://[^\\s/?#]+(/\\S*)?$"}
+_STATUS: Schema = {"type": "string", "pattern": "^[a-z][a-z_-]{0,31}$"}
+_MANIFEST: Schema = {
+    "type": "object",
+    "required": ["size", "chunk_size", "chunks"],
+    "additionalProperties": False,
+    "properties": {
+        "size": _INT64,
+        "chunk_size": {"type": "integer", "minimum": 1, "maximum": INT64_MAX},
+        "chunks": {"type": "array", "items": _DIGEST},
+        "lengths": {
+            "type": "array",
+            "items": {"type": "integer", "minimum": 1, "maximum": INT64_MAX},
+        },
+    },
+}
+
+
+def _obj(required: list[str], **props: Schema) -> Schema:
+    return {
+        "type": "object",
+        "required": required,
+        "additionalProperties": False,
+        "properties": props,
+    }
+
+
+ATTRS = _obj(
+    [
+        "ino",
+        "type",
+        "mode",
+        "uid",
+        "gid",
+        "size",
+        "atime_ns",
+        "mtime_ns",
+        "ctime_ns",
+        "nlink",
+        "rdev",
+        "target",
+        "version",
+        "manifest",
+    ],
+    ino=_INO,
+    type={"type": "string", "enum": list(INODE_TYPES)},
+    mode=_MODE,
+    uid=_ID,
+    gid=_ID,
+    size=_INT64,
+    atime_ns=_TIME,
+    mtime_ns=_TIME,
+    ctime_ns=_TIME,
+    nlink=_INT64,
+    rdev=_INT64,
+    target={"type": "string", "nullable": True},
+    version=_INT64,
+    manifest={**_MANIFEST, "nullable": True},
+)
+ENTRIES = _obj(
+    ["entries"],
+    entries={
+        "type": "array",
+        "items": _obj(["name", "offset", "attrs"], name=_NAME, offset=_INT64, attrs=ATTRS),
+    },
+)
+PEER = _obj(
+    ["peer_id", "url", "capacity", "used", "status", "registered_at", "last_seen"],
+    peer_id=_PEER_ID,
+    url={"type": "string"},
+    capacity=_INT64,
+    used=_INT64,
+    status={"type": "string"},
+    registered_at={"type": "number"},
+    last_seen={"type": "number"},
+)
+PEERS = _obj(["peers"], peers={"type": "array", "items": PEER})
+LOCATION = _obj(["key", "peers"], key={"type": "string"}, peers={"type": "array", "items": PEER})
+ANY_OBJECT: Schema = {"type": "object"}
+
+REGISTER = _obj(
+    ["peer_id", "url", "capacity"], peer_id=_PEER_ID, url=_URL, capacity=_INT64, used=_INT64
+)
+STATUS = _obj(["peer_id"], peer_id=_PEER_ID, used=_INT64, status=_STATUS)
+LOCATION_PUT = _obj(
+    ["peer_id", "action"],
+    path=_PATH,
+    chunk=_DIGEST,
+    peer_id=_PEER_ID,
+    action={"type": "string", "enum": ["add", "remove"]},
+)
+LOOKUP = _obj(["parent", "name"], parent=_INO, name=_NAME)
+SETATTR = _obj([], mode=_MODE, uid=_ID, gid=_ID, size=_INT64, atime_ns=_TIME, mtime_ns=_TIME)
+CREATE = _obj(
+    ["parent", "name", "type"],
+    parent=_INO,
+    name=_NAME,
+    type={"type": "string", "enum": list(INODE_TYPES)},
+    mode=_MODE,
+    uid=_ID,
+    gid=_ID,
+    rdev=_INT64,
+    target={"type": "string", "minLength": 1, "maxLength": 4095, "nullable": True},
+)
+LINK = _obj(["ino", "new_parent", "new_name"], ino=_INO, new_parent=_INO, new_name=_NAME)
+RENAME = _obj(
+    ["parent", "name", "new_parent", "new_name"],
+    parent=_INO,
+    name=_NAME,
+    new_parent=_INO,
+    new_name=_NAME,
+    noreplace={"type": "boolean"},
+    exchange={"type": "boolean"},
+)
+COMMIT = _obj(["manifest", "expected_version"], manifest=_MANIFEST, expected_version=_INT64)
+PUT_PATH = _obj(
+    ["path", "manifest"],
+    path=_PATH,
+    manifest=_MANIFEST,
+    expected_version={**_INT64, "nullable": True},
+    mode=_MODE,
+    uid=_ID,
+    gid=_ID,
+    make_parents={"type": "boolean"},
+)
+
+P_INO = Param("ino", "path", _INO)
+P_PEER = Param("peer_id", "path", _PEER_ID)
+P_PATH = Param("path", "query", _PATH, description="a path in the namespace")
+P_PATH_REQ = Param("path", "query", _PATH, required=True)
+P_CHUNK = Param("chunk", "query", _DIGEST, description="a chunk digest")
+P_OFFSET = Param("offset", "query", {**_INT64, "default": 0}, description="resume cookie")
+P_LIMIT = Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_READDIR})
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status)
+
+
+_NO_CONTENT = 204
+
+
+class _Views:
+    """The handlers: decode, one service call, encode."""
+
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+
+    @property
+    def svc(self) -> CoordinatorService:
+        return self._app[SERVICE]
+
+    # peers
+    async def register(self, request: web.Request) -> web.Response:
+        doc = await read_json(request, REGISTER)
+        peer = await self.svc.register_peer(
+            req_str(doc, "peer_id"),
+            req_str(doc, "url"),
+            req_int(doc, "capacity"),
+            opt_int(doc, "used") or 0,
+        )
+        log.info("peer %s registered at %s", peer.peer_id, peer.url)
+        return _json(peer.to_json())
+
+    async def peers(self, request: web.Request) -> web.Response:
+        return _json({"peers": [p.to_json() for p in await self.svc.list_peers()]})
+
+    async def status(self, request: web.Request) -> web.Response:
+        doc = await read_json(request, STATUS)
+        peer = await self.svc.heartbeat(
+            req_str(doc, "peer_id"), opt_int(doc, "used"), opt_str(doc, "status")
+        )
+        return _json(peer.to_json())
+
+    async def deregister(self, request: web.Request) -> web.Response:
+        peer_id = P_PEER.get(request)
+        await self.svc.deregister_peer(peer_id)
+        log.info("peer %s deregistered", peer_id)
+        return web.Response(status=_NO_CONTENT)
+
+    # locations
+    async def get_location(self, request: web.Request) -> web.Response:
+        key = location_key(P_PATH.get(request), P_CHUNK.get(request))
+        peers = await self.svc.locations(key)
+        return _json({"key": key, "peers": [p.to_json() for p in peers]})
+
+    async def put_location(self, request: web.Request) -> web.Response:
+        doc = await read_json(request, LOCATION_PUT)
+        key = location_key(opt_str(doc, "path"), opt_str(doc, "chunk"))
+        if req_str(doc, "action") == "add":
+            await self.svc.add_location(key, req_str(doc, "peer_id"))
+        else:
+            await self.svc.remove_location(key, req_str(doc, "peer_id"))
+        return web.Response(status=_NO_CONTENT)
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return _json(await self.svc.stats())
+
+    async def health(self, request: web.Request) -> web.Response:
+        return _json({"status": "ok", "service": "coordinator", "version": __version__})
+
+    # namespace
+    async def lookup(self, request: web.Request) -> web.Response:
+        doc = await read_json(request, LOOKUP)
+        attrs = await self.svc.lookup(req_int(doc, "parent"), req_str(doc, "name"))
+        return _json(attrs.to_json())
+
+    async def getattr(self, request: web.Request) -> web.Response:
+        return _json((await self.svc.getattr(P_INO.get(request))).to_json())
+
+    async def setattr(self, request: web.Request) -> web.Response:
+        ino = P_INO.get(request)
+        doc = await read_json(request, SETATTR)
+        fields = {name: opt_int(doc, name) for name in SETATTR["properties"]}
+        return _json((await self.svc.setattr(ino, **fields)).to_json())
+
+    async def readdir(self, request: web.Request) -> web.Response:
+        ino = P_INO.get(request)
+        entries = await self.svc.readdir(ino, P_OFFSET.get(request), P_LIMIT.get(request) or 1000)
+        return _json({"entries": [e.to_json() for e in entries]})
+
+    async def create(self, request: web.Request) -> web.Response:
+        doc = await read_json(request, CREATE)
+        attrs = await self.svc.create(
+            req_int(doc, "parent"),
+            req_str(doc, "name"),
+            req_str(doc, "type"),
+            mode=doc.get("mode", 0o755 if doc["type"] == "dir" else 0o644),
+            uid=doc.get("uid", 0),
+            gid=doc.get("gid", 0),
+            rdev=doc.get("rdev", 0),
+            target=opt_str(doc, "target"),
+        )
+        return _json(attrs.to_json(), status=201)
+
+    async def link(self, request: web.Request) -> web.Response:
+        doc = await read_json(request, LINK)
+        attrs = await self.svc.link(
+            req_int(doc, "ino"), req_int(doc, "new_parent"), req_str(doc, "new_name")
+        )
+        return _json(attrs.to_json())
+
+    async def unlink(self, request: web.Request) -> web.Response:
+        doc = await read_json(request, LOOKUP)
+        await self.svc.unlink(req_int(doc, "parent"), req_str(doc, "name"))
+        return web.Response(status=_NO_CONTENT)
+
+    async def rmdir(self, request: web.Request) -> web.Response:
+        doc = await read_json(request, LOOKUP)
+        await self.svc.rmdir(req_int(doc, "parent"), req_str(doc, "name"))
+        return web.Response(status=_NO_CONTENT)
+
+    async def rename(self, request: web.Request) -> web.Response:
+        doc = await read_json(request, RENAME)
+        await self.svc.rename(
+            req_int(doc, "parent"),
+            req_str(doc, "name"),
+            req_int(doc, "new_parent"),
+            req_str(doc, "new_name"),
+            noreplace=opt_bool(doc, "noreplace"),
+            exchange=opt_bool(doc, "exchange"),
+        )
+        return web.Response(status=_NO_CONTENT)
+
+    async def commit(self, request: web.Request) -> web.Response:
+        ino = P_INO.get(request)
+        doc = await read_json(request, COMMIT)
+        attrs = await self.svc.commit_manifest(
+            ino, doc["manifest"], req_int(doc, "expected_version")
+        )
+        return _json(attrs.to_json())
+
+    async def resolve(self, request: web.Request) -> web.Response:
+        return _json((await self.svc.resolve(P_PATH_REQ.get(request))).to_json())
+
+    async def put_path(self, request: web.Request) -> web.Response:
+        doc = await read_json(request, PUT_PATH)
+        attrs = await self.svc.put_file(
+            req_str(doc, "path"),
+            doc["manifest"],
+            expected_version=opt_int(doc, "expected_version"),
+            mode=doc.get("mode", 0o644),
+            uid=doc.get("uid", 0),
+            gid=doc.get("gid", 0),
+            make_parents=opt_bool(doc, "make_parents", True),
+        )
+        return _json(attrs.to_json())
+
+    async def delete_path(self, request: web.Request) -> web.Response:
+        await self.svc.delete_path(P_PATH_REQ.get(request))
+        return web.Response(status=_NO_CONTENT)
+
+    async def statfs(self, request: web.Request) -> web.Response:
+        return _json(await self.svc.statfs())
+
+
+def _routes(app: web.Application, api: OpenAPI, v: _Views) -> None:
+    r = app.router
+    nf = {404: ERROR_SCHEMA}
+    ns_err = {404: ERROR_SCHEMA, 409: ERROR_SCHEMA}
+    add = api.add
+    add(
+        r,
+        "POST",
+        "/api/peers/register",
+        v.register,
+        summary="Register (or re-register) a peer",
+        body=REGISTER,
+        responses={200: PEER},
+    )
+    add(r, "GET", "/api/peers", v.peers, summary="The live peers", responses={200: PEERS})
+    add(
+        r,
+        "PUT",
+        "/api/peers/status",
+        v.status,
+        summary="Heartbeat; 404 means register again",
+        body=STATUS,
+        responses={200: PEER, **nf},
+    )
+    add(
+        r,
+        "DELETE",
+        "/api/peers/{peer_id}",
+        v.deregister,
+        summary="Graceful deregistration",
+        params=[P_PEER],
+        responses={204: None, **nf},
+    )
+    add(
+        r,
+        "GET",
+        "/api/files/location",
+        v.get_location,
+        summary="Live peers holding a path or chunk (give exactly one)",
+        params=[P_PATH, P_CHUNK],
+        responses={200: LOCATION},
+    )
+    add(
+        r,
+        "PUT",
+        "/api/files/location",
+        v.put_location,
+        summary="Add or remove a location record (give exactly one of path, chunk)",
+        body=LOCATION_PUT,
+        responses={204: None, **nf},
+    )
+    add(r, "GET", "/api/stats", v.stats, summary="Counters", responses={200: ANY_OBJECT})
+    add(
+        r,
+        "GET",
+        "/api/health",
+        v.health,
+        summary="Liveness",
+        responses={200: ANY_OBJECT},
+        public=True,
+    )
+    add(
+        r,
+        "GET",
+        "/api/openapi.json",
+        api.handler,
+        summary="This document",
+        responses={200: ANY_OBJECT},
+    )
+    add(
+        r,
+        "POST",
+        "/api/ns/lookup",
+        v.lookup,
+        summary="Look a name up in a directory",
+        body=LOOKUP,
+        responses={200: ATTRS, **ns_err},
+    )
+    add(
+        r,
+        "GET",
+        "/api/ns/inodes/{ino}",
+        v.getattr,
+        summary="An inode's attributes",
+        params=[P_INO],
+        responses={200: ATTRS, **nf},
+    )
+    add(
+        r,
+        "PATCH",
+        "/api/ns/inodes/{ino}",
+        v.setattr,
+        summary="Change attributes",
+        params=[P_INO],
+        body=SETATTR,
+        responses={200: ATTRS, **ns_err},
+    )
+    add(
+        r,
+        "GET",
+        "/api/ns/inodes/{ino}/entries",
+        v.readdir,
+        summary="List a directory from a resume cookie (attrs carry no manifest)",
+        params=[P_INO, P_OFFSET, P_LIMIT],
+        responses={200: ENTRIES, **ns_err},
+    )
+    add(
+        r,
+        "POST",
+        "/api/ns/create",
+        v.create,
+        summary="Create an inode and its entry",
+        body=CREATE,
+        responses={201: ATTRS, **ns_err},
+    )
+    add(
+        r,
+        "POST",
+        "/api/ns/link",
+        v.link,
+        summary="Add a hard link",
+        body=LINK,
+        responses={200: ATTRS, 403: ERROR_SCHEMA, **ns_err},
+    )
+    add(
+        r,
+        "POST",
+        "/api/ns/unlink",
+        v.unlink,
+        summary="Remove a non-directory entry",
+        body=LOOKUP,
+        responses={204: None, **ns_err},
+    )
+    add(
+        r,
+        "POST",
+        "/api/ns/rmdir",
+        v.rmdir,
+        summary="Remove an empty directory",
+        body=LOOKUP,
+        responses={204: None, **ns_err},
+    )
+    add(
+        r,
+        "POST",
+        "/api/ns/rename",
+        v.rename,
+        summary="Move an entry, atomically and in O(1)",
+        body=RENAME,
+        responses={204: None, **ns_err},
+    )
+    add(
+        r,
+        "PUT",
+        "/api/ns/inodes/{ino}/manifest",
+        v.commit,
+        summary="Commit a file's manifest; 409 if expected_version is stale",
+        params=[P_INO],
+        body=COMMIT,
+        responses={200: ATTRS, **ns_err},
+    )
+    add(
+        r,
+        "GET",
+        "/api/ns/resolve",
+        v.resolve,
+        summary="Resolve a path to its inode",
+        params=[P_PATH_REQ],
+        responses={200: ATTRS, **ns_err},
+    )
+    add(
+        r,
+        "PUT",
+        "/api/ns/path",
+        v.put_path,
+        summary="Create or replace the file at a path (parents created)",
+        body=PUT_PATH,
+        responses={200: ATTRS, **ns_err},
+    )
+    add(
+        r,
+        "DELETE",
+        "/api/ns/path",
+        v.delete_path,
+        summary="Delete a file or an empty directory by path",
+        params=[P_PATH_REQ],
+        responses={204: None, **ns_err},
+    )
+    add(
+        r,
+        "GET",
+        "/api/ns/statfs",
+        v.statfs,
+        summary="Filesystem counters",
+        responses={200: ANY_OBJECT},
+    )
+
+
+async def _cleanup_loop(service: CoordinatorService, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            gone = await service.cleanup_peers()
+        except Exception:
+            log.exception("peer cleanup failed; retrying in %.1fs", interval)
+            continue
+        for peer_id in gone:
+            log.info("peer %s timed out: dropped with its location records", peer_id)
+
+
+def make_app(
+    config: CoordinatorConfig, service: CoordinatorService | None = None
+) -> web.Application:
+    """The coordinator app. Without ``service`` it opens one on ``config.state_dir``."""
+    app = web.Application(
+        client_max_size=config.max_body,
+        middlewares=[error_middleware(log), auth_middleware(config.token)],
+    )
+    api = OpenAPI("fastcache coordinator", __version__, bearer=config.token is not None)
+    _routes(app, api, _Views(app))
+    interval = max(0.05, min(config.cleanup_interval, config.peer_timeout / 2))
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        owned = service is None
+        svc = service or await CoordinatorService.open(config.state_dir, config.peer_timeout)
+        try:
+            await svc.grant_grace()
+            app[SERVICE] = svc
+            task = asyncio.create_task(_cleanup_loop(svc, interval), name="peer-cleanup")
+            app[CLEANUP_TASK] = task
+            yield
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        finally:
+            if owned:
+                await svc.close()
+
+    app.cleanup_ctx.append(lifecycle)
+    return app
+
+
+async def serve(config: CoordinatorConfig) -> None:
+    """Run the coordinator until SIGINT or SIGTERM, then stop gracefully."""
+    runner = web.AppRunner(
+        make_app(config),
+        access_log=None,
+        handle_signals=False,
+        logger=protocol_logger("fastcache.coordinator.http"),
+    )
+    await runner.setup()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    try:
+        site = web.TCPSite(runner, config.host, config.port)
+        await site.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        log.info(
+            "listening on %s (state in %s, peer timeout %.1fs, token %s)",
+            ", ".join(f"http://{h}:{p}" for h, p, *_ in runner.addresses),
+            config.state_dir,
+            config.peer_timeout,
+            "required" if config.token else "off",
+        )
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()
+    log.info("stopped")

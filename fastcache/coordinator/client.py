@@ -1,0 +1,320 @@
+"""``CoordinatorClient``: the async HTTP client of the coordinator, used by nodes and FUSE.
+
+One kept-alive ``ClientSession``, short timeouts, idempotent GETs retried once on a
+connection error. Error answers come back as the domain errors the service raised
+(``NotFound``, ``Exists``, ``Conflict``…); a coordinator that cannot be reached raises
+``TierUnavailable``.
+"""
+
+from __future__ import annotations
+
+import json
+from types import TracebackType
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+
+from fastcache.coordinator.store import Entry, InodeAttrs, PeerInfo
+from fastcache.errors import TierUnavailable, error_from_kind, error_from_status
+
+__all__ = ["CoordinatorClient", "Entry", "InodeAttrs", "PeerInfo"]
+
+CONNECT_TIMEOUT = 2.0
+TOTAL_TIMEOUT = 15.0
+
+
+class CoordinatorClient:
+    def __init__(
+        self,
+        base_url: str,
+        token: str | None = None,
+        session: aiohttp.ClientSession | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._session = session
+        self._owns_session = session is None
+        self._timeout = aiohttp.ClientTimeout(total=TOTAL_TIMEOUT, connect=CONNECT_TIMEOUT)
+
+    async def __aenter__(self) -> CoordinatorClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+        self._session = None
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            # created lazily: a ClientSession needs the running loop
+            self._session = aiohttp.ClientSession(
+                timeout=self._timeout,
+                connector=aiohttp.TCPConnector(limit=64, keepalive_timeout=30),
+            )
+            self._owns_session = True
+        return self._session
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, Any] | None = None,
+        body: Any = None,
+    ) -> Any:
+        """One call; the decoded JSON answer (``None`` for 204), or the domain error."""
+        url = self.base_url + path
+        query = {k: str(v) for k, v in (params or {}).items() if v is not None}
+        attempts = 2 if method == "GET" else 1
+        for attempt in range(attempts):
+            try:
+                async with self._get_session().request(
+                    method,
+                    url,
+                    params=query,
+                    json=body,
+                    headers=self._headers,
+                    timeout=self._timeout,
+                ) as resp:
+                    raw = await resp.read()
+                    status = resp.status
+            except aiohttp.ClientConnectionError as exc:
+                if attempt + 1 < attempts:  # e.g. a kept-alive connection the server closed
+                    continue
+                raise TierUnavailable(f"coordinator {self.base_url} unreachable: {exc}") from exc
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise TierUnavailable(
+                    f"coordinator {self.base_url} failed: {exc or type(exc).__name__}"
+                ) from exc
+            break
+        if status == 204 or not raw:
+            if status >= 400:
+                raise error_from_status(status, f"HTTP {status}")
+            return None
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            doc = None
+        if status >= 400:
+            if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+                raise error_from_kind(doc.get("kind"), status, doc["error"])
+            raise error_from_status(status, raw[:200].decode("utf-8", "replace"))
+        if doc is None:
+            raise TierUnavailable(f"coordinator answered {status} with a body that is not JSON")
+        return doc
+
+    # --- peers ---------------------------------------------------------------------------
+    async def register_peer(self, peer_id: str, url: str, capacity: int, used: int = 0) -> PeerInfo:
+        doc = await self._request(
+            "POST",
+            "/api/peers/register",
+            body={"peer_id": peer_id, "url": url, "capacity": capacity, "used": used},
+        )
+        return PeerInfo.from_json(doc)
+
+    async def list_peers(self) -> list[PeerInfo]:
+        doc = await self._request("GET", "/api/peers")
+        return [PeerInfo.from_json(p) for p in doc["peers"]]
+
+    async def heartbeat(
+        self, peer_id: str, used: int | None = None, status: str | None = None
+    ) -> PeerInfo:
+        """``NotFound`` means the coordinator forgot us: register again."""
+        body: dict[str, Any] = {"peer_id": peer_id}
+        if used is not None:
+            body["used"] = used
+        if status is not None:
+            body["status"] = status
+        return PeerInfo.from_json(await self._request("PUT", "/api/peers/status", body=body))
+
+    async def deregister_peer(self, peer_id: str) -> None:
+        await self._request("DELETE", f"/api/peers/{quote(peer_id, safe='')}")
+
+    # --- locations -----------------------------------------------------------------------
+    async def get_locations(
+        self, *, path: str | None = None, chunk: str | None = None
+    ) -> list[PeerInfo]:
+        """The live peers recorded as holding ``path`` or ``chunk``."""
+        doc = await self._request(
+            "GET", "/api/files/location", params={"path": path, "chunk": chunk}
+        )
+        return [PeerInfo.from_json(p) for p in doc["peers"]]
+
+    async def add_location(
+        self, peer_id: str, *, path: str | None = None, chunk: str | None = None
+    ) -> None:
+        await self._put_location("add", peer_id, path, chunk)
+
+    async def remove_location(
+        self, peer_id: str, *, path: str | None = None, chunk: str | None = None
+    ) -> None:
+        await self._put_location("remove", peer_id, path, chunk)
+
+    async def _put_location(
+        self, action: str, peer_id: str, path: str | None, chunk: str | None
+    ) -> None:
+        body: dict[str, Any] = {"peer_id": peer_id, "action": action}
+        if path is not None:
+            body["path"] = path
+        if chunk is not None:
+            body["chunk"] = chunk
+        await self._request("PUT", "/api/files/location", body=body)
+
+    async def stats(self) -> dict[str, Any]:
+        return dict(await self._request("GET", "/api/stats"))
+
+    async def health(self) -> dict[str, Any]:
+        return dict(await self._request("GET", "/api/health"))
+
+    # --- namespace -----------------------------------------------------------------------
+    async def lookup(self, parent: int, name: str) -> InodeAttrs:
+        doc = await self._request("POST", "/api/ns/lookup", body={"parent": parent, "name": name})
+        return InodeAttrs.from_json(doc)
+
+    async def getattr(self, ino: int) -> InodeAttrs:
+        return InodeAttrs.from_json(await self._request("GET", f"/api/ns/inodes/{ino}"))
+
+    async def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> InodeAttrs:
+        fields = {
+            "mode": mode,
+            "uid": uid,
+            "gid": gid,
+            "size": size,
+            "atime_ns": atime_ns,
+            "mtime_ns": mtime_ns,
+        }
+        body = {k: v for k, v in fields.items() if v is not None}
+        return InodeAttrs.from_json(
+            await self._request("PATCH", f"/api/ns/inodes/{ino}", body=body)
+        )
+
+    async def readdir(self, ino: int, offset: int = 0, limit: int = 1000) -> list[Entry]:
+        """Up to ``limit`` entries after cookie ``offset``; pass the last ``Entry.offset`` on."""
+        doc = await self._request(
+            "GET", f"/api/ns/inodes/{ino}/entries", params={"offset": offset, "limit": limit}
+        )
+        return [Entry.from_json(e) for e in doc["entries"]]
+
+    async def create(
+        self,
+        parent: int,
+        name: str,
+        type: str = "file",
+        mode: int = 0o644,
+        uid: int = 0,
+        gid: int = 0,
+        rdev: int = 0,
+        target: str | None = None,
+    ) -> InodeAttrs:
+        body: dict[str, Any] = {
+            "parent": parent,
+            "name": name,
+            "type": type,
+            "mode": mode,
+            "uid": uid,
+            "gid": gid,
+            "rdev": rdev,
+        }
+        if target is not None:
+            body["target"] = target
+        return InodeAttrs.from_json(await self._request("POST", "/api/ns/create", body=body))
+
+    async def mkdir(
+        self, parent: int, name: str, mode: int = 0o755, uid: int = 0, gid: int = 0
+    ) -> InodeAttrs:
+        return await self.create(parent, name, "dir", mode, uid, gid)
+
+    async def symlink(
+        self, parent: int, name: str, target: str, uid: int = 0, gid: int = 0
+    ) -> InodeAttrs:
+        return await self.create(parent, name, "symlink", 0o777, uid, gid, target=target)
+
+    async def link(self, ino: int, new_parent: int, new_name: str) -> InodeAttrs:
+        body = {"ino": ino, "new_parent": new_parent, "new_name": new_name}
+        return InodeAttrs.from_json(await self._request("POST", "/api/ns/link", body=body))
+
+    async def unlink(self, parent: int, name: str) -> None:
+        await self._request("POST", "/api/ns/unlink", body={"parent": parent, "name": name})
+
+    async def rmdir(self, parent: int, name: str) -> None:
+        await self._request("POST", "/api/ns/rmdir", body={"parent": parent, "name": name})
+
+    async def rename(
+        self,
+        parent: int,
+        name: str,
+        new_parent: int,
+        new_name: str,
+        *,
+        noreplace: bool = False,
+        exchange: bool = False,
+    ) -> None:
+        body = {
+            "parent": parent,
+            "name": name,
+            "new_parent": new_parent,
+            "new_name": new_name,
+            "noreplace": noreplace,
+            "exchange": exchange,
+        }
+        await self._request("POST", "/api/ns/rename", body=body)
+
+    async def commit_manifest(
+        self, ino: int, manifest: dict[str, Any], expected_version: int
+    ) -> InodeAttrs:
+        """Commit new content; ``Conflict`` if someone committed since ``expected_version``."""
+        body = {"manifest": manifest, "expected_version": expected_version}
+        return InodeAttrs.from_json(
+            await self._request("PUT", f"/api/ns/inodes/{ino}/manifest", body=body)
+        )
+
+    async def resolve(self, path: str) -> InodeAttrs:
+        return InodeAttrs.from_json(
+            await self._request("GET", "/api/ns/resolve", params={"path": path})
+        )
+
+    async def put_file(
+        self,
+        path: str,
+        manifest: dict[str, Any],
+        expected_version: int | None = None,
+        mode: int = 0o644,
+        uid: int = 0,
+        gid: int = 0,
+        make_parents: bool = True,
+    ) -> InodeAttrs:
+        body = {
+            "path": path,
+            "manifest": manifest,
+            "expected_version": expected_version,
+            "mode": mode,
+            "uid": uid,
+            "gid": gid,
+            "make_parents": make_parents,
+        }
+        return InodeAttrs.from_json(await self._request("PUT", "/api/ns/path", body=body))
+
+    async def delete_path(self, path: str) -> None:
+        await self._request("DELETE", "/api/ns/path", params={"path": path})
+
+    async def statfs(self) -> dict[str, int]:
+        return dict(await self._request("GET", "/api/ns/statfs"))

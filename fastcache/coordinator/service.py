@@ -1,0 +1,700 @@
+"""The coordinator's logic: peers, chunk/file locations and the inode-based namespace.
+
+No HTTP here (``app.py`` adapts it). Every operation is one store transaction: the rules below
+run inside ``Store.transact`` on the store's thread, so each call is atomic and durable when
+it returns.
+
+Namespace rules, as POSIX and ext4 have them:
+- a directory's nlink is 2 + its subdirectories; a file's is its number of entries, and the
+  inode goes away when that reaches 0;
+- rename moves one entry row. Moving a directory checks only its new ancestors (a walk *up*
+  from the new parent, O(depth)), never the subtree, so it is O(1) in the subtree's size;
+- a file's content is a manifest with a version: ``commit_manifest`` takes the version the
+  writer started from and refuses a stale one (``Conflict``), so no write is lost silently.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fastcache.coordinator.store import (
+    INODE_TYPES,
+    ROOT_INO,
+    Entry,
+    InodeAttrs,
+    PeerInfo,
+    SQLiteStore,
+    Store,
+    Txn,
+)
+from fastcache.errors import (
+    BadRequest,
+    Conflict,
+    Exists,
+    InvalidArgument,
+    IsADirectory,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
+)
+from fastcache.paths import is_digest, join_path, split_path, validate_name
+
+__all__ = [
+    "INODE_TYPES",
+    "ROOT_INO",
+    "CoordinatorService",
+    "Entry",
+    "InodeAttrs",
+    "PeerInfo",
+    "validate_manifest",
+]
+
+INT64_MAX = (1 << 63) - 1
+UID_MAX = (1 << 32) - 1
+MAX_TARGET_BYTES = 4095
+MAX_READDIR = 10_000
+PEER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+URL_RE = re.compile(r"^https?://[^\s/?#]+(/[^\s]*)?$")
+STATUS_RE = re.compile(r"^[a-z][a-z_-]{0,31}$")
+DB_NAME = "coordinator.db"
+
+
+def _int(value: Any, name: str, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise InvalidArgument(f"{name} must be an integer in [{lo}, {hi}]")
+    return value
+
+
+def validate_manifest(doc: Any) -> dict[str, Any]:
+    """Check a manifest's shape; return its canonical form (only the known keys)."""
+    if not isinstance(doc, dict):
+        raise BadRequest("manifest must be an object")
+    unknown = set(doc) - {"size", "chunk_size", "chunks", "lengths"}
+    if unknown:
+        raise BadRequest(f"manifest has unknown fields: {', '.join(sorted(unknown))}")
+    size, chunk_size, chunks = doc.get("size"), doc.get("chunk_size"), doc.get("chunks")
+    lengths = doc.get("lengths")
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= INT64_MAX:
+        raise BadRequest("manifest size must be a non-negative integer")
+    if (
+        not isinstance(chunk_size, int)
+        or isinstance(chunk_size, bool)
+        or not 0 < chunk_size <= INT64_MAX
+    ):
+        raise BadRequest("manifest chunk_size must be a positive integer")
+    if not isinstance(chunks, list) or not all(is_digest(c) for c in chunks):
+        raise BadRequest("manifest chunks must be a list of 32-hex-char digests")
+    out: dict[str, Any] = {"size": size, "chunk_size": chunk_size, "chunks": list(chunks)}
+    if lengths is not None:
+        if not isinstance(lengths, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and 0 < n <= INT64_MAX for n in lengths
+        ):
+            raise BadRequest("manifest lengths must be positive integers")
+        if len(lengths) != len(chunks) or sum(lengths) != size:
+            raise BadRequest("manifest lengths do not add up to its chunks and size")
+        out["lengths"] = list(lengths)
+    elif len(chunks) != -(-size // chunk_size):
+        raise BadRequest("manifest chunk count does not match size / chunk_size")
+    return out
+
+
+def location_key(path: str | None = None, chunk: str | None = None) -> str:
+    """A location record's key: a normalised path, or ``chunk:<digest>``."""
+    if (path is None) == (chunk is None):
+        raise BadRequest("give exactly one of path and chunk")
+    if chunk is not None:
+        if not is_digest(chunk):
+            raise BadRequest("chunk must be 32 lowercase hex characters")
+        return f"chunk:{chunk}"
+    assert path is not None
+    parts = split_path(path)
+    if not parts:
+        raise InvalidArgument("the root has no location")
+    return join_path(parts)
+
+
+def _dir(tx: Txn, ino: int) -> InodeAttrs:
+    attrs = tx.get_inode(ino)
+    if attrs is None:
+        raise NotFound(f"no inode {ino}")
+    if not attrs.is_dir:
+        raise NotADirectory(f"inode {ino} is not a directory")
+    return attrs
+
+
+def _inode(tx: Txn, ino: int) -> InodeAttrs:
+    attrs = tx.get_inode(ino)
+    if attrs is None:
+        raise NotFound(f"no inode {ino}")
+    return attrs
+
+
+def _child(tx: Txn, parent: int, name: str) -> InodeAttrs:
+    ino = tx.lookup(parent, name)
+    if ino is None:
+        raise NotFound(f"no entry {name!r} in directory {parent}")
+    return _inode(tx, ino)
+
+
+def _drop_link(tx: Txn, attrs: InodeAttrs, now: int) -> None:
+    """One entry of a non-directory went away: decrement nlink, delete the inode at 0."""
+    if attrs.nlink <= 1:
+        tx.delete_inode(attrs.ino)
+    else:
+        tx.update_inode(attrs.ino, nlink=attrs.nlink - 1, ctime_ns=now)
+
+
+def _not_into_itself(tx: Txn, moving: int, new_parent: int) -> None:
+    """Refuse to move directory ``moving`` under itself: walk up from ``new_parent``."""
+    cur: int | None = new_parent
+    while cur is not None and cur != ROOT_INO:
+        if cur == moving:
+            raise InvalidArgument("cannot move a directory into its own subtree")
+        cur = tx.parent_of(cur)
+
+
+def _walk(tx: Txn, parts: tuple[str, ...]) -> int:
+    cur = ROOT_INO
+    for name in parts:
+        _dir(tx, cur)
+        nxt = tx.lookup(cur, name)
+        if nxt is None:
+            raise NotFound(f"no such file or directory: {join_path(parts)}")
+        cur = nxt
+    return cur
+
+
+class CoordinatorService:
+    def __init__(
+        self,
+        store: Store,
+        peer_timeout: float = 60.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.peer_timeout = peer_timeout
+        self._clock = clock  # wall clock: peers' last_seen must survive a restart
+
+    @classmethod
+    async def open(
+        cls, state_dir: Path, peer_timeout: float = 60.0, synchronous: str = "FULL"
+    ) -> CoordinatorService:
+        store = await SQLiteStore.open(Path(state_dir) / DB_NAME, synchronous)
+        return cls(store, peer_timeout)
+
+    async def close(self) -> None:
+        await self.store.close()
+
+    # --- peers ---------------------------------------------------------------------------
+    def _live(self, peer: PeerInfo, now: float) -> bool:
+        return now - peer.last_seen <= self.peer_timeout
+
+    async def register_peer(self, peer_id: str, url: str, capacity: int, used: int = 0) -> PeerInfo:
+        if not isinstance(peer_id, str) or not PEER_ID_RE.match(peer_id):
+            raise BadRequest("peer_id must be 1-128 of [A-Za-z0-9._:-]")
+        if not isinstance(url, str) or len(url) > 2048 or not URL_RE.match(url):
+            raise BadRequest("url must be an http(s) URL")
+        _int(capacity, "capacity", 0, INT64_MAX)
+        _int(used, "used", 0, INT64_MAX)
+        now = self._clock()
+
+        def op(tx: Txn) -> PeerInfo:
+            old = tx.get_peer(peer_id)
+            if old is not None and not self._live(old, now):
+                tx.delete_peer(peer_id)  # it was gone: its location records are stale
+                old = None
+            peer = PeerInfo(
+                peer_id=peer_id,
+                url=url,
+                capacity=capacity,
+                used=used,
+                status="active",
+                registered_at=now if old is None else old.registered_at,
+                last_seen=now,
+            )
+            tx.put_peer(peer)
+            return peer
+
+        return await self.store.transact(op)
+
+    async def heartbeat(
+        self, peer_id: str, used: int | None = None, status: str | None = None
+    ) -> PeerInfo:
+        """Record that a peer is alive. ``NotFound`` tells it to register again."""
+        if used is not None:
+            _int(used, "used", 0, INT64_MAX)
+        if status is not None and (not isinstance(status, str) or not STATUS_RE.match(status)):
+            raise BadRequest("status must be a short lowercase word")
+        now = self._clock()
+
+        def op(tx: Txn) -> PeerInfo:
+            peer = tx.get_peer(peer_id)
+            if peer is None or not self._live(peer, now):  # timed out counts as gone
+                raise NotFound(f"unknown peer {peer_id!r}: register again")
+            peer.last_seen = now
+            if used is not None:
+                peer.used = used
+            if status is not None:
+                peer.status = status
+            tx.put_peer(peer)
+            return peer
+
+        return await self.store.transact(op)
+
+    async def deregister_peer(self, peer_id: str) -> None:
+        def op(tx: Txn) -> None:
+            if not tx.delete_peer(peer_id):
+                raise NotFound(f"unknown peer {peer_id!r}")
+
+        await self.store.transact(op)
+
+    async def list_peers(self, live_only: bool = True) -> list[PeerInfo]:
+        now = self._clock()
+        peers = await self.store.transact(lambda tx: tx.list_peers(), readonly=True)
+        return [p for p in peers if not live_only or self._live(p, now)]
+
+    async def cleanup_peers(self) -> list[str]:
+        """Drop peers silent for longer than ``peer_timeout``, with their location records."""
+        now = self._clock()
+
+        def op(tx: Txn) -> list[str]:
+            gone = [p.peer_id for p in tx.list_peers() if not self._live(p, now)]
+            for peer_id in gone:
+                tx.delete_peer(peer_id)
+            return gone
+
+        return await self.store.transact(op)
+
+    async def grant_grace(self) -> None:
+        """At start: every known peer gets a full timeout to reach us again.
+
+        While the coordinator was down no peer could heartbeat; dropping them all at once
+        on restart would throw away every location record for nothing.
+        """
+        now = self._clock()
+
+        def op(tx: Txn) -> None:
+            for peer in tx.list_peers():
+                peer.last_seen = max(peer.last_seen, now)
+                tx.put_peer(peer)
+
+        await self.store.transact(op)
+
+    # --- locations -----------------------------------------------------------------------
+    async def add_location(self, key: str, peer_id: str) -> None:
+        now = self._clock()
+
+        def op(tx: Txn) -> None:
+            peer = tx.get_peer(peer_id)
+            if peer is None or not self._live(peer, now):
+                raise NotFound(f"unknown peer {peer_id!r}")
+            tx.add_location(key, peer_id)
+
+        await self.store.transact(op)
+
+    async def remove_location(self, key: str, peer_id: str) -> None:
+        await self.store.transact(lambda tx: tx.remove_location(key, peer_id))
+
+    async def locations(self, key: str) -> list[PeerInfo]:
+        """The live peers recorded as holding ``key``."""
+        now = self._clock()
+
+        def op(tx: Txn) -> list[PeerInfo]:
+            peers = (tx.get_peer(pid) for pid in tx.location_peers(key))
+            return [p for p in peers if p is not None and self._live(p, now)]
+
+        return await self.store.transact(op, readonly=True)
+
+    # --- namespace: inode operations ------------------------------------------------------
+    async def lookup(self, parent: int, name: str) -> InodeAttrs:
+        validate_name(name)
+
+        def op(tx: Txn) -> InodeAttrs:
+            _dir(tx, parent)
+            return _child(tx, parent, name)
+
+        return await self.store.transact(op, readonly=True)
+
+    async def getattr(self, ino: int) -> InodeAttrs:
+        return await self.store.transact(lambda tx: _inode(tx, ino), readonly=True)
+
+    async def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+    ) -> InodeAttrs:
+        """Change attributes; any change bumps ctime, a size change also mtime.
+
+        A size change only records the size: the writer commits the truncated manifest.
+        """
+        changes: dict[str, int] = {}
+        if mode is not None:
+            changes["mode"] = _int(mode, "mode", 0, 0o7777)
+        if uid is not None:
+            changes["uid"] = _int(uid, "uid", 0, UID_MAX)
+        if gid is not None:
+            changes["gid"] = _int(gid, "gid", 0, UID_MAX)
+        if atime_ns is not None:
+            changes["atime_ns"] = _int(atime_ns, "atime_ns", -INT64_MAX, INT64_MAX)
+        if mtime_ns is not None:
+            changes["mtime_ns"] = _int(mtime_ns, "mtime_ns", -INT64_MAX, INT64_MAX)
+        if size is not None:
+            _int(size, "size", 0, INT64_MAX)
+
+        def op(tx: Txn) -> InodeAttrs:
+            attrs = _inode(tx, ino)
+            now = time.time_ns()
+            if size is not None:
+                if attrs.is_dir:
+                    raise IsADirectory(f"inode {ino} is a directory")
+                if attrs.type != "file":
+                    raise InvalidArgument(f"inode {ino} is not a regular file")
+                if size != attrs.size:
+                    changes["size"] = size
+                    changes.setdefault("mtime_ns", now)
+            if changes or size is not None:
+                changes["ctime_ns"] = now
+                tx.update_inode(ino, **changes)
+            return _inode(tx, ino)
+
+        return await self.store.transact(op)
+
+    async def readdir(self, ino: int, offset: int = 0, limit: int = 1000) -> list[Entry]:
+        """Entries after cookie ``offset``, in creation order; attrs carry no manifest.
+
+        Cookies are the entries' serial numbers, so entries added or removed while a
+        listing is under way never shift the others.
+        """
+        _int(offset, "offset", 0, INT64_MAX)
+        _int(limit, "limit", 1, MAX_READDIR)
+
+        def op(tx: Txn) -> list[Entry]:
+            _dir(tx, ino)
+            return tx.list_entries(ino, offset, limit)
+
+        return await self.store.transact(op, readonly=True)
+
+    def _create_tx(
+        self,
+        tx: Txn,
+        parent: int,
+        name: str,
+        type_: str,
+        mode: int,
+        uid: int,
+        gid: int,
+        rdev: int = 0,
+        target: str | None = None,
+    ) -> InodeAttrs:
+        p = _dir(tx, parent)
+        if tx.lookup(parent, name) is not None:
+            raise Exists(f"{name!r} already exists in directory {parent}")
+        now = time.time_ns()
+        is_dir = type_ == "dir"
+        attrs = InodeAttrs(
+            ino=0,
+            type=type_,
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            size=len(target.encode()) if target is not None else 0,
+            atime_ns=now,
+            mtime_ns=now,
+            ctime_ns=now,
+            nlink=2 if is_dir else 1,
+            rdev=rdev,
+            target=target,
+        )
+        attrs.ino = tx.add_inode(attrs)
+        tx.add_entry(parent, name, attrs.ino)
+        tx.update_inode(parent, nlink=p.nlink + is_dir, mtime_ns=now, ctime_ns=now)
+        return attrs
+
+    async def create(
+        self,
+        parent: int,
+        name: str,
+        type: str = "file",
+        mode: int = 0o644,
+        uid: int = 0,
+        gid: int = 0,
+        rdev: int = 0,
+        target: str | None = None,
+    ) -> InodeAttrs:
+        """Create an inode of any type and its entry; ``Exists`` if the name is taken."""
+        validate_name(name)
+        if type not in INODE_TYPES:
+            raise InvalidArgument(f"type must be one of {', '.join(INODE_TYPES)}")
+        _int(mode, "mode", 0, 0o7777)
+        _int(uid, "uid", 0, UID_MAX)
+        _int(gid, "gid", 0, UID_MAX)
+        _int(rdev, "rdev", 0, INT64_MAX)
+        if type == "symlink":
+            if not isinstance(target, str) or not target or "\0" in target:
+                raise InvalidArgument("a symlink needs a non-empty target without NUL")
+            try:
+                if len(target.encode()) > MAX_TARGET_BYTES:
+                    raise InvalidArgument("symlink target too long")
+            except UnicodeEncodeError:
+                raise InvalidArgument("symlink target is not valid UTF-8") from None
+        elif target is not None:
+            raise InvalidArgument("only a symlink has a target")
+        return await self.store.transact(
+            lambda tx: self._create_tx(tx, parent, name, type, mode, uid, gid, rdev, target)
+        )
+
+    async def mkdir(
+        self, parent: int, name: str, mode: int = 0o755, uid: int = 0, gid: int = 0
+    ) -> InodeAttrs:
+        return await self.create(parent, name, "dir", mode, uid, gid)
+
+    async def link(self, ino: int, new_parent: int, new_name: str) -> InodeAttrs:
+        validate_name(new_name)
+
+        def op(tx: Txn) -> InodeAttrs:
+            attrs = _inode(tx, ino)
+            if attrs.is_dir:
+                raise NotPermitted("hard links to directories are not allowed")
+            p = _dir(tx, new_parent)
+            if tx.lookup(new_parent, new_name) is not None:
+                raise Exists(f"{new_name!r} already exists in directory {new_parent}")
+            now = time.time_ns()
+            tx.add_entry(new_parent, new_name, ino)
+            tx.update_inode(ino, nlink=attrs.nlink + 1, ctime_ns=now)
+            tx.update_inode(new_parent, nlink=p.nlink, mtime_ns=now, ctime_ns=now)
+            return _inode(tx, ino)
+
+        return await self.store.transact(op)
+
+    def _unlink_tx(self, tx: Txn, parent: int, name: str) -> None:
+        _dir(tx, parent)
+        attrs = _child(tx, parent, name)
+        if attrs.is_dir:
+            raise IsADirectory(f"{name!r} is a directory")
+        now = time.time_ns()
+        tx.remove_entry(parent, name)
+        _drop_link(tx, attrs, now)
+        tx.update_inode(parent, mtime_ns=now, ctime_ns=now)
+
+    def _rmdir_tx(self, tx: Txn, parent: int, name: str) -> None:
+        p = _dir(tx, parent)
+        attrs = _child(tx, parent, name)
+        if not attrs.is_dir:
+            raise NotADirectory(f"{name!r} is not a directory")
+        if tx.has_entries(attrs.ino):
+            raise NotEmpty(f"directory {name!r} is not empty")
+        now = time.time_ns()
+        tx.remove_entry(parent, name)
+        tx.delete_inode(attrs.ino)
+        tx.update_inode(parent, nlink=p.nlink - 1, mtime_ns=now, ctime_ns=now)
+
+    async def unlink(self, parent: int, name: str) -> None:
+        validate_name(name)
+        await self.store.transact(lambda tx: self._unlink_tx(tx, parent, name))
+
+    async def rmdir(self, parent: int, name: str) -> None:
+        validate_name(name)
+        await self.store.transact(lambda tx: self._rmdir_tx(tx, parent, name))
+
+    async def rename(
+        self,
+        parent: int,
+        name: str,
+        new_parent: int,
+        new_name: str,
+        *,
+        noreplace: bool = False,
+        exchange: bool = False,
+    ) -> None:
+        """Move one entry (``RENAME_NOREPLACE`` / ``RENAME_EXCHANGE`` as flags), atomically."""
+        validate_name(name)
+        validate_name(new_name)
+        if noreplace and exchange:
+            raise InvalidArgument("noreplace and exchange exclude each other")
+
+        def op(tx: Txn) -> None:
+            dirs = {parent: _dir(tx, parent), new_parent: _dir(tx, new_parent)}
+            src = _child(tx, parent, name)
+            dst_ino = tx.lookup(new_parent, new_name)
+            if parent == new_parent and name == new_name:
+                return
+            if src.is_dir and parent != new_parent:
+                _not_into_itself(tx, src.ino, new_parent)
+            now = time.time_ns()
+            nlink = {ino: attrs.nlink for ino, attrs in dirs.items()}
+            if exchange:
+                if dst_ino is None:
+                    raise NotFound(f"no entry {new_name!r} to exchange with")
+                dst = _inode(tx, dst_ino)
+                if dst.is_dir and parent != new_parent:
+                    _not_into_itself(tx, dst.ino, parent)
+                tx.set_entry_ino(parent, name, dst.ino)
+                tx.set_entry_ino(new_parent, new_name, src.ino)
+                nlink[parent] += dst.is_dir - src.is_dir
+                nlink[new_parent] += src.is_dir - dst.is_dir
+                tx.update_inode(dst.ino, ctime_ns=now)
+            else:
+                if dst_ino is not None:
+                    if noreplace:
+                        raise Exists(f"{new_name!r} already exists")
+                    if dst_ino == src.ino:  # two links to one inode: POSIX does nothing
+                        return
+                    dst = _inode(tx, dst_ino)
+                    if src.is_dir and not dst.is_dir:
+                        raise NotADirectory(f"{new_name!r} is not a directory")
+                    if not src.is_dir and dst.is_dir:
+                        raise IsADirectory(f"{new_name!r} is a directory")
+                    if dst.is_dir and tx.has_entries(dst.ino):
+                        raise NotEmpty(f"directory {new_name!r} is not empty")
+                    tx.remove_entry(new_parent, new_name)
+                    if dst.is_dir:
+                        tx.delete_inode(dst.ino)
+                        nlink[new_parent] -= 1
+                    else:
+                        _drop_link(tx, dst, now)
+                tx.move_entry(parent, name, new_parent, new_name)
+                nlink[parent] -= src.is_dir
+                nlink[new_parent] += src.is_dir
+            tx.update_inode(src.ino, ctime_ns=now)
+            for ino, count in nlink.items():
+                tx.update_inode(ino, nlink=count, mtime_ns=now, ctime_ns=now)
+
+        await self.store.transact(op)
+
+    def _commit_tx(
+        self, tx: Txn, ino: int, manifest: dict[str, Any], expected_version: int | None
+    ) -> InodeAttrs:
+        attrs = _inode(tx, ino)
+        if attrs.is_dir:
+            raise IsADirectory(f"inode {ino} is a directory")
+        if attrs.type != "file":
+            raise InvalidArgument(f"inode {ino} is not a regular file")
+        if expected_version is not None and expected_version != attrs.version:
+            raise Conflict(
+                f"stale manifest version {expected_version}: inode {ino} is at {attrs.version}"
+            )
+        now = time.time_ns()
+        tx.update_inode(
+            ino,
+            version=attrs.version + 1,
+            size=manifest["size"],
+            manifest=manifest,
+            mtime_ns=now,
+            ctime_ns=now,
+        )
+        return _inode(tx, ino)
+
+    async def commit_manifest(
+        self, ino: int, manifest: dict[str, Any], expected_version: int
+    ) -> InodeAttrs:
+        """Replace a file's content if it is still at ``expected_version``, else ``Conflict``."""
+        canonical = validate_manifest(manifest)
+        _int(expected_version, "expected_version", 0, INT64_MAX)
+        return await self.store.transact(
+            lambda tx: self._commit_tx(tx, ino, canonical, expected_version)
+        )
+
+    # --- namespace: path helpers (the client API and location records use paths) --------
+    async def resolve(self, path: str) -> InodeAttrs:
+        parts = split_path(path)
+        return await self.store.transact(lambda tx: _inode(tx, _walk(tx, parts)), readonly=True)
+
+    async def put_file(
+        self,
+        path: str,
+        manifest: dict[str, Any],
+        expected_version: int | None = None,
+        mode: int = 0o644,
+        uid: int = 0,
+        gid: int = 0,
+        make_parents: bool = True,
+    ) -> InodeAttrs:
+        """Create or replace the file at ``path`` (and missing parents), in one transaction.
+
+        ``expected_version`` 0 means "must not exist yet" (or exist unwritten); ``None``
+        replaces whatever is there.
+        """
+        parts = split_path(path)
+        if not parts:
+            raise IsADirectory("/ is a directory")
+        canonical = validate_manifest(manifest)
+        _int(mode, "mode", 0, 0o7777)
+        _int(uid, "uid", 0, UID_MAX)
+        _int(gid, "gid", 0, UID_MAX)
+        if expected_version is not None:
+            _int(expected_version, "expected_version", 0, INT64_MAX)
+
+        def op(tx: Txn) -> InodeAttrs:
+            cur = ROOT_INO
+            for name in parts[:-1]:
+                _dir(tx, cur)
+                nxt = tx.lookup(cur, name)
+                if nxt is None:
+                    if not make_parents:
+                        raise NotFound(f"no such directory: {name!r}")
+                    nxt = self._create_tx(tx, cur, name, "dir", 0o755, uid, gid).ino
+                cur = nxt
+            _dir(tx, cur)
+            ino = tx.lookup(cur, parts[-1])
+            if ino is None:
+                if expected_version not in (None, 0):
+                    raise Conflict(f"{join_path(parts)} does not exist")
+                ino = self._create_tx(tx, cur, parts[-1], "file", mode, uid, gid).ino
+            return self._commit_tx(tx, ino, canonical, expected_version)
+
+        return await self.store.transact(op)
+
+    async def delete_path(self, path: str) -> None:
+        """Unlink a file (or other non-directory), or remove an empty directory."""
+        parts = split_path(path)
+        if not parts:
+            raise InvalidArgument("cannot delete the root")
+
+        def op(tx: Txn) -> None:
+            parent = _walk(tx, parts[:-1])
+            _dir(tx, parent)
+            if _child(tx, parent, parts[-1]).is_dir:
+                self._rmdir_tx(tx, parent, parts[-1])
+            else:
+                self._unlink_tx(tx, parent, parts[-1])
+
+        await self.store.transact(op)
+
+    # --- stats ---------------------------------------------------------------------------
+    async def stats(self) -> dict[str, Any]:
+        now = self._clock()
+
+        def op(tx: Txn) -> dict[str, Any]:
+            peers = tx.list_peers()
+            return {
+                "peers": {
+                    "total": len(peers),
+                    "live": sum(self._live(p, now) for p in peers),
+                },
+                "inodes": tx.inode_counts(),
+                "bytes": tx.file_bytes(),
+                "locations": tx.location_count(),
+            }
+
+        return await self.store.transact(op, readonly=True)
+
+    async def statfs(self) -> dict[str, int]:
+        def op(tx: Txn) -> dict[str, int]:
+            return {
+                "inodes": sum(tx.inode_counts().values()),
+                "bytes": tx.file_bytes(),
+                "max_name": 255,
+            }
+
+        return await self.store.transact(op, readonly=True)

@@ -1,0 +1,532 @@
+"""CoordinatorService over a real SQLiteStore in a temp dir: every namespace and peer rule."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from fastcache.coordinator.service import ROOT_INO, CoordinatorService, location_key
+from fastcache.coordinator.store import InodeAttrs, SQLiteStore
+from fastcache.errors import (
+    BadRequest,
+    Conflict,
+    Exists,
+    InvalidArgument,
+    InvalidName,
+    IsADirectory,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
+)
+
+T = TypeVar("T")
+Run = Callable[[Coroutine[Any, Any, T]], T]
+D1, D2, D3 = "0" * 32, "1" * 32, "2" * 32
+
+
+class Clock:
+    """A settable wall clock: peer timeouts are tested without waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+def run(loop: asyncio.AbstractEventLoop) -> Run[Any]:
+    return loop.run_until_complete
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+async def _open(path: Path, clock: Clock) -> CoordinatorService:
+    store = await SQLiteStore.open(path / "coordinator.db", synchronous="NORMAL")
+    return CoordinatorService(store, peer_timeout=10.0, clock=clock)
+
+
+@pytest.fixture
+def svc(tmp_path: Path, run: Run[Any], clock: Clock) -> Iterator[CoordinatorService]:
+    service = run(_open(tmp_path, clock))
+    yield service
+    run(service.close())
+
+
+def manifest(size: int, chunk_size: int = 4, chunks: list[str] | None = None) -> dict[str, Any]:
+    count = -(-size // chunk_size)
+    return {"size": size, "chunk_size": chunk_size, "chunks": chunks or [D1] * count}
+
+
+# --- inodes and entries ------------------------------------------------------------------
+def test_root_exists(svc: CoordinatorService, run: Run[Any]) -> None:
+    root = run(svc.getattr(ROOT_INO))
+    assert (root.type, root.mode, root.uid, root.gid, root.nlink) == ("dir", 0o755, 0, 0, 2)
+
+
+def test_create_lookup_and_exists(svc: CoordinatorService, run: Run[Any]) -> None:
+    f = run(svc.create(ROOT_INO, "f", "file", 0o640, 1000, 100))
+    assert (f.type, f.mode, f.uid, f.gid, f.nlink, f.size, f.version) == (
+        "file",
+        0o640,
+        1000,
+        100,
+        1,
+        0,
+        0,
+    )
+    assert run(svc.lookup(ROOT_INO, "f")) == f
+    with pytest.raises(Exists):
+        run(svc.create(ROOT_INO, "f"))
+    with pytest.raises(NotFound):
+        run(svc.lookup(ROOT_INO, "nope"))
+    with pytest.raises(NotADirectory):
+        run(svc.create(f.ino, "child"))
+    with pytest.raises(NotFound):
+        run(svc.create(999, "child"))
+    with pytest.raises(InvalidName):
+        run(svc.create(ROOT_INO, ".."))
+    with pytest.raises(InvalidArgument):
+        run(svc.create(ROOT_INO, "m", mode=0o10000))
+    with pytest.raises(InvalidArgument):
+        run(svc.create(ROOT_INO, "t", "weird"))
+
+
+def test_create_special_types(svc: CoordinatorService, run: Run[Any]) -> None:
+    link = run(svc.create(ROOT_INO, "l", "symlink", 0o777, target="a/b"))
+    assert (link.type, link.target, link.size) == ("symlink", "a/b", 3)
+    dev = run(svc.create(ROOT_INO, "dev", "chr", 0o600, rdev=0x0501))
+    assert run(svc.getattr(dev.ino)).rdev == 0x0501
+    for kind in ("fifo", "socket", "blk"):
+        assert run(svc.create(ROOT_INO, kind, kind)).type == kind
+    with pytest.raises(InvalidArgument):
+        run(svc.create(ROOT_INO, "l2", "symlink"))
+    with pytest.raises(InvalidArgument):
+        run(svc.create(ROOT_INO, "f", "file", target="x"))
+
+
+def test_dir_nlink_counts_subdirs(svc: CoordinatorService, run: Run[Any]) -> None:
+    a = run(svc.mkdir(ROOT_INO, "a"))
+    assert (a.nlink, run(svc.getattr(ROOT_INO)).nlink) == (2, 3)
+    run(svc.mkdir(a.ino, "b"))
+    run(svc.mkdir(a.ino, "c"))
+    run(svc.create(a.ino, "file"))
+    assert run(svc.getattr(a.ino)).nlink == 4  # 2 + two subdirs; files do not count
+    run(svc.rmdir(a.ino, "b"))
+    assert run(svc.getattr(a.ino)).nlink == 3
+    run(svc.rename(a.ino, "c", ROOT_INO, "c"))
+    assert run(svc.getattr(a.ino)).nlink == 2
+    assert run(svc.getattr(ROOT_INO)).nlink == 4
+
+
+def test_hard_links_and_unlink(svc: CoordinatorService, run: Run[Any]) -> None:
+    d = run(svc.mkdir(ROOT_INO, "d"))
+    f = run(svc.create(ROOT_INO, "f"))
+    linked = run(svc.link(f.ino, d.ino, "g"))
+    assert linked.nlink == 2 and linked.ctime_ns >= f.ctime_ns
+    assert run(svc.lookup(d.ino, "g")).ino == f.ino
+    with pytest.raises(NotPermitted):
+        run(svc.link(d.ino, ROOT_INO, "dirlink"))
+    with pytest.raises(Exists):
+        run(svc.link(f.ino, d.ino, "g"))
+    run(svc.unlink(ROOT_INO, "f"))
+    assert run(svc.getattr(f.ino)).nlink == 1
+    run(svc.unlink(d.ino, "g"))
+    with pytest.raises(NotFound):
+        run(svc.getattr(f.ino))  # nlink 0: the inode is gone
+    with pytest.raises(NotFound):
+        run(svc.unlink(d.ino, "g"))
+    with pytest.raises(IsADirectory):
+        run(svc.unlink(ROOT_INO, "d"))
+
+
+def test_rmdir_rules(svc: CoordinatorService, run: Run[Any]) -> None:
+    d = run(svc.mkdir(ROOT_INO, "d"))
+    run(svc.create(d.ino, "f"))
+    run(svc.create(ROOT_INO, "file"))
+    with pytest.raises(NotEmpty):
+        run(svc.rmdir(ROOT_INO, "d"))
+    with pytest.raises(NotADirectory):
+        run(svc.rmdir(ROOT_INO, "file"))
+    with pytest.raises(NotFound):
+        run(svc.rmdir(ROOT_INO, "missing"))
+    run(svc.unlink(d.ino, "f"))
+    run(svc.rmdir(ROOT_INO, "d"))
+    with pytest.raises(NotFound):
+        run(svc.getattr(d.ino))
+    assert run(svc.getattr(ROOT_INO)).nlink == 2
+
+
+def test_parent_times_follow_entries(svc: CoordinatorService, run: Run[Any]) -> None:
+    before = run(svc.getattr(ROOT_INO))
+    run(svc.create(ROOT_INO, "f"))
+    after = run(svc.getattr(ROOT_INO))
+    assert after.mtime_ns > before.mtime_ns and after.ctime_ns > before.ctime_ns
+
+
+# --- rename ------------------------------------------------------------------------------
+def test_rename_file_replaces_target(svc: CoordinatorService, run: Run[Any]) -> None:
+    a = run(svc.create(ROOT_INO, "a"))
+    b = run(svc.create(ROOT_INO, "b"))
+    run(svc.rename(ROOT_INO, "a", ROOT_INO, "b"))
+    assert run(svc.lookup(ROOT_INO, "b")).ino == a.ino
+    with pytest.raises(NotFound):
+        run(svc.lookup(ROOT_INO, "a"))
+    with pytest.raises(NotFound):
+        run(svc.getattr(b.ino))  # its only link was replaced
+
+
+def test_rename_replaced_target_with_other_links_survives(
+    svc: CoordinatorService, run: Run[Any]
+) -> None:
+    run(svc.create(ROOT_INO, "a"))
+    b = run(svc.create(ROOT_INO, "b"))
+    run(svc.link(b.ino, ROOT_INO, "b2"))
+    run(svc.rename(ROOT_INO, "a", ROOT_INO, "b"))
+    assert run(svc.getattr(b.ino)).nlink == 1
+
+
+def test_rename_dir_rules(svc: CoordinatorService, run: Run[Any]) -> None:
+    src = run(svc.mkdir(ROOT_INO, "src"))
+    run(svc.create(src.ino, "inside"))
+    empty = run(svc.mkdir(ROOT_INO, "empty"))
+    full = run(svc.mkdir(ROOT_INO, "full"))
+    run(svc.create(full.ino, "x"))
+    run(svc.create(ROOT_INO, "file"))
+    root_nlink = run(svc.getattr(ROOT_INO)).nlink  # 2 + src, empty, full
+    assert root_nlink == 5
+    with pytest.raises(NotADirectory):
+        run(svc.rename(ROOT_INO, "src", ROOT_INO, "file"))
+    with pytest.raises(IsADirectory):
+        run(svc.rename(ROOT_INO, "file", ROOT_INO, "empty"))
+    with pytest.raises(NotEmpty):
+        run(svc.rename(ROOT_INO, "src", ROOT_INO, "full"))
+    run(svc.rename(ROOT_INO, "src", ROOT_INO, "empty"))  # replaces the empty dir
+    assert run(svc.lookup(ROOT_INO, "empty")).ino == src.ino
+    assert run(svc.lookup(src.ino, "inside")).type == "file"
+    with pytest.raises(NotFound):
+        run(svc.getattr(empty.ino))
+    assert run(svc.getattr(ROOT_INO)).nlink == root_nlink - 1
+
+
+def test_rename_into_own_subtree(svc: CoordinatorService, run: Run[Any]) -> None:
+    a = run(svc.mkdir(ROOT_INO, "a"))
+    b = run(svc.mkdir(a.ino, "b"))
+    c = run(svc.mkdir(b.ino, "c"))
+    with pytest.raises(InvalidArgument):
+        run(svc.rename(ROOT_INO, "a", c.ino, "a"))
+    with pytest.raises(InvalidArgument):
+        run(svc.rename(ROOT_INO, "a", a.ino, "self"))
+    run(svc.rename(b.ino, "c", ROOT_INO, "c"))  # moving up is fine
+    assert run(svc.lookup(ROOT_INO, "c")).ino == c.ino
+
+
+def test_rename_flags(svc: CoordinatorService, run: Run[Any]) -> None:
+    d = run(svc.mkdir(ROOT_INO, "d"))
+    f = run(svc.create(ROOT_INO, "f"))
+    g = run(svc.create(d.ino, "g"))
+    with pytest.raises(Exists):
+        run(svc.rename(ROOT_INO, "f", d.ino, "g", noreplace=True))
+    with pytest.raises(InvalidArgument):
+        run(svc.rename(ROOT_INO, "f", d.ino, "g", noreplace=True, exchange=True))
+    with pytest.raises(NotFound):
+        run(svc.rename(ROOT_INO, "f", d.ino, "missing", exchange=True))
+    run(svc.rename(ROOT_INO, "f", d.ino, "g", exchange=True))
+    assert run(svc.lookup(ROOT_INO, "f")).ino == g.ino
+    assert run(svc.lookup(d.ino, "g")).ino == f.ino
+    # exchanging a dir with a file across parents moves the subdir count
+    sub = run(svc.mkdir(d.ino, "sub"))
+    assert run(svc.getattr(d.ino)).nlink == 3
+    run(svc.rename(d.ino, "sub", ROOT_INO, "f", exchange=True))
+    assert run(svc.lookup(ROOT_INO, "f")).ino == sub.ino
+    assert run(svc.getattr(d.ino)).nlink == 2
+    assert run(svc.getattr(ROOT_INO)).nlink == 4  # d and sub
+
+
+def test_rename_noops(svc: CoordinatorService, run: Run[Any]) -> None:
+    f = run(svc.create(ROOT_INO, "f"))
+    run(svc.link(f.ino, ROOT_INO, "f2"))
+    run(svc.rename(ROOT_INO, "f", ROOT_INO, "f"))
+    run(svc.rename(ROOT_INO, "f", ROOT_INO, "f2"))  # same inode: POSIX does nothing
+    assert run(svc.lookup(ROOT_INO, "f")).ino == f.ino
+    assert run(svc.lookup(ROOT_INO, "f2")).nlink == 2
+    with pytest.raises(NotFound):
+        run(svc.rename(ROOT_INO, "missing", ROOT_INO, "x"))
+
+
+def test_rename_dir_is_constant_work(svc: CoordinatorService, run: Run[Any]) -> None:
+    """Moving a directory touches a fixed handful of rows, however big its subtree."""
+    top = run(svc.mkdir(ROOT_INO, "top"))
+    dest = run(svc.mkdir(ROOT_INO, "dest"))
+
+    async def fill() -> None:
+        for i in range(20):
+            sub = await svc.mkdir(top.ino, f"d{i}")
+            for j in range(25):
+                await svc.create(sub.ino, f"f{j}")
+
+    run(fill())
+    store = svc.store
+    assert isinstance(store, SQLiteStore)
+    before = run(store.total_changes())
+    run(svc.rename(ROOT_INO, "top", dest.ino, "moved"))
+    touched = run(store.total_changes()) - before
+    assert touched <= 4  # the entry, the moved inode, the two parents
+    assert run(svc.lookup(dest.ino, "moved")).ino == top.ino
+    assert len(run(svc.readdir(run(svc.lookup(top.ino, "d7")).ino))) == 25
+
+
+# --- attributes and manifests ------------------------------------------------------------
+def test_setattr(svc: CoordinatorService, run: Run[Any]) -> None:
+    f = run(svc.create(ROOT_INO, "f"))
+    chmod = run(svc.setattr(f.ino, mode=0o600, uid=5, gid=6))
+    assert (chmod.mode, chmod.uid, chmod.gid) == (0o600, 5, 6)
+    assert chmod.ctime_ns > f.ctime_ns and chmod.mtime_ns == f.mtime_ns
+    grown = run(svc.setattr(f.ino, size=100))
+    assert grown.size == 100 and grown.mtime_ns > chmod.mtime_ns
+    assert grown.version == f.version  # size alone does not touch the manifest
+    times = run(svc.setattr(f.ino, atime_ns=1, mtime_ns=2))
+    assert (times.atime_ns, times.mtime_ns) == (1, 2) and times.ctime_ns > grown.ctime_ns
+    with pytest.raises(IsADirectory):
+        run(svc.setattr(ROOT_INO, size=0))
+    with pytest.raises(InvalidArgument):
+        run(svc.setattr(f.ino, mode=0o17777))
+    with pytest.raises(NotFound):
+        run(svc.setattr(12345, mode=0o600))
+
+
+def test_commit_manifest_versions(svc: CoordinatorService, run: Run[Any]) -> None:
+    f = run(svc.create(ROOT_INO, "f"))
+    v1 = run(svc.commit_manifest(f.ino, manifest(10), 0))
+    assert (v1.version, v1.size, v1.manifest) == (1, 10, manifest(10))
+    assert v1.mtime_ns > f.mtime_ns
+    with pytest.raises(Conflict):
+        run(svc.commit_manifest(f.ino, manifest(3), 0))
+    assert run(svc.getattr(f.ino)).size == 10  # the stale write changed nothing
+    cdc = {"size": 7, "chunk_size": 4, "chunks": [D1, D2], "lengths": [3, 4]}
+    assert run(svc.commit_manifest(f.ino, cdc, 1)).manifest == cdc
+    with pytest.raises(IsADirectory):
+        run(svc.commit_manifest(ROOT_INO, manifest(0), 0))
+
+
+def test_concurrent_commits_one_wins(svc: CoordinatorService, run: Run[Any]) -> None:
+    f = run(svc.create(ROOT_INO, "f"))
+
+    async def race() -> list[Any]:
+        return await asyncio.gather(
+            *(svc.commit_manifest(f.ino, manifest(i + 1), 0) for i in range(8)),
+            return_exceptions=True,
+        )
+
+    results = run(race())
+    assert sum(isinstance(r, InodeAttrs) for r in results) == 1
+    assert sum(isinstance(r, Conflict) for r in results) == 7
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        None,
+        [],
+        {"size": 4, "chunk_size": 4},
+        {"size": 4, "chunk_size": 4, "chunks": ["A" * 32]},
+        {"size": 4, "chunk_size": 4, "chunks": ["0" * 31]},
+        {"size": 4, "chunk_size": 4, "chunks": [D1, D2]},
+        {"size": -1, "chunk_size": 4, "chunks": []},
+        {"size": True, "chunk_size": 4, "chunks": [D1]},
+        {"size": 4, "chunk_size": 0, "chunks": [D1]},
+        {"size": 4, "chunk_size": 4, "chunks": [D1], "extra": 1},
+        {"size": 7, "chunk_size": 4, "chunks": [D1, D2], "lengths": [3, 3]},
+        {"size": 7, "chunk_size": 4, "chunks": [D1, D2], "lengths": [7]},
+        {"size": 7, "chunk_size": 4, "chunks": [D1, D2], "lengths": [0, 7]},
+    ],
+)
+def test_bad_manifests(svc: CoordinatorService, run: Run[Any], bad: Any) -> None:
+    f = run(svc.create(ROOT_INO, "f"))
+    with pytest.raises(BadRequest):
+        run(svc.commit_manifest(f.ino, bad, 0))
+
+
+# --- readdir -----------------------------------------------------------------------------
+def test_readdir_offsets_stable_under_changes(svc: CoordinatorService, run: Run[Any]) -> None:
+    for i in range(10):
+        run(svc.create(ROOT_INO, f"n{i}"))
+    first = run(svc.readdir(ROOT_INO, 0, 4))
+    assert [e.name for e in first] == ["n0", "n1", "n2", "n3"]
+    assert first[0].attrs.manifest is None
+    run(svc.unlink(ROOT_INO, "n1"))  # already listed
+    run(svc.unlink(ROOT_INO, "n6"))  # not listed yet
+    run(svc.create(ROOT_INO, "new"))
+    run(svc.rename(ROOT_INO, "n8", ROOT_INO, "n8b"))  # renamed in place keeps its cookie
+    rest: list[str] = []
+    offset = first[-1].offset
+    while batch := run(svc.readdir(ROOT_INO, offset, 2)):
+        rest += [e.name for e in batch]
+        offset = batch[-1].offset
+    assert rest == ["n4", "n5", "n7", "n8b", "n9", "new"]
+    with pytest.raises(NotADirectory):
+        run(svc.readdir(run(svc.lookup(ROOT_INO, "n0")).ino))
+
+
+# --- paths -------------------------------------------------------------------------------
+def test_path_helpers(svc: CoordinatorService, run: Run[Any]) -> None:
+    a = run(svc.put_file("/x/y/z.txt", manifest(5), mode=0o600, uid=7, gid=8))
+    assert (a.version, a.size, a.mode, a.uid) == (1, 5, 0o600, 7)
+    assert run(svc.resolve("/x/y/z.txt")).ino == a.ino
+    assert run(svc.resolve("x/y/")).type == "dir"
+    assert run(svc.resolve("/")).ino == ROOT_INO
+    b = run(svc.put_file("/x/y/z.txt", manifest(9), expected_version=1))
+    assert (b.ino, b.version, b.size) == (a.ino, 2, 9)
+    with pytest.raises(Conflict):
+        run(svc.put_file("/x/y/z.txt", manifest(1), expected_version=1))
+    with pytest.raises(Conflict):
+        run(svc.put_file("/x/new", manifest(1), expected_version=3))
+    with pytest.raises(NotFound):
+        run(svc.put_file("/nodir/f", manifest(1), make_parents=False))
+    with pytest.raises(NotADirectory):
+        run(svc.put_file("/x/y/z.txt/under", manifest(1)))
+    with pytest.raises(IsADirectory):
+        run(svc.put_file("/x", manifest(1)))
+    with pytest.raises(InvalidName):
+        run(svc.resolve("/x/../etc"))
+    with pytest.raises(NotEmpty):
+        run(svc.delete_path("/x/y"))
+    run(svc.delete_path("/x/y/z.txt"))
+    run(svc.delete_path("/x/y"))
+    with pytest.raises(NotFound):
+        run(svc.resolve("/x/y"))
+    with pytest.raises(InvalidArgument):
+        run(svc.delete_path("/"))
+
+
+# --- peers and locations -----------------------------------------------------------------
+def test_peers_and_timeout(svc: CoordinatorService, run: Run[Any], clock: Clock) -> None:
+    p = run(svc.register_peer("n1", "http://127.0.0.1:9001", 100, 5))
+    assert (p.status, p.used, p.last_seen) == ("active", 5, clock.now)
+    run(svc.register_peer("n2", "http://127.0.0.1:9002", 100))
+    run(svc.add_location(location_key(chunk=D1), "n1"))
+    run(svc.add_location(location_key(chunk=D1), "n2"))
+    run(svc.add_location(location_key(path="/a/b/"), "n1"))
+    assert [x.peer_id for x in run(svc.locations(f"chunk:{D1}"))] == ["n1", "n2"]
+    assert [x.peer_id for x in run(svc.locations("/a/b"))] == ["n1"]
+
+    clock.now += 6
+    assert run(svc.heartbeat("n2", used=50, status="draining")).used == 50
+    clock.now += 6  # n1 silent for 12 s > 10 s, n2 for 6 s
+    assert [x.peer_id for x in run(svc.list_peers())] == ["n2"]
+    assert [x.peer_id for x in run(svc.locations(f"chunk:{D1}"))] == ["n2"]
+    with pytest.raises(NotFound):
+        run(svc.heartbeat("n1"))  # timed out: it must register again
+    assert run(svc.cleanup_peers()) == ["n1"]
+    assert run(svc.stats())["locations"] == 1
+    with pytest.raises(NotFound):
+        run(svc.add_location("/a", "n1"))
+    run(svc.deregister_peer("n2"))
+    with pytest.raises(NotFound):
+        run(svc.deregister_peer("n2"))
+    assert run(svc.stats())["peers"] == {"total": 0, "live": 0}
+    assert run(svc.stats())["locations"] == 0
+
+
+def test_reregister_after_timeout_drops_stale_locations(
+    svc: CoordinatorService, run: Run[Any], clock: Clock
+) -> None:
+    run(svc.register_peer("n1", "http://h:1", 1))
+    run(svc.add_location("/f", "n1"))
+    run(svc.register_peer("n1", "http://h:2", 1))  # live re-register keeps them
+    assert len(run(svc.locations("/f"))) == 1
+    clock.now += 11
+    run(svc.register_peer("n1", "http://h:2", 1))
+    assert run(svc.locations("/f")) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("", "http://h:1", 1),
+        ("bad id", "http://h:1", 1),
+        ("n", "ftp://h", 1),
+        ("n", "http://h:1", -1),
+    ],
+)
+def test_register_validates(svc: CoordinatorService, run: Run[Any], args: tuple[Any, ...]) -> None:
+    with pytest.raises((BadRequest, InvalidArgument)):
+        run(svc.register_peer(*args))
+
+
+def test_location_key() -> None:
+    assert location_key(path="a//b".replace("//", "/")) == "/a/b"
+    assert location_key(chunk=D3) == f"chunk:{D3}"
+    for kwargs in ({}, {"path": "/a", "chunk": D1}, {"chunk": "xyz"}):
+        with pytest.raises(BadRequest):
+            location_key(**kwargs)
+    with pytest.raises(InvalidName):
+        location_key(path="/../x")
+
+
+# --- durability --------------------------------------------------------------------------
+def test_restart_keeps_everything(tmp_path: Path, run: Run[Any], clock: Clock) -> None:
+    svc = run(_open(tmp_path, clock))
+    d = run(svc.mkdir(ROOT_INO, "d"))
+    f = run(svc.put_file("/d/f", manifest(6)))
+    run(svc.link(f.ino, ROOT_INO, "hard"))
+    run(svc.register_peer("n1", "http://h:1", 10))
+    run(svc.add_location(f"chunk:{D1}", "n1"))
+    before = run(svc.stats())
+    run(svc.close())
+
+    svc = run(_open(tmp_path, clock))
+    try:
+        assert run(svc.stats()) == before
+        assert run(svc.resolve("/d/f")) == run(svc.getattr(f.ino))
+        assert run(svc.getattr(f.ino)).nlink == 2
+        assert run(svc.getattr(f.ino)).manifest == manifest(6)
+        assert run(svc.getattr(ROOT_INO)).nlink == 3
+        assert [p.peer_id for p in run(svc.locations(f"chunk:{D1}"))] == ["n1"]
+        run(svc.unlink(d.ino, "f"))
+        run(svc.unlink(ROOT_INO, "hard"))
+        new = run(svc.create(ROOT_INO, "again"))
+        assert new.ino > f.ino  # inode numbers are never reused
+    finally:
+        run(svc.close())
+
+
+def test_grace_after_restart(tmp_path: Path, run: Run[Any], clock: Clock) -> None:
+    svc = run(_open(tmp_path, clock))
+    run(svc.register_peer("n1", "http://h:1", 10))
+    run(svc.close())
+    clock.now += 100  # the coordinator was down far longer than the timeout
+    svc = run(_open(tmp_path, clock))
+    try:
+        run(svc.grant_grace())
+        assert [p.peer_id for p in run(svc.list_peers())] == ["n1"]
+        assert run(svc.heartbeat("n1")).peer_id == "n1"
+    finally:
+        run(svc.close())
+
+
+def test_concurrent_creates_of_one_name(svc: CoordinatorService, run: Run[Any]) -> None:
+    async def race() -> list[Any]:
+        return await asyncio.gather(
+            *(svc.create(ROOT_INO, "same") for _ in range(10)), return_exceptions=True
+        )
+
+    results = run(race())
+    assert sum(isinstance(r, InodeAttrs) for r in results) == 1
+    assert all(isinstance(r, Exists) for r in results if not isinstance(r, InodeAttrs))
+    assert run(svc.statfs())["inodes"] == 2
