@@ -23,7 +23,7 @@ from libc.stdint cimport uint64_t
 
 API_VERSION = 1
 
-cdef uint64_t GEAR_SEED = 0x6661737463616368  # b"fastcach"
+cdef uint64_t GEAR_SEED = 0x6661737463616368ULL  # b"fastcach"
 cdef uint64_t GEAR[256]
 
 
@@ -32,10 +32,10 @@ cdef void _init_gear() noexcept nogil:
     cdef uint64_t z
     cdef int i
     for i in range(256):
-        state += 0x9E3779B97F4A7C15
+        state += 0x9E3779B97F4A7C15ULL
         z = state
-        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9
-        z = (z ^ (z >> 27)) * 0x94D049BB133111EB
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL
         GEAR[i] = z ^ (z >> 31)
 
 

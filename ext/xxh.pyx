@@ -25,9 +25,12 @@ cdef extern from "xxhash.h" nogil:
     ctypedef struct XXH128_canonical_t:
         unsigned char digest[16]
 
-    XXH64_hash_t XXH3_64bits(const void *data, size_t length)
-    XXH128_hash_t XXH3_128bits(const void *data, size_t length)
     void XXH128_canonicalFromHash(XXH128_canonical_t *dst, XXH128_hash_t h)
+
+
+cdef extern from "fc_xxhash.h" nogil:
+    XXH64_hash_t XXH3_64bits "fc_xxh3_64"(const void *data, size_t length)
+    XXH128_hash_t XXH3_128bits "fc_xxh3_128"(const void *data, size_t length)
 
 
 cdef const char *HEXDIGITS = b"0123456789abcdef"

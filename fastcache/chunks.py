@@ -10,11 +10,14 @@ length, an empty input has none.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import math
+import mmap
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import xxhash
@@ -43,24 +46,17 @@ HAVE_EXT = _xxh is not None
 
 
 # --- hashing -----------------------------------------------------------------------------
-def digest(data: Buffer) -> str:
-    """Hex xxh3-128 of ``data``: a chunk's name in every tier."""
-    if _xxh is not None:
-        return _xxh.xxh3_128_hex(data)
+# The ``_py`` functions are the pure-Python fallbacks: tests compare them with the compiled
+# ones directly, whichever the process chose.
+def _digest_py(data: Buffer) -> str:
     return xxhash.xxh3_128_hexdigest(data)
 
 
-def xxh64(data: Buffer) -> int:
-    """xxh3-64 of ``data`` (used for cheap checksums, e.g. journal records)."""
-    if _xxh is not None:
-        return _xxh.xxh3_64(data)
+def _xxh64_py(data: Buffer) -> int:
     return xxhash.xxh3_64_intdigest(data)
 
 
-def digest_chunks(data: Buffer, ends: np.ndarray | Sequence[int]) -> list[str]:
-    """The digest of every chunk of ``data`` cut at ``ends`` (one call, GIL released)."""
-    if _xxh is not None:
-        return _xxh.xxh3_128_hex_many(data, np.asarray(ends, dtype=np.uint64))
+def _digest_chunks_py(data: Buffer, ends: np.ndarray | Sequence[int]) -> list[str]:
     view = memoryview(data)
     out, start = [], 0
     for end in ends:
@@ -69,17 +65,44 @@ def digest_chunks(data: Buffer, ends: np.ndarray | Sequence[int]) -> list[str]:
     return out
 
 
+def digest(data: Buffer) -> str:
+    """Hex xxh3-128 of ``data``: a chunk's name in every tier."""
+    if _xxh is not None:
+        return _xxh.xxh3_128_hex(data)
+    return _digest_py(data)
+
+
+def xxh64(data: Buffer) -> int:
+    """xxh3-64 of ``data`` (used for cheap checksums, e.g. journal records)."""
+    if _xxh is not None:
+        return _xxh.xxh3_64(data)
+    return _xxh64_py(data)
+
+
+def digest_chunks(data: Buffer, ends: np.ndarray | Sequence[int]) -> list[str]:
+    """The digest of every chunk of ``data`` cut at ``ends`` (one call, GIL released)."""
+    if _xxh is not None:
+        return _xxh.xxh3_128_hex_many(data, np.ascontiguousarray(ends, dtype=np.uint64))
+    return _digest_chunks_py(data, ends)
+
+
 def is_digest(text: str) -> bool:
     return len(text) == DIGEST_LEN and all(c in "0123456789abcdef" for c in text)
 
 
 # --- splitting ---------------------------------------------------------------------------
-def split_fixed(length: int, chunk_size: int) -> np.ndarray:
-    """End offsets of fixed-size chunks covering ``length`` bytes."""
+def _split_fixed_py(length: int, chunk_size: int) -> np.ndarray:
     if length <= 0:
         return np.empty(0, dtype=np.uint64)
     ends = np.arange(chunk_size, length, chunk_size, dtype=np.uint64)
     return np.append(ends, np.uint64(length))
+
+
+def split_fixed(length: int, chunk_size: int) -> np.ndarray:
+    """End offsets of fixed-size chunks covering ``length`` bytes."""
+    if _chunker is not None:
+        return _chunker.fixed(length, chunk_size)
+    return _split_fixed_py(length, chunk_size)
 
 
 @dataclass(frozen=True)
@@ -110,6 +133,158 @@ def split_cdc(data: Buffer, params: CdcParams, final: bool = True) -> np.ndarray
     if _chunker is None:
         raise RuntimeError("content-defined chunking needs the compiled extension: make build")
     return _chunker.fastcdc(data, params.min, params.avg, params.max, final)
+
+
+Chunking = int | CdcParams  # a fixed chunk size in bytes, or FastCDC sizes
+
+
+def split(data: Buffer, chunking: Chunking) -> np.ndarray:
+    """End offsets of ``data`` cut by ``chunking`` (a fixed size or ``CdcParams``)."""
+    if isinstance(chunking, CdcParams):
+        return split_cdc(data, chunking)
+    return split_fixed(memoryview(data).nbytes, chunking)
+
+
+# Gear constants of the compiled FastCDC: splitmix64 from this seed (ext/chunker.pyx).
+_GEAR_SEED = 0x6661737463616368
+_M64 = (1 << 64) - 1
+
+
+def _gear_table_py() -> list[int]:
+    state, table = _GEAR_SEED, []
+    for _ in range(256):
+        state = (state + 0x9E3779B97F4A7C15) & _M64
+        z = state
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+        table.append(z ^ (z >> 31))
+    return table
+
+
+def _fastcdc_py(data: Buffer, params: CdcParams, final: bool = True) -> np.ndarray:
+    """The reference FastCDC the compiled kernel must match: slow, for tests only."""
+    gear = _gear_table_py()
+    bits = params.avg.bit_length() - 1
+    mask_s = (_M64 << (64 - bits - 2)) & _M64
+    mask_l = (_M64 << (64 - bits + 2)) & _M64
+    buf = bytes(data)
+    ends: list[int] = []
+    pos = 0
+    while pos < len(buf):
+        n = len(buf) - pos
+        if n <= params.min:
+            if final:
+                ends.append(pos + n)
+            break
+        limit = min(n, params.max)
+        normal = min(params.avg, limit)
+        h, cut, i = 0, 0, params.min
+        while i < limit and not cut:
+            h = ((h << 1) + gear[buf[pos + i]]) & _M64
+            i += 1
+            if h & (mask_s if i <= normal else mask_l) == 0:
+                cut = i
+        if not cut:
+            if n >= params.max:
+                cut = params.max
+            elif final:
+                cut = n
+            else:
+                break
+        pos += cut
+        ends.append(pos)
+    return np.array(ends, dtype=np.uint64)
+
+
+class StreamChunker:
+    """Cut a byte stream into the same chunks as one-shot splitting, fed piece by piece.
+
+    ``chunking`` is a fixed chunk size in bytes or ``CdcParams``. ``feed(data)`` returns the
+    chunks completed so far and ``finish()`` the last one (shorter, possibly). A chunk is a
+    ``memoryview`` into the ``data`` just fed when it lies wholly inside it (do not modify
+    that buffer while you use the chunk), else ``bytes``. Memory held between calls: one
+    partial chunk, under ``max`` (CDC) or ``chunk_size`` (fixed) bytes.
+    """
+
+    def __init__(self, chunking: Chunking) -> None:
+        if isinstance(chunking, CdcParams):
+            self._limit = chunking.max
+        elif isinstance(chunking, int) and not isinstance(chunking, bool) and chunking > 0:
+            self._limit = chunking
+        else:
+            raise ValueError(f"chunking must be a positive size or CdcParams, not {chunking!r}")
+        self.chunking: Chunking = chunking
+        self._carry = bytearray()
+        self._finished = False
+
+    @classmethod
+    def for_config(cls, chunking: str, chunk_size: int) -> StreamChunker:
+        """From ``CacheConfig.chunking`` (``"fixed"`` or ``"cdc"``) and ``chunk_size``.
+
+        For ``"cdc"`` the chunk size is the average (``CdcParams.for_average``).
+        """
+        if chunking == "cdc":
+            return cls(CdcParams.for_average(chunk_size))
+        if chunking == "fixed":
+            return cls(chunk_size)
+        raise ValueError(f"chunking must be 'fixed' or 'cdc', not {chunking!r}")
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held back: the start of the next chunk."""
+        return len(self._carry)
+
+    def _ends(self, data: Buffer, final: bool) -> np.ndarray:
+        if isinstance(self.chunking, CdcParams):
+            return split_cdc(data, self.chunking, final)
+        length = memoryview(data).nbytes
+        ends = split_fixed(length, self.chunking)
+        if not final and length % self.chunking:
+            ends = ends[:-1]
+        return ends
+
+    def feed(self, data: Buffer) -> list[memoryview | bytes]:
+        """The chunks that ``data`` completes, in order."""
+        if self._finished:
+            raise RuntimeError("feed() after finish()")
+        view = memoryview(data)
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
+        out: list[memoryview | bytes] = []
+        if not view.nbytes:
+            return out
+        if self._carry:
+            # The pending chunk ends within ``limit`` bytes of its start: top it up that far.
+            held = len(self._carry)
+            self._carry += view[: self._limit - held]
+            ends = self._ends(self._carry, final=False)
+            if not len(ends):
+                return out  # everything fed is now held (the carry is still under limit)
+            first = int(ends[0])
+            with memoryview(self._carry) as carry:
+                out.append(bytes(carry[:first]))
+            self._carry = bytearray()
+            view = view[first - held :]
+        start = 0
+        for end in self._ends(view, final=False).tolist():
+            out.append(view[start:end])
+            start = end
+        self._carry += view[start:]
+        return out
+
+    def finish(self) -> list[memoryview | bytes]:
+        """The remaining chunk(s) at end of stream; the chunker cannot be fed afterwards."""
+        self._finished = True
+        if not self._carry:
+            return []
+        tail = bytes(self._carry)
+        self._carry = bytearray()
+        out: list[memoryview | bytes] = []
+        start = 0
+        for end in self._ends(tail, final=True).tolist():
+            out.append(tail[start:end])
+            start = end
+        return out
 
 
 # --- manifests ---------------------------------------------------------------------------
@@ -206,44 +381,141 @@ class Manifest:
 
 
 # --- chunk-file I/O ----------------------------------------------------------------------
+# Every function raises ``OSError`` with the C errno (``ENOSPC`` when the disk is full).
+_tmp_counter = itertools.count()
+
+
 def probe_direct(directory: str) -> bool:
-    """Whether ``O_DIRECT`` works in ``directory`` (tmpfs answers EINVAL). Probe once per dir."""
+    """Whether ``O_DIRECT`` works in ``directory`` (tmpfs answers EINVAL). Probe once per dir.
+
+    False on tmpfs/ramfs too: Linux >= 6.6 accepts O_DIRECT there, but it buys nothing.
+    """
     if _nvme is not None:
         return _nvme.probe_direct(directory)
     return False
 
 
+def _write_chunk_file_py(path: str, data: Buffer) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}.{next(_tmp_counter)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            view = memoryview(data).cast("B")
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def write_chunk_file(path: str, data: Buffer, direct: bool) -> None:
-    """Write ``data`` to ``path`` atomically: temp file, (O_DIRECT), fdatasync, rename."""
+    """Write ``data`` to ``path`` atomically: temp file, (O_DIRECT), fdatasync, rename.
+
+    On failure the temp file is removed. ``direct`` on a filesystem that refuses O_DIRECT
+    falls back to buffered writes.
+    """
     if _nvme is not None:
         _nvme.write_file_atomic(path, data, direct)
         return
-    tmp = f"{path}.tmp.{os.getpid()}.{id(data)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    _write_chunk_file_py(path, data)
+
+
+def _pread_fd_py(fd: int, offset: int, out: bytearray | memoryview) -> int:
+    view = memoryview(out).cast("B")
+    total = 0
+    while total < len(view):
+        got = os.preadv(fd, [view[total:]], offset + total)
+        if got == 0:
+            break
+        total += got
+    return total
+
+
+def _pread_into_py(path: str, offset: int, out: bytearray | memoryview) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fdatasync(fd)
+        return _pread_fd_py(fd, offset, out)
     finally:
         os.close(fd)
-    os.rename(tmp, path)
 
 
 def pread_into(path: str, offset: int, out: bytearray | memoryview) -> int:
-    """Read ``len(out)`` bytes at ``offset`` of ``path`` into ``out``; returns bytes read."""
+    """Read ``len(out)`` bytes at ``offset`` of ``path`` into ``out``; returns bytes read.
+
+    Short only at end of file (0 at or past it). The GIL is released for open/pread/close.
+    """
     if _nvme is not None:
         return _nvme.pread_into(path, offset, out)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.preadv(fd, [out], offset)
-    finally:
-        os.close(fd)
+    return _pread_into_py(path, offset, out)
+
+
+def pread_fd(fd: int, offset: int, out: bytearray | memoryview) -> int:
+    """As ``pread_into`` on an already open descriptor."""
+    if _nvme is not None:
+        return _nvme.pread_fd(fd, offset, out)
+    return _pread_fd_py(fd, offset, out)
+
+
+def _read_chunk_file_py(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
 
 
 def read_chunk_file(path: str) -> bytes:
     """The whole file at ``path``."""
     if _nvme is not None:
         return _nvme.read_file(path)
+    return _read_chunk_file_py(path)
+
+
+class MappedChunk(Protocol):
+    """A read-only mapping of a chunk file: buffer protocol, ``len()``, ``close()``."""
+
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
+    def __len__(self) -> int: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> MappedChunk: ...
+
+    def __exit__(self, *exc_info: object) -> None: ...
+
+
+def map_chunk_file(path: str) -> MappedChunk:
+    """A read-only mmap of the whole file (for large sequential reads); ``close()`` it.
+
+    ``memoryview(mapped)`` reads it without a copy; the file must not be truncated while
+    mapped (chunk files never are).
+    """
+    if _nvme is not None:
+        return _nvme.mmap_read(path)
     with open(path, "rb") as f:
-        return f.read()
+        if os.fstat(f.fileno()).st_size == 0:
+            return _EmptyMapping()
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)  # type: ignore[return-value]
+
+
+class _EmptyMapping(bytes):
+    """``mmap`` cannot map an empty file: an empty, closeable stand-in."""
+
+    def close(self) -> None:
+        return None
+
+    def __enter__(self) -> _EmptyMapping:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        return None
+
+
+def aligned_buffer(size: int) -> Any:
+    """A zeroed, writable buffer of ``size`` bytes at a 4096-aligned address (for O_DIRECT)."""
+    if _nvme is not None:
+        return _nvme.AlignedBuffer(size)
+    return bytearray() if size == 0 else mmap.mmap(-1, size)

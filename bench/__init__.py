@@ -1,0 +1,1 @@
+"""Benchmarks: the compiled kernels (test_kernels.py) and the filesystem harness."""
