@@ -1,0 +1,619 @@
+"""The client node's HTTP API: a thin aiohttp adapter over the manager and the coordinator.
+
+Files (``/api/files/{path}``) are streamed both ways: an upload goes through the manager's
+chunk writer as it arrives, a download is produced chunk by chunk with the next chunks
+already being fetched. ``/api/chunks/{digest}`` is the peer-to-peer transfer: it serves and
+stores this node's NVMe only, so a miss is a 404 and never recurses into other peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from fastcache import __version__
+from fastcache.chunks import Manifest
+from fastcache.config import ClientConfig
+from fastcache.errors import (
+    BadRequest,
+    DataUnavailable,
+    FastcacheError,
+    IsADirectory,
+    NotFound,
+    PayloadTooLarge,
+)
+from fastcache.http import (
+    ERROR_SCHEMA,
+    OpenAPI,
+    Param,
+    auth_middleware,
+    error_middleware,
+    read_json,
+)
+from fastcache.paths import is_digest, normalize_path
+from fastcache.tiers.base import verify
+
+if TYPE_CHECKING:
+    from fastcache.tiers.peer import PeerTier
+
+log = logging.getLogger("fastcache.api")
+
+DEFAULT_MAX_FILE_SIZE = 1 << 40  # 1 TiB; ClientConfig.max_file_size overrides
+STREAM_PIECE = 1 << 20  # bytes handed to the chunk writer per upload read
+
+
+@dataclass
+class NodeState:
+    """What the API needs from the running node. ``peer`` is ``None`` when peers are off."""
+
+    config: ClientConfig
+    manager: Any  # fastcache.manager.DefaultCacheManager
+    nvme: Any  # fastcache.tiers.nvme.NvmeTier
+    coordinator: Any  # fastcache.coordinator.client.CoordinatorClient
+    peer: PeerTier | None = None
+    started: float = field(default_factory=time.time)
+    registered: bool = False
+    # what peers told us directly through POST /api/peers/{id}/heartbeat
+    peer_reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def max_file_size(self) -> int:
+        return int(getattr(self.config, "max_file_size", DEFAULT_MAX_FILE_SIZE))
+
+
+STATE = web.AppKey("state", NodeState)
+
+# --- schemas -----------------------------------------------------------------------------
+PATH = Param("path", "path", {"type": "string"}, description="file path in the namespace")
+DIGEST = Param(
+    "digest", "path", {"type": "string", "pattern": "^[0-9a-f]{32}$"}, description="xxh3-128"
+)
+PEER_ID = Param("peerID", "path", {"type": "string", "minLength": 1})
+LIMIT = Param(
+    "limit", "query", {"type": "integer", "minimum": 0, "maximum": 100_000, "default": 1000}
+)
+EXPECTED_VERSION = Param(
+    "expected_version",
+    "query",
+    {"type": "integer", "minimum": 0},
+    description="fail with 409 unless the file is at this version (0: must not exist)",
+)
+FILE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "path": {"type": "string"},
+        "size": {"type": "integer"},
+        "version": {"type": "integer"},
+        "chunks": {"type": "integer"},
+    },
+}
+SIZE_SCHEMA = {
+    "type": "object",
+    "properties": {"path": {"type": "string"}, "size": {"type": "integer"}},
+}
+PEER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "peer_id": {"type": "string"},
+        "url": {"type": "string"},
+        "capacity": {"type": "integer"},
+        "used": {"type": "integer"},
+        "status": {"type": "string"},
+    },
+}
+HEARTBEAT_BODY = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "used": {"type": "integer", "minimum": 0},
+        "capacity": {"type": "integer", "minimum": 0},
+    },
+}
+OBJECT = {"type": "object"}
+
+
+# --- helpers -----------------------------------------------------------------------------
+def _state(request: web.Request) -> NodeState:
+    return request.app[STATE]
+
+
+def _path(request: web.Request) -> str:
+    return normalize_path(request.match_info["path"])
+
+
+def _digest(request: web.Request) -> str:
+    d = request.match_info["digest"]
+    if not is_digest(d):
+        raise BadRequest("a chunk digest is 32 lowercase hex characters")
+    return d
+
+
+async def _file(state: NodeState, path: str) -> tuple[Manifest, Any]:
+    """The file's manifest (and its attributes) from the coordinator."""
+    attrs = await state.coordinator.resolve(path)
+    if attrs.type == "dir":
+        raise IsADirectory(f"{path} is a directory")
+    if attrs.type != "file":
+        raise BadRequest(f"{path} is not a regular file")
+    doc = attrs.manifest
+    if doc is None and attrs.size:  # an answer without the manifest: ask for the inode
+        doc = (await state.coordinator.getattr(attrs.ino)).manifest
+        if doc is None:
+            raise DataUnavailable(f"the coordinator has no manifest for {path}")
+    if doc is None:  # an empty file
+        doc = {"size": 0, "chunk_size": state.config.cache.chunk_size, "chunks": []}
+    return Manifest.from_json(doc, attrs.version), attrs
+
+
+class _Unsatisfiable(Exception):
+    pass
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """A single ``bytes=`` range as ``(start, end)`` (end exclusive), or ``None`` for the whole
+    file. Malformed or multi-range headers are ignored (RFC 9110 allows it);
+    ``_Unsatisfiable`` when the range starts past the end."""
+    if not header:
+        return None
+    unit, _, spec = header.strip().partition("=")
+    if unit.strip().lower() != "bytes" or "," in spec:
+        return None
+    first, dash, last = spec.strip().partition("-")
+    if not dash:
+        return None
+    first, last = first.strip(), last.strip()
+    if not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
+        return None
+    if first == "":
+        if last == "":
+            return None
+        suffix = int(last)
+        if suffix == 0 or size == 0:
+            raise _Unsatisfiable
+        return max(0, size - suffix), size
+    start = int(first)
+    end = size if last == "" else int(last) + 1
+    if last != "" and end <= start:
+        return None  # invalid: ignore the header
+    if start >= size:
+        raise _Unsatisfiable
+    return start, min(end, size)
+
+
+def _file_headers(manifest: Manifest) -> dict[str, str]:
+    return {
+        "Accept-Ranges": "bytes",
+        "ETag": f'"{manifest.version}"',
+        "X-Fastcache-Version": str(manifest.version),
+        "Content-Type": "application/octet-stream",
+    }
+
+
+# --- files -------------------------------------------------------------------------------
+async def get_file(request: web.Request) -> web.StreamResponse:
+    state = _state(request)
+    path = _path(request)
+    manifest, _ = await _file(state, path)
+    headers = _file_headers(manifest)
+    try:
+        byte_range = parse_range(request.headers.get("Range"), manifest.size)
+    except _Unsatisfiable:
+        headers["Content-Range"] = f"bytes */{manifest.size}"
+        return web.json_response(
+            {"error": "range not satisfiable", "kind": "RangeNotSatisfiable"},
+            status=416,
+            headers={"Content-Range": headers["Content-Range"]},
+        )
+    start, end = byte_range or (0, manifest.size)
+    status = 200
+    if byte_range is not None:
+        status = 206
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{manifest.size}"
+    resp = web.StreamResponse(status=status, headers=headers)
+    resp.content_length = end - start
+    if request.method == "HEAD":
+        await resp.prepare(request)
+        return resp
+    await resp.prepare(request)
+    try:
+        await _stream(state, manifest, start, end, resp)
+    except ConnectionResetError:
+        return resp  # the client went away
+    except FastcacheError as exc:
+        # The status line is gone already: cut the connection so the client sees a short
+        # body instead of an error message spliced into the data.
+        log.error("reading %s failed after %s was sent: %s", path, status, exc)
+        if request.transport is not None:
+            request.transport.close()
+        return resp
+    await resp.write_eof()
+    return resp
+
+
+async def _stream(
+    state: NodeState, manifest: Manifest, start: int, end: int, resp: web.StreamResponse
+) -> None:
+    """Write ``[start, end)`` chunk by chunk, keeping ``readahead`` chunk reads in flight."""
+    offsets = manifest.offsets()
+    spans = iter(manifest.spans(start, end - start))
+    window = max(1, state.config.readahead_chunks)
+    inflight: deque[asyncio.Task[bytes]] = deque()
+    manager = state.manager
+
+    def launch() -> bool:
+        span = next(spans, None)
+        if span is None:
+            return False
+        index, off, length = span
+        coro: Awaitable[bytes] = manager.read_range(manifest, offsets[index] + off, length)
+        inflight.append(asyncio.ensure_future(coro))
+        return True
+
+    try:
+        while len(inflight) < window and launch():
+            pass
+        while inflight:
+            data = await inflight.popleft()
+            launch()
+            await resp.write(data)
+    finally:
+        for task in inflight:
+            task.cancel()
+        if inflight:
+            await asyncio.gather(*inflight, return_exceptions=True)
+
+
+async def head_file(request: web.Request) -> web.StreamResponse:
+    return await get_file(request)
+
+
+async def file_size(request: web.Request) -> web.Response:
+    state = _state(request)
+    path = _path(request)
+    manifest, _ = await _file(state, path)
+    return web.json_response({"path": path, "size": manifest.size, "version": manifest.version})
+
+
+async def put_file(request: web.Request) -> web.Response:
+    """Stream the body through the chunk writer, then commit the manifest at the coordinator."""
+    state = _state(request)
+    path = _path(request)
+    if path == "/":
+        raise IsADirectory("/ is a directory")
+    expected = EXPECTED_VERSION.get(request)
+    limit = state.max_file_size
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"file larger than {limit} bytes")
+    writer = state.manager.writer()
+    total = 0
+    try:
+        async for piece in request.content.iter_chunked(STREAM_PIECE):
+            total += len(piece)
+            if total > limit:
+                raise PayloadTooLarge(f"file larger than {limit} bytes")
+            await writer.write(piece)
+        manifest: Manifest = await writer.finish()
+    except BaseException:
+        await writer.abort()
+        raise
+    if state.peer is not None:  # before the commit: once the file is visible, so are chunks
+        await state.peer.announce(manifest.chunks)
+    attrs = await state.coordinator.put_file(
+        path, manifest.to_json(), expected_version=expected, make_parents=True
+    )
+    version = getattr(attrs, "version", manifest.version)
+    try:
+        await state.coordinator.add_location(state.config.peer_id, path=path)
+    except FastcacheError as exc:  # the namespace commit is what counts
+        log.warning("recording %s at the coordinator failed: %s", path, exc)
+    return web.json_response(
+        {"path": path, "size": manifest.size, "version": version, "chunks": len(manifest.chunks)},
+        status=201,
+    )
+
+
+async def delete_file(request: web.Request) -> web.Response:
+    state = _state(request)
+    path = _path(request)
+    if path == "/":
+        raise BadRequest("cannot delete the root")
+    await state.coordinator.delete_path(path)
+    return web.json_response({"path": path, "deleted": True})
+
+
+# --- peers -------------------------------------------------------------------------------
+def _peer_json(peer: Any) -> dict[str, Any]:
+    return peer.to_json() if hasattr(peer, "to_json") else dict(peer)
+
+
+async def list_peers(request: web.Request) -> web.Response:
+    peers = await _state(request).coordinator.list_peers()
+    return web.json_response({"peers": [_peer_json(p) for p in peers]})
+
+
+async def _find_peer(state: NodeState, peer_id: str) -> Any:
+    for peer in await state.coordinator.list_peers():
+        if _peer_json(peer).get("peer_id") == peer_id:
+            return peer
+    raise NotFound(f"no live peer {peer_id!r}")
+
+
+async def get_peer(request: web.Request) -> web.Response:
+    state = _state(request)
+    peer_id = PEER_ID.get(request)
+    doc = _peer_json(await _find_peer(state, peer_id))
+    if peer_id in state.peer_reports:
+        doc["reported"] = state.peer_reports[peer_id]
+    if state.peer is not None and peer_id != state.config.peer_id:
+        doc["breaker"] = state.peer.breaker(peer_id).state
+    return web.json_response(doc)
+
+
+async def peer_heartbeat(request: web.Request) -> web.Response:
+    """A peer says it is alive (e.g. back from a restart): close its circuit breaker."""
+    state = _state(request)
+    peer_id = PEER_ID.get(request)
+    body: dict[str, Any] = {}
+    if request.can_read_body:
+        body = await read_json(request, HEARTBEAT_BODY)
+    await _find_peer(state, peer_id)
+    state.peer_reports[peer_id] = {**body, "at": time.time()}
+    if state.peer is not None and peer_id != state.config.peer_id:
+        state.peer.breaker(peer_id).success()
+    return web.json_response({"peer_id": peer_id, "ok": True})
+
+
+# --- cache -------------------------------------------------------------------------------
+def cache_stats_doc(state: NodeState) -> dict[str, Any]:
+    doc: dict[str, Any] = dict(state.manager.stats())
+    tiers = dict(doc.get("tiers") or {})
+    for tier in (state.nvme, state.peer):
+        if tier is not None and tier.name not in tiers:
+            tiers[tier.name] = tier.stats()
+    doc["tiers"] = tiers
+    return doc
+
+
+async def cache_info(request: web.Request) -> web.Response:
+    state = _state(request)
+    limit = LIMIT.get(request)
+    entries = [
+        {"path": path, "size": m.size, "version": m.version, "chunks": len(m.chunks)}
+        for path, m in sorted(state.manager.entries().items())[:limit]
+    ]
+    nvme = state.nvme.stats()
+    return web.json_response(
+        {
+            "peer_id": state.config.peer_id,
+            "chunk_size": state.config.cache.chunk_size,
+            "capacity": nvme.get("capacity"),
+            "used": nvme.get("used"),
+            "chunks": nvme.get("chunks"),
+            "pinned": nvme.get("pinned"),
+            "pending_uploads": state.manager.pending_uploads(),
+            "entries": entries,
+        }
+    )
+
+
+async def cache_stats(request: web.Request) -> web.Response:
+    return web.json_response(cache_stats_doc(_state(request)))
+
+
+async def health(request: web.Request) -> web.Response:
+    state = _state(request)
+    return web.json_response(
+        {
+            "status": "ok",
+            "peer_id": state.config.peer_id,
+            "version": __version__,
+            "registered": state.registered,
+            "uptime": round(time.time() - state.started, 3),
+            "mount": str(state.config.mount) if state.config.mount else None,
+        }
+    )
+
+
+# --- chunks (peer transfers) -------------------------------------------------------------
+async def get_chunk(request: web.Request) -> web.StreamResponse:
+    """This node's NVMe copy only: a peer must never make us ask other peers."""
+    state = _state(request)
+    d = _digest(request)
+    if request.method == "HEAD":
+        size = await state.nvme.size(d)
+        resp = web.StreamResponse(status=200)
+        resp.content_length = size
+        resp.content_type = "application/octet-stream"
+        await resp.prepare(request)
+        return resp
+    data = await state.nvme.read(d)
+    return web.Response(body=data, content_type="application/octet-stream")
+
+
+async def put_chunk(request: web.Request) -> web.Response:
+    """Store a replica a peer sends us: verified, cached, neither pinned nor written back."""
+    state = _state(request)
+    d = _digest(request)
+    data = await request.read()
+    try:
+        verify(d, data, "the request body")
+    except FastcacheError as exc:
+        raise BadRequest(str(exc)) from None
+    await state.nvme.write(d, data)
+    return web.json_response({"digest": d, "size": len(data)}, status=201)
+
+
+# --- the app -----------------------------------------------------------------------------
+def make_app(state: NodeState) -> web.Application:
+    config = state.config
+    max_body = max(config.max_body, config.cache.chunk_size + 64 * 1024)
+    app = web.Application(
+        client_max_size=max_body,
+        middlewares=[
+            error_middleware(log),
+            auth_middleware(config.token, open_paths=("/api/health",)),
+        ],
+    )
+    app[STATE] = state
+    api = OpenAPI(title="fastcache client", version=__version__, bearer=config.token is not None)
+    r = app.router
+    octet = None  # a binary body: documented without a JSON schema
+    # The ``/size`` form must be registered before the catch-all path, or it would never win.
+    api.add(
+        r,
+        "GET",
+        "/api/files/{path:.*}/size",
+        file_size,
+        summary="File size",
+        params=[PATH],
+        responses={200: SIZE_SCHEMA, 404: ERROR_SCHEMA, 409: ERROR_SCHEMA},
+    )
+    file_responses = {404: ERROR_SCHEMA, 409: ERROR_SCHEMA, 416: ERROR_SCHEMA}
+    api.add(
+        r,
+        "GET",
+        "/api/files/{path:.*}",
+        get_file,
+        summary="Read a file (Range supported)",
+        params=[PATH],
+        responses={200: octet, 206: octet, **file_responses},
+    )
+    api.add(
+        r,
+        "HEAD",
+        "/api/files/{path:.*}",
+        head_file,
+        summary="File metadata",
+        params=[PATH],
+        responses={200: octet, 404: octet, 409: octet},
+    )
+    api.add(
+        r,
+        "PUT",
+        "/api/files/{path:.*}",
+        put_file,
+        summary="Write a file (streamed body)",
+        params=[PATH, EXPECTED_VERSION],
+        responses={201: FILE_SCHEMA, 409: ERROR_SCHEMA, 413: ERROR_SCHEMA},
+    )
+    api.add(
+        r,
+        "DELETE",
+        "/api/files/{path:.*}",
+        delete_file,
+        summary="Delete a file",
+        params=[PATH],
+        responses={200: OBJECT, 404: ERROR_SCHEMA, 409: ERROR_SCHEMA},
+    )
+    api.add(r, "GET", "/api/peers", list_peers, summary="Live peers", responses={200: OBJECT})
+    api.add(
+        r,
+        "GET",
+        "/api/peers/{peerID}",
+        get_peer,
+        summary="One peer",
+        params=[PEER_ID],
+        responses={200: PEER_SCHEMA, 404: ERROR_SCHEMA},
+    )
+    api.add(
+        r,
+        "POST",
+        "/api/peers/{peerID}/heartbeat",
+        peer_heartbeat,
+        summary="A peer announces it is alive",
+        params=[PEER_ID],
+        body=HEARTBEAT_BODY,
+        responses={200: OBJECT, 404: ERROR_SCHEMA},
+    )
+    api.add(
+        r,
+        "GET",
+        "/api/cache",
+        cache_info,
+        summary="Cache contents",
+        params=[LIMIT],
+        responses={200: OBJECT},
+    )
+    api.add(
+        r,
+        "GET",
+        "/api/cache/stats",
+        cache_stats,
+        summary="Cache and tier counters",
+        responses={200: OBJECT},
+    )
+    api.add(
+        r, "GET", "/api/health", health, summary="Liveness", responses={200: OBJECT}, public=True
+    )
+    chunk_responses = {404: ERROR_SCHEMA}
+    api.add(
+        r,
+        "GET",
+        "/api/chunks/{digest}",
+        get_chunk,
+        summary="A chunk from this node's NVMe",
+        params=[DIGEST],
+        responses={200: octet, **chunk_responses},
+    )
+    api.add(
+        r,
+        "HEAD",
+        "/api/chunks/{digest}",
+        get_chunk,
+        summary="Whether this node holds a chunk",
+        params=[DIGEST],
+        responses={200: octet, 404: octet},
+    )
+    api.add(
+        r,
+        "PUT",
+        "/api/chunks/{digest}",
+        put_chunk,
+        summary="Store a replica (verified)",
+        params=[DIGEST],
+        responses={201: OBJECT, 413: ERROR_SCHEMA},
+    )
+    api.add(
+        r,
+        "GET",
+        "/api/openapi.json",
+        api.handler,
+        summary="This document",
+        responses={200: OBJECT},
+        public=True,
+    )
+    _openapi_paths(api)
+    return app
+
+
+def _openapi_paths(api: OpenAPI) -> None:
+    """aiohttp's ``{path:.*}`` is not OpenAPI: publish it as ``{path}``; declare the binary
+    bodies the builder cannot express."""
+    for route in [p for p in api.paths if ":" in p]:
+        api.paths[route.replace("{path:.*}", "{path}")] = api.paths.pop(route)
+    for route, ops in api.paths.items():
+        if route.startswith("/api/files/") and not route.endswith("/size") and "put" in ops:
+            ops["put"]["requestBody"] = {
+                "required": False,
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                },
+            }
+        if route.startswith("/api/chunks/") and "put" in ops:
+            ops["put"]["requestBody"] = {
+                "required": True,
+                "content": {
+                    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                },
+            }
+            ops["put"]["responses"].setdefault("400", {"description": "Body does not match"})
+
+
+__all__ = ["STATE", "NodeState", "cache_stats_doc", "make_app", "parse_range"]

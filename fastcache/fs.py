@@ -1,0 +1,619 @@
+"""The mount: llfuse ``Operations`` over the coordinator's namespace and the cache manager.
+
+Each handler decodes its arguments, makes one call and builds attributes. Handlers run
+holding llfuse's global lock; every wait happens with it released (``_wait`` for the
+coordinator, ``llfuse.lock_released`` around the data path in ``handles.FileTable``). One
+decorator, ``_handler``, turns every exception into a ``FUSEError`` through
+``errors.errno_for``: anything else escaping a handler would stop the mount loop.
+
+Inode numbers are the coordinator's. Close-to-open consistency: ``open`` always asks the
+coordinator for the current manifest and drops the kernel's cached pages when another node
+changed the file since this node last read it; ``flush`` (every ``close``) commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import functools
+import logging
+import os
+import signal
+import stat
+import struct
+import subprocess
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import llfuse
+
+from fastcache.config import ClientConfig
+from fastcache.errors import NameTooLong, NotFound, errno_for
+from fastcache.handles import STAGING_PREFIX, FileTable, LoopCaller
+from fastcache.metacache import MetaCache
+
+log = logging.getLogger("fastcache.fuse")
+
+T = TypeVar("T")
+Attrs = Any  # fastcache.coordinator.store.InodeAttrs
+NAME_MAX = 255
+BLOCK = 4096
+IO_SIZE = 128 * 1024  # st_blksize: what cp and friends use as their buffer size
+NS_TIMEOUT = 60.0  # a namespace call the coordinator does not answer in time: EIO
+READDIR_BATCH = 512
+WORKERS = 16
+MAX_IO = 1 << 20
+
+_TYPE_BITS = {
+    "file": stat.S_IFREG,
+    "dir": stat.S_IFDIR,
+    "symlink": stat.S_IFLNK,
+    "fifo": stat.S_IFIFO,
+    "socket": stat.S_IFSOCK,
+    "chr": stat.S_IFCHR,
+    "blk": stat.S_IFBLK,
+}
+_TYPE_NAMES = {bits: name for name, bits in _TYPE_BITS.items()}
+
+
+def _handler(fn: Callable[..., T]) -> Callable[..., T]:
+    """Answer every failure of ``fn`` with an errno; nothing else may leave a handler."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> T:
+        try:
+            return fn(*args)
+        except llfuse.FUSEError:
+            raise
+        except Exception as exc:
+            raise llfuse.FUSEError(errno_for(exc)) from None
+
+    return wrapper
+
+
+def _name(raw: bytes) -> str:
+    if len(raw) > NAME_MAX:
+        raise NameTooLong(f"name longer than {NAME_MAX} bytes")
+    return os.fsdecode(raw)
+
+
+def _data_key(attrs: Attrs) -> int:
+    """What identifies a file's content version for the kernel's page cache."""
+    return hash((attrs.size, attrs.mtime_ns, attrs.version))
+
+
+class _DirHandle:
+    """An open directory: the last batch the coordinator returned, to resume from."""
+
+    __slots__ = ("batch", "complete", "ino", "positions")
+
+    def __init__(self, ino: int) -> None:
+        self.ino = ino
+        self.batch: list[tuple[bytes, llfuse.EntryAttributes, int]] = []
+        self.positions: dict[int, int] = {}
+        self.complete = False
+
+
+class Operations(llfuse.Operations):
+    """The llfuse request handlers. Thin: the work is in ``FileTable`` and the coordinator."""
+
+    def __init__(
+        self,
+        manager: Any,
+        namespace: Any,
+        config: ClientConfig,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        super().__init__()
+        self.manager = manager
+        self.ns = namespace
+        self.config = config
+        self.ttl = config.attr_timeout
+        self.meta = MetaCache(config.attr_timeout)
+        self.call = LoopCaller(loop)
+        self.files = FileTable(
+            manager,
+            namespace,
+            self.call,
+            config.cache.chunk_size,
+            config.readahead_chunks,
+            manager.nvme.staging_dir,
+        )
+        self.mounted = False  # set by mount(): kernel notifications need a live session
+        self.kernel = KernelNotifier()
+        self._dirs: dict[int, _DirHandle] = {}
+        self._next_dir = 1
+
+    # --- helpers ---------------------------------------------------------------------------
+    def _wait(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the event loop and wait for it; releases the llfuse lock meanwhile."""
+        with llfuse.lock_released:
+            return self.call(coro, NS_TIMEOUT)
+
+    def _attrs(self, ino: int) -> Attrs:
+        attrs = self.meta.get(ino)
+        if attrs is None:
+            attrs = self.meta.put(self._wait(self.ns.getattr(ino)))
+        return attrs
+
+    def _entry(self, attrs: Attrs) -> llfuse.EntryAttributes:
+        """Kernel attributes; a file with uncommitted changes here shows their size."""
+        e = llfuse.EntryAttributes()
+        e.st_ino = attrs.ino
+        e.generation = 0
+        e.entry_timeout = self.ttl
+        e.attr_timeout = self.meta.timeout(attrs.ino)
+        e.st_mode = _TYPE_BITS[attrs.type] | attrs.mode
+        e.st_nlink = attrs.nlink
+        e.st_uid = attrs.uid
+        e.st_gid = attrs.gid
+        e.st_rdev = attrs.rdev or 0
+        e.st_size = attrs.size
+        e.st_atime_ns = attrs.atime_ns
+        e.st_mtime_ns = attrs.mtime_ns
+        e.st_ctime_ns = attrs.ctime_ns
+        pending = self.files.pending(attrs.ino)
+        if pending is not None:
+            e.st_size, e.st_mtime_ns = pending
+            e.st_ctime_ns = max(attrs.ctime_ns, pending[1])
+            e.attr_timeout = 0
+        e.st_blksize = IO_SIZE
+        e.st_blocks = -(-e.st_size // 512)
+        return e
+
+    def _learn(self, parent: int, name: str, attrs: Attrs) -> llfuse.EntryAttributes:
+        """A new kernel reference to ``attrs.ino`` under ``parent``/``name``."""
+        attrs = self.meta.put(attrs)
+        self.meta.bind(parent, name, attrs.ino)
+        self.meta.remember(attrs.ino)
+        return self._entry(attrs)
+
+    def _owner(self, parent: int, mode: int, ctx: llfuse.RequestContext) -> tuple[int, int]:
+        """``(mode, gid)`` of a new inode: a set-group-ID directory passes its group on."""
+        p = self._attrs(parent)
+        if p.mode & stat.S_ISGID:
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+            return mode & 0o7777, p.gid
+        return mode & 0o7777, ctx.gid
+
+    def _made(self, parent: int, name: str, kind: str, mode: int, ctx: Any, **kw: Any) -> Any:
+        perm, gid = self._owner(parent, mode, ctx)
+        attrs = self._wait(self.ns.create(parent, name, kind, perm, ctx.uid, gid, **kw))
+        self.meta.invalidate(parent)
+        return self._learn(parent, name, attrs)
+
+    def _committed(self, attrs: Attrs | None) -> None:
+        """New content committed by this node: its page cache already holds it."""
+        if attrs is not None:
+            self.meta.put(attrs)
+            self.meta.data_follows(attrs.ino, _data_key(attrs))
+
+    # --- names -----------------------------------------------------------------------------
+    @_handler
+    def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> llfuse.EntryAttributes:
+        n = _name(name)
+        ino = self.meta.entry(parent_inode, n)
+        attrs = None if ino is None else self.meta.get(ino)
+        if attrs is None:
+            attrs = self._wait(self.ns.lookup(parent_inode, n))
+        return self._learn(parent_inode, n, attrs)
+
+    @_handler
+    def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            self.meta.forget(ino, count)
+
+    @_handler
+    def getattr(self, inode: int, ctx: Any) -> llfuse.EntryAttributes:
+        try:
+            return self._entry(self._attrs(inode))
+        except NotFound:
+            attrs = self.files.orphan(inode)  # unlinked while open here: still readable
+            if attrs is None:
+                raise
+            return self._entry(attrs)
+
+    @_handler
+    def setattr(
+        self, inode: int, attr: llfuse.EntryAttributes, fields: Any, fh: int | None, ctx: Any
+    ) -> llfuse.EntryAttributes:
+        changes = {
+            "mode": attr.st_mode & 0o7777 if fields.update_mode else None,
+            "uid": attr.st_uid if fields.update_uid else None,
+            "gid": attr.st_gid if fields.update_gid else None,
+            "atime_ns": attr.st_atime_ns if fields.update_atime else None,
+            "mtime_ns": attr.st_mtime_ns if fields.update_mtime else None,
+        }
+        changed = any(v is not None for v in changes.values())
+        attrs = None
+        if changed:  # times and modes apply to the committed content (cp -p: futimens, close)
+            with llfuse.lock_released:
+                self._committed(self.files.commit_ino(inode))
+        if fields.update_size:  # through a handle: committed at close, like its writes
+            with llfuse.lock_released:
+                attrs = self.files.truncate(inode, attr.st_size, fh)
+            self._committed(attrs)
+        if changed or (attrs is None and not fields.update_size):
+            attrs = self._wait(self.ns.setattr(inode, **changes))
+        self.meta.invalidate(inode)
+        return self._entry(self.meta.put(attrs) if attrs is not None else self._attrs(inode))
+
+    @_handler
+    def readlink(self, inode: int, ctx: Any) -> bytes:
+        return os.fsencode(self._attrs(inode).target or "")
+
+    @_handler
+    def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any
+    ) -> llfuse.EntryAttributes:
+        kind = _TYPE_NAMES.get(stat.S_IFMT(mode) or stat.S_IFREG)
+        if kind is None or kind in ("dir", "symlink"):
+            raise llfuse.FUSEError(errno.EINVAL)
+        return self._made(parent_inode, _name(name), kind, mode, ctx, rdev=rdev)
+
+    @_handler
+    def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> llfuse.EntryAttributes:
+        return self._made(parent_inode, _name(name), "dir", mode | stat.S_IFDIR, ctx)
+
+    @_handler
+    def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: Any
+    ) -> llfuse.EntryAttributes:
+        n = _name(name)
+        attrs = self._wait(self.ns.symlink(parent_inode, n, os.fsdecode(target), ctx.uid, ctx.gid))
+        self.meta.invalidate(parent_inode)
+        return self._learn(parent_inode, n, attrs)
+
+    @_handler
+    def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any
+    ) -> llfuse.EntryAttributes:
+        n = _name(new_name)
+        attrs = self._wait(self.ns.link(inode, new_parent_inode, n))
+        self.meta.invalidate(new_parent_inode)
+        return self._learn(new_parent_inode, n, attrs)
+
+    @_handler
+    def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        n = _name(name)
+        self._wait(self.ns.unlink(parent_inode, n))
+        self.meta.unbind(parent_inode, n)
+        self.meta.invalidate(parent_inode)
+
+    @_handler
+    def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        n = _name(name)
+        self._wait(self.ns.rmdir(parent_inode, n))
+        self.meta.unbind(parent_inode, n)
+        self.meta.invalidate(parent_inode)
+
+    @_handler
+    def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        ctx: Any,
+    ) -> None:
+        old, new = _name(name_old), _name(name_new)
+        self._wait(self.ns.rename(parent_inode_old, old, parent_inode_new, new))
+        self.meta.unbind(parent_inode_new, new)  # the replaced inode, if any, lost a link
+        moved = self.meta.unbind(parent_inode_old, old)
+        if moved is not None:
+            self.meta.bind(parent_inode_new, new, moved)
+        self.meta.invalidate(parent_inode_old)
+        self.meta.invalidate(parent_inode_new)
+
+    # --- directories -----------------------------------------------------------------------
+    @_handler
+    def opendir(self, inode: int, ctx: Any) -> int:
+        fh = self._next_dir
+        self._next_dir += 1
+        self._dirs[fh] = _DirHandle(inode)
+        return fh
+
+    @_handler
+    def readdir(self, fh: int, off: int) -> Iterator[tuple[bytes, llfuse.EntryAttributes, int]]:
+        """Entries after cookie ``off``: 1 is ".", 2 is "..", ``c + 2`` the coordinator's ``c``."""
+        d = self._dirs[fh]
+        start = d.positions.get(off)
+        if start is None or (start == len(d.batch) and not d.complete):
+            self._fetch_entries(d, off)
+            start = 0
+        return iter(d.batch[start:])
+
+    def _fetch_entries(self, d: _DirHandle, off: int) -> None:
+        batch: list[tuple[bytes, llfuse.EntryAttributes, int]] = []
+        if off < 2:
+            me = self._entry(self._attrs(d.ino))
+            batch = [(b".", me, 1), (b"..", me, 2)][off:]
+        entries = self._wait(self.ns.readdir(d.ino, max(0, off - 2), READDIR_BATCH))
+        for e in entries:
+            batch.append((os.fsencode(e.name), self._entry(e.attrs), e.offset + 2))
+        d.batch = batch
+        d.positions = {off: 0}
+        d.positions.update((next_off, i + 1) for i, (_, _, next_off) in enumerate(batch))
+        d.complete = len(entries) < READDIR_BATCH
+
+    @_handler
+    def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    @_handler
+    def fsyncdir(self, fh: int, datasync: bool) -> None:
+        """Namespace changes are durable once the coordinator acknowledged them."""
+
+    # --- files -----------------------------------------------------------------------------
+    @_handler
+    def open(self, inode: int, flags: int, ctx: Any) -> int:
+        attrs = self.meta.put(self._wait(self.ns.getattr(inode)))
+        if self.meta.data_changed(inode, _data_key(attrs)) and self.mounted:
+            with llfuse.lock_released:
+                self.kernel.invalidate(inode)
+        with llfuse.lock_released:
+            return self.files.open(inode, flags, attrs)
+
+    @_handler
+    def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
+    ) -> tuple[int, llfuse.EntryAttributes]:
+        entry = self._made(parent_inode, _name(name), "file", mode, ctx)
+        attrs = self.meta.get(entry.st_ino)
+        self.meta.data_follows(entry.st_ino, _data_key(attrs))
+        with llfuse.lock_released:
+            fh = self.files.open(entry.st_ino, flags & ~os.O_TRUNC, attrs)
+        return fh, entry
+
+    @_handler
+    def read(self, fh: int, off: int, size: int) -> memoryview | bytes:
+        with llfuse.lock_released:
+            return self.files.read(fh, off, size)
+
+    @_handler
+    def write(self, fh: int, off: int, buf: bytes) -> int:
+        with llfuse.lock_released:
+            return self.files.write(fh, off, buf)
+
+    @_handler
+    def flush(self, fh: int) -> None:
+        with llfuse.lock_released:
+            attrs = self.files.flush(fh)
+        self._committed(attrs)
+
+    @_handler
+    def release(self, fh: int) -> None:
+        with llfuse.lock_released:
+            attrs = self.files.release(fh)
+        self._committed(attrs)
+
+    @_handler
+    def fsync(self, fh: int, datasync: bool) -> None:
+        with llfuse.lock_released:
+            attrs = self.files.fsync(fh)
+        self._committed(attrs)
+
+    # --- the rest --------------------------------------------------------------------------
+    @_handler
+    def statfs(self, ctx: Any) -> llfuse.StatvfsData:
+        """Capacity: the NVMe tier's (S3 has no limit); used: the bytes of every file."""
+        usage = self.manager.nvme.usage()
+        ns = self._wait(self.ns.statfs())
+        st = llfuse.StatvfsData()
+        st.f_bsize = IO_SIZE
+        st.f_frsize = BLOCK
+        total = max(usage["capacity"], ns["bytes"] + usage["free"])
+        st.f_blocks = total // BLOCK
+        st.f_bfree = st.f_bavail = max(0, total - ns["bytes"]) // BLOCK
+        st.f_files = ns["inodes"] + (1 << 32)
+        st.f_ffree = st.f_favail = 1 << 32
+        st.f_namemax = ns.get("max_name", NAME_MAX)
+        return st
+
+    @_handler
+    def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        raise llfuse.FUSEError(errno.ENOSYS)  # default_permissions: the kernel checks
+
+    @_handler
+    def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        raise llfuse.FUSEError(errno.ENOSYS)  # the kernel answers EOPNOTSUPP from then on
+
+    @_handler
+    def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        raise llfuse.FUSEError(errno.ENOSYS)
+
+    @_handler
+    def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        raise llfuse.FUSEError(errno.ENOSYS)
+
+    @_handler
+    def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        raise llfuse.FUSEError(errno.ENOSYS)
+
+
+class KernelNotifier:
+    """Drops the kernel's cached pages of an inode before ``open`` returns.
+
+    ``llfuse.invalidate_inode`` only queues the request for another thread, so a read right
+    after ``open`` could still be served from stale pages. Writing the notification to the
+    session's ``/dev/fuse`` descriptor ourselves is synchronous: the kernel has invalidated
+    when the write returns. Call it with the llfuse lock released.
+    """
+
+    _INVAL_INODE = 2  # FUSE_NOTIFY_INVAL_INODE
+
+    def __init__(self) -> None:
+        self.fd = -1
+
+    def attach(self) -> None:
+        """Find the session's descriptor (llfuse keeps one session per process)."""
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                    self.fd = int(name)
+            except OSError:
+                continue
+
+    def invalidate(self, ino: int) -> None:
+        if self.fd < 0:
+            llfuse.invalidate_inode(ino, attr_only=False)
+            return
+        msg = struct.pack("<IiQQqq", 40, self._INVAL_INODE, 0, ino, 0, 0)
+        try:
+            os.write(self.fd, msg)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:  # the kernel does not know the inode: nothing cached
+                raise
+
+
+# --- mounting --------------------------------------------------------------------------------
+def mount_options(allow_other: bool) -> set[str]:
+    """FUSE 2 options: the kernel enforces permissions; big requests both ways."""
+    options = {
+        "fsname=fastcache",
+        "subtype=fastcache",
+        "default_permissions",
+        "big_writes",
+        "atomic_o_trunc",  # O_TRUNC reaches open(): the truncate commits with the writes
+        f"max_read={MAX_IO}",
+        f"max_write={MAX_IO}",
+        "no_splice_read",
+        "splice_write",
+        "splice_move",
+    }
+    if allow_other:
+        options.add("allow_other")
+    return options
+
+
+def _may_allow_other() -> bool:
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/etc/fuse.conf") as f:
+            return any(line.strip() == "user_allow_other" for line in f)
+    except OSError:
+        return False
+
+
+class MountHandle:
+    """A running mount: ``unmount()`` commits open files, unmounts and joins the loop."""
+
+    def __init__(self, ops: Operations, mountpoint: Path, loop: asyncio.AbstractEventLoop) -> None:
+        self.ops = ops
+        self.mountpoint = mountpoint
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._unmounted = False
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="fastcache-fuse", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            llfuse.main(workers=WORKERS, handle_signals=False)
+        except BaseException as exc:
+            self.error = exc
+            log.exception("the FUSE main loop stopped")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def unmount(self, timeout: float = 30.0) -> None:
+        """Commit every open file, unmount (lazily if busy), join the FUSE thread. Idempotent.
+
+        Blocks: call it off the event-loop thread (the commits run on that loop).
+        """
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is self._loop:
+            raise RuntimeError("unmount() waits on the event loop: call it from another thread")
+        with self._lock:
+            if self._unmounted:
+                return
+            self._unmounted = True
+            self.ops.files.flush_all()
+            if self._thread.is_alive() and not _fusermount(self.mountpoint, lazy=False):
+                _fusermount(self.mountpoint, lazy=True)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("FUSE loop still busy after unmount of %s", self.mountpoint)
+                return
+            self.ops.mounted = False
+            llfuse.close(unmount=False)
+            log.info("unmounted %s", self.mountpoint)
+
+
+def _fusermount(path: Path, lazy: bool) -> bool:
+    args = ["fusermount", "-u", "-q"] + (["-z"] if lazy else []) + [str(path)]
+    result = subprocess.run(args, capture_output=True, text=True, check=False)
+    if result.returncode != 0 and lazy:
+        log.warning("fusermount -u -z %s: %s", path, result.stderr.strip())
+    return result.returncode == 0
+
+
+def clean_stale_mount(path: Path) -> None:
+    """Lazily unmount what a crashed process left at ``path`` ("not connected")."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
+            return
+        log.warning("cleaning a stale mount at %s", path)
+        _fusermount(path, lazy=True)
+
+
+def _clean_staging(directory: Path) -> None:
+    """Staging files left by a crashed process: their changes were never acknowledged."""
+    for entry in directory.glob(f"{STAGING_PREFIX}*"):
+        try:
+            entry.unlink()
+        except OSError as exc:
+            log.warning("cannot remove stale staging file %s: %s", entry, exc)
+
+
+def _no_op(signum: int, frame: Any) -> None:
+    """SIGUSR1 only has to interrupt a FUSE worker's blocking read."""
+
+
+def _keep_sigusr1() -> None:
+    """llfuse wakes its workers with SIGUSR1 when the loop ends; by default it kills us.
+
+    ``llfuse.main(handle_signals=False)`` (it runs in a thread) installs no handler, so
+    install a no-op one (only possible from the main thread; node.py mounts from there).
+    """
+    if signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None):
+        return
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGUSR1, _no_op)
+    else:
+        log.warning("mount() outside the main thread: SIGUSR1 at unmount will end the process")
+
+
+def mount(
+    manager: Any, coordinator_client: Any, config: ClientConfig, loop: asyncio.AbstractEventLoop
+) -> MountHandle:
+    """Mount at ``config.mount`` and serve it from a dedicated thread; returns at once."""
+    if config.mount is None:
+        raise ValueError("no mount point configured")
+    mountpoint = Path(config.mount)
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    staging = Path(manager.nvme.staging_dir)
+    staging.mkdir(parents=True, exist_ok=True)
+    _clean_staging(staging)
+    _keep_sigusr1()
+    ops = Operations(manager, coordinator_client, config, loop)
+    llfuse.init(ops, str(mountpoint), mount_options(_may_allow_other()))
+    ops.mounted = True
+    ops.kernel.attach()
+    handle = MountHandle(ops, mountpoint, loop)
+    handle.start()
+    log.info("mounted at %s", mountpoint)
+    return handle

@@ -1,0 +1,253 @@
+"""A client node: wires config → NVMe → S3 → peers → manager → coordinator → API → mount.
+
+The event loop (uvloop) runs in the main thread, so SIGINT/SIGTERM reach it directly; the
+FUSE worker threads hand network work to it with ``asyncio.run_coroutine_threadsafe``.
+Everything is torn down through one ``AsyncExitStack`` in the reverse order of setup:
+
+    heartbeat stops + deregister → API stops (in-flight requests finish) → unmount (open
+    handles flushed) → manager closes (unfinished uploads stay journaled) → tiers close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from contextlib import AsyncExitStack
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from fastcache.api import NodeState, make_app
+from fastcache.config import ClientConfig
+from fastcache.errors import FastcacheError, NotFound
+from fastcache.tiers.peer import PeerTier
+
+log = logging.getLogger("fastcache.client")
+
+_NET_ERRORS = (FastcacheError, aiohttp.ClientError, OSError, TimeoutError)
+SHUTDOWN_TIMEOUT = 30.0  # seconds the API waits for in-flight requests on shutdown
+
+
+class Node:
+    """One client node, runnable in-process: ``await start()``, ``await stop()``."""
+
+    def __init__(self, config: ClientConfig) -> None:
+        self.config = config
+        self.state: NodeState | None = None
+        self.port: int | None = None
+        self._stack = AsyncExitStack()
+        self._stopping: asyncio.Event | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._mount: Any = None
+        self._registered_once = False
+
+    @property
+    def url(self) -> str:
+        """The URL peers use; with ``port=0`` the port picked at start."""
+        if self.config.advertise_url:
+            return self.config.advertise_url.rstrip("/")
+        return f"http://{self.config.host}:{self.port or self.config.port}"
+
+    # --- lifecycle -----------------------------------------------------------------------
+    async def start(self) -> None:
+        from fastcache.coordinator.client import CoordinatorClient
+        from fastcache.manager import DefaultCacheManager
+        from fastcache.tiers.cloud import CloudTier
+        from fastcache.tiers.nvme import NvmeTier
+
+        config = self.config
+        self._stopping = asyncio.Event()
+        stack = self._stack
+        try:
+            nvme = await NvmeTier.open(config.cache)
+            stack.push_async_callback(nvme.close)
+            cloud = await CloudTier.open(config.s3)
+            stack.push_async_callback(cloud.close)
+            session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=32),
+                timeout=aiohttp.ClientTimeout(total=30, sock_connect=5),
+            )
+            stack.push_async_callback(session.close)
+            coordinator = CoordinatorClient(
+                config.coordinator_url, token=config.token, session=session
+            )
+            peer = await PeerTier.open(
+                config.peer_id,
+                coordinator,
+                token=config.token,
+                replication=config.cache.replication,
+                connect_timeout=config.peer_connect_timeout,
+                read_timeout=config.peer_read_timeout,
+            )
+            stack.push_async_callback(peer.close)
+            manager = await DefaultCacheManager.open(config.cache, nvme, cloud, peer)
+            stack.push_async_callback(manager.close)
+            self.state = NodeState(
+                config=config, manager=manager, nvme=nvme, coordinator=coordinator, peer=peer
+            )
+            stack.push_async_callback(self._unmount)  # runs after the API has stopped
+            await self._serve_api(self.state)
+            stack.push_async_callback(self._leave)
+            await self._register_first()
+            self._heartbeat_task = asyncio.get_running_loop().create_task(
+                self._heartbeat_loop(), name="fastcache-heartbeat"
+            )
+            if config.mount is not None:
+                self._do_mount()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+        log.info(
+            "node %s serving %s (NVMe %s%s)",
+            config.peer_id,
+            self.url,
+            config.cache.nvme_dir,
+            f", mounted at {config.mount}" if config.mount else "",
+        )
+
+    async def stop(self) -> None:
+        """Graceful shutdown; safe to call twice."""
+        if self._stopping is not None:
+            self._stopping.set()
+        await self._stack.aclose()
+
+    def request_stop(self) -> None:
+        if self._stopping is not None:
+            self._stopping.set()
+
+    async def run(self) -> None:
+        """Start, serve until SIGINT/SIGTERM (or ``request_stop``), stop."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        assert self._stopping is not None
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.request_stop)
+        try:
+            await self._stopping.wait()
+            log.info("shutting down")
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+        log.info("stopped")
+
+    # --- parts ---------------------------------------------------------------------------
+    async def _serve_api(self, state: NodeState) -> None:
+        runner = web.AppRunner(make_app(state), shutdown_timeout=SHUTDOWN_TIMEOUT, access_log=None)
+        await runner.setup()
+        self._stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, self.config.host, self.config.port, reuse_address=True)
+        await site.start()
+        addresses = runner.addresses
+        self.port = int(addresses[0][1]) if addresses else self.config.port
+
+    def _used_bytes(self) -> int:
+        assert self.state is not None
+        stats = self.state.nvme.stats()
+        return int(stats.get("used_bytes", stats.get("used", 0)))
+
+    async def _register(self) -> None:
+        assert self.state is not None
+        await self.state.coordinator.register_peer(
+            self.config.peer_id,
+            self.url,
+            capacity=self.config.cache.nvme_capacity,
+            used=self._used_bytes(),
+        )
+        self.state.registered = True
+        if self.state.peer is not None:
+            self.state.peer.invalidate_peers()
+        if self._registered_once:
+            log.info("re-registered at the coordinator %s", self.config.coordinator_url)
+        else:
+            log.info(
+                "registered at the coordinator %s as %s",
+                self.config.coordinator_url,
+                self.config.peer_id,
+            )
+        self._registered_once = True
+
+    async def _register_first(self) -> None:
+        """One attempt; if the coordinator is not up yet, the heartbeat loop keeps trying."""
+        try:
+            await self._register()
+        except _NET_ERRORS as exc:
+            log.warning(
+                "coordinator %s not reachable yet (%s): will retry",
+                self.config.coordinator_url,
+                exc,
+            )
+
+    async def _heartbeat_loop(self) -> None:
+        assert self.state is not None
+        interval = self.config.heartbeat_interval
+        failing_since: float | None = None
+        while True:
+            await asyncio.sleep(interval)  # a period, not a synchronisation
+            try:
+                if not self.state.registered:
+                    await self._register()
+                else:
+                    await self.state.coordinator.heartbeat(
+                        self.config.peer_id, used=self._used_bytes()
+                    )
+            except NotFound:
+                log.info("the coordinator forgot this node (restarted?): registering again")
+                self.state.registered = False
+                with contextlib.suppress(*_NET_ERRORS):
+                    await self._register()
+            except _NET_ERRORS as exc:
+                now = time.monotonic()
+                if failing_since is None:
+                    failing_since = now
+                    log.warning("heartbeat to the coordinator failed: %s", exc)
+                continue
+            if failing_since is not None:
+                log.info("coordinator reachable again")
+                failing_since = None
+
+    async def _leave(self) -> None:
+        """Stop heartbeating and deregister, so peers stop sending us work."""
+        task = self._heartbeat_task
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        state = self.state
+        if state is not None and state.registered:
+            try:
+                await asyncio.wait_for(state.coordinator.deregister_peer(self.config.peer_id), 5.0)
+            except _NET_ERRORS as exc:
+                log.info("deregistering failed: %s", exc)
+            state.registered = False
+
+    def _do_mount(self) -> None:
+        from fastcache import fs  # llfuse is only needed with a mount
+
+        assert self.state is not None and self.config.mount is not None
+        fs.clean_stale_mount(self.config.mount)
+        self._mount = fs.mount(
+            self.state.manager, self.state.coordinator, self.config, asyncio.get_running_loop()
+        )
+
+    async def _unmount(self) -> None:
+        handle, self._mount = self._mount, None
+        if handle is not None:
+            # unmount() flushes open handles through this loop: run it off the loop thread.
+            await asyncio.get_running_loop().run_in_executor(None, handle.unmount)
+
+
+def main(config: ClientConfig) -> int:
+    """``fastcache client``: run a node until SIGINT/SIGTERM; 0 on a clean shutdown."""
+    import uvloop
+
+    try:
+        uvloop.run(Node(config).run())
+    except FastcacheError as exc:
+        log.error("node failed: %s", exc)
+        return 1
+    return 0

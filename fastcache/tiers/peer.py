@@ -1,0 +1,533 @@
+"""Tier 2: the NVMe caches of the other client nodes, reached over their client API.
+
+Placement is rendezvous (highest-random-weight) hashing over the live peers the coordinator
+knows, so every node computes the same ``replication`` holders for a digest without asking
+anyone, and a peer joining or leaving moves only ~1/n of the chunks. Reads also ask the
+peers the coordinator's ``chunk:<digest>`` location record names (chunks written before the
+peer set changed). Everything that arrives is verified against its digest.
+
+A dead or frozen peer must never stall a read: connects are short, replies must start
+quickly, every candidate is asked at once (first verified answer wins), and a per-peer
+circuit breaker skips a peer for a cool-down after a few consecutive failures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+
+from fastcache.chunks import Buffer, xxh64
+from fastcache.errors import ChunkCorrupt, ChunkNotFound, FastcacheError, TierUnavailable
+from fastcache.tiers.base import verify
+
+log = logging.getLogger("fastcache.client.peer")
+
+Clock = Callable[[], float]
+
+
+# --- placement ---------------------------------------------------------------------------
+def hrw_score(peer_id: str, digest: str) -> int:
+    """The rendezvous weight of ``peer_id`` for ``digest`` (a 64-bit hash of both)."""
+    return xxh64(f"{peer_id}\0{digest}".encode())
+
+
+def rank_peers(digest: str, peer_ids: Iterable[str]) -> list[str]:
+    """``peer_ids`` ordered by rendezvous weight for ``digest``, best first (ties by id)."""
+    return sorted(peer_ids, key=lambda p: (-hrw_score(p, digest), p))
+
+
+def replicas_for(digest: str, peer_ids: Iterable[str], self_id: str, count: int) -> list[str]:
+    """The ``count`` peers, other than ``self_id``, that should hold ``digest``."""
+    return rank_peers(digest, (p for p in peer_ids if p != self_id))[:count]
+
+
+# --- circuit breaker ---------------------------------------------------------------------
+class CircuitBreaker:
+    """Closed → (``threshold`` consecutive failures) → open for ``cooldown`` s → half-open.
+
+    Half-open lets one probe through; its success closes the breaker, its failure opens it
+    for another cool-down. ``clock`` is injectable so tests need no sleeping.
+    """
+
+    def __init__(self, threshold: int = 3, cooldown: float = 5.0, clock: Clock = time.monotonic):
+        if threshold < 1:
+            raise ValueError("threshold must be at least 1")
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self._clock = clock
+        self.failures = 0
+        self.trips = 0
+        self._open_until: float | None = None
+        self._probing = False
+
+    @property
+    def state(self) -> str:
+        if self._open_until is None:
+            return "closed"
+        if self._clock() < self._open_until:
+            return "open"
+        return "half-open"
+
+    def allow(self) -> bool:
+        """Whether a request may go to this peer now (claims the half-open probe)."""
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "open" or self._probing:
+            return False
+        self._probing = True
+        return True
+
+    def release(self) -> None:
+        """The request let through ended without a verdict (cancelled): free the probe."""
+        self._probing = False
+
+    def success(self) -> None:
+        self.failures = 0
+        self._open_until = None
+        self._probing = False
+
+    def failure(self) -> bool:
+        """Record a failure; True when this one opened the breaker."""
+        self.failures += 1
+        if self._open_until is not None:  # a failed half-open probe: open again
+            self._open_until = self._clock() + self.cooldown
+            self._probing = False
+            self.trips += 1
+            return True
+        if self.failures >= self.threshold:
+            self._open_until = self._clock() + self.cooldown
+            self.trips += 1
+            return True
+        return False
+
+
+# --- the coordinator as the peer tier sees it ------------------------------------------
+@dataclass(frozen=True)
+class PeerAddr:
+    peer_id: str
+    url: str
+
+
+class PeerDirectory(Protocol):
+    """What the peer tier needs from the coordinator (see ``coordinator_directory``)."""
+
+    async def live_peers(self) -> list[PeerAddr]: ...
+
+    async def chunk_holders(self, digest: str) -> list[PeerAddr]:
+        """The live peers the coordinator records as holding ``digest``."""
+        ...
+
+    async def add_chunk_holders(self, digest: str, peer_ids: Sequence[str]) -> None: ...
+
+
+class CoordinatorDirectory:
+    """``PeerDirectory`` over ``fastcache.coordinator.client.CoordinatorClient``."""
+
+    def __init__(self, client: Any) -> None:
+        self._client = client
+
+    async def live_peers(self) -> list[PeerAddr]:
+        return [PeerAddr(p.peer_id, p.url.rstrip("/")) for p in await self._client.list_peers()]
+
+    async def chunk_holders(self, digest: str) -> list[PeerAddr]:
+        found = await self._client.get_locations(chunk=digest)
+        return [PeerAddr(p.peer_id, p.url.rstrip("/")) for p in found]
+
+    async def add_chunk_holders(self, digest: str, peer_ids: Sequence[str]) -> None:
+        await asyncio.gather(*(self._client.add_location(p, chunk=digest) for p in peer_ids))
+
+
+def make_session(pool_size: int = 64) -> aiohttp.ClientSession:
+    """The pooled session peer transfers share. A read buffer of one chunk: with aiohttp's
+    64 KiB default, a 4 MiB body pauses and resumes the socket dozens of times."""
+    return aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=pool_size, limit_per_host=16),
+        auto_decompress=False,
+        read_bufsize=4 << 20,
+    )
+
+
+# --- the tier ----------------------------------------------------------------------------
+class _Miss(Exception):
+    """A peer answered, but does not hold the chunk."""
+
+
+class PeerTier:
+    """``TierStorage`` over the other nodes' ``/api/chunks/{digest}`` (name ``"peer"``)."""
+
+    name = "peer"
+
+    def __init__(
+        self,
+        self_id: str,
+        directory: PeerDirectory,
+        session: aiohttp.ClientSession,
+        *,
+        token: str | None = None,
+        replication: int = 3,
+        connect_timeout: float = 0.5,
+        read_timeout: float = 10.0,
+        refresh_interval: float = 3.0,
+        breaker_threshold: int = 3,
+        breaker_cooldown: float = 5.0,
+        clock: Clock = time.monotonic,
+        own_session: bool = False,
+    ) -> None:
+        self.self_id = self_id
+        self.replication = replication
+        self._directory = directory
+        self._session = session
+        self._own_session = own_session
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._connect_timeout = connect_timeout
+        # Reply headers must come quickly: a peer serves from its NVMe or says 404.
+        self._first_byte_timeout = max(4 * connect_timeout, 1.0)
+        self._timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=connect_timeout, sock_read=read_timeout
+        )
+        self._refresh_interval = refresh_interval
+        self._breaker_threshold = breaker_threshold
+        self._breaker_cooldown = breaker_cooldown
+        self._clock = clock
+        self._peers: dict[str, str] = {}  # peer id -> base URL
+        self._peers_at: float | None = None
+        self._refresh_task: asyncio.Task[None] | None = None
+        self._breakers: dict[str, CircuitBreaker] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._counters = dict.fromkeys(
+            (
+                "requests",
+                "hits",
+                "misses",
+                "bytes_read",
+                "writes",
+                "write_failures",
+                "bytes_written",
+                "errors",
+                "corrupt",
+                "skipped_open_breaker",
+                "peer_refreshes",
+            ),
+            0,
+        )
+
+    @classmethod
+    async def open(
+        cls,
+        self_id: str,
+        coordinator: Any,
+        *,
+        token: str | None = None,
+        replication: int = 3,
+        connect_timeout: float = 0.5,
+        read_timeout: float = 10.0,
+        pool_size: int = 64,
+    ) -> PeerTier:
+        """A tier with its own pooled session, over a ``CoordinatorClient``."""
+        session = make_session(pool_size)
+        return cls(
+            self_id,
+            CoordinatorDirectory(coordinator),
+            session,
+            token=token,
+            replication=replication,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            own_session=True,
+        )
+
+    # --- peers ---------------------------------------------------------------------------
+    async def _refresh(self) -> None:
+        try:
+            peers = await asyncio.wait_for(
+                self._directory.live_peers(), timeout=max(2.0, 4 * self._connect_timeout)
+            )
+        except (FastcacheError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.debug("peer list refresh failed: %s", exc)
+            return
+        self._peers = {p.peer_id: p.url for p in peers}
+        self._peers_at = self._clock()
+        self._counters["peer_refreshes"] += 1
+
+    async def live_peers(self) -> dict[str, str]:
+        """Live peers (id → URL), self included. Stale lists are refreshed in the background;
+        only the very first call waits for the coordinator."""
+        if self._peers_at is None:
+            await self._refresh()
+        elif self._clock() - self._peers_at >= self._refresh_interval:
+            self.invalidate_peers()
+        return self._peers
+
+    def invalidate_peers(self) -> None:
+        """Refresh the peer list soon (after a failure, or when the node learns of a change)."""
+        if self._refresh_task is None or self._refresh_task.done():
+            self._refresh_task = self._spawn(self._refresh())
+
+    def replicas(self, digest: str) -> list[str]:
+        """The peers that should hold ``digest`` under the current peer list."""
+        return replicas_for(digest, self._peers, self.self_id, self.replication)
+
+    def _learn(self, peers: Iterable[PeerAddr]) -> list[str]:
+        """Peers the coordinator just named as live: known from now on, even if our cached
+        list predates them. Returns their ids."""
+        ids = []
+        for p in peers:
+            if p.peer_id not in self._peers:
+                self._peers = {**self._peers, p.peer_id: p.url}
+            ids.append(p.peer_id)
+        return ids
+
+    def breaker(self, peer_id: str) -> CircuitBreaker:
+        b = self._breakers.get(peer_id)
+        if b is None:
+            b = self._breakers[peer_id] = CircuitBreaker(
+                self._breaker_threshold, self._breaker_cooldown, self._clock
+            )
+        return b
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- one request to one peer ---------------------------------------------------------
+    def _usable(self, peer_id: str) -> bool:
+        if peer_id == self.self_id or peer_id not in self._peers:
+            return False
+        if not self.breaker(peer_id).allow():
+            self._counters["skipped_open_breaker"] += 1
+            return False
+        return True
+
+    def _failed(self, peer_id: str, exc: BaseException) -> None:
+        self._counters["errors"] += 1
+        if self.breaker(peer_id).failure():
+            log.warning(
+                "peer %s failing (%s): skipping it for %.0fs", peer_id, exc, self._breaker_cooldown
+            )
+            self.invalidate_peers()
+
+    async def _request(
+        self, method: str, peer_id: str, digest: str, data: Buffer | None = None
+    ) -> tuple[int, bytes, int]:
+        """One call; returns (status, body, content length). Raises on transport failure."""
+        url = f"{self._peers[peer_id]}/api/chunks/{digest}"
+        self._counters["requests"] += 1
+        # A GET or HEAD must be answered quickly (the peer serves from its NVMe or says 404);
+        # a PUT first sends a whole chunk, so it gets only the socket timeouts.
+        first_byte = None if data is not None else self._first_byte_timeout
+        try:
+            async with asyncio.timeout(first_byte):
+                resp = await self._session.request(
+                    method, url, data=data, headers=self._headers, timeout=self._timeout
+                )
+            async with resp:
+                length = resp.content_length or 0
+                if method == "GET" and resp.status == 200:
+                    return resp.status, await resp.read(), length
+                await resp.release()
+                return resp.status, b"", length
+        except asyncio.CancelledError:  # another peer answered first
+            self.breaker(peer_id).release()
+            raise
+
+    async def _get_from(self, peer_id: str, digest: str) -> bytes:
+        try:
+            status, body, _ = await self._request("GET", peer_id, digest)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            self._failed(peer_id, exc)
+            raise
+        if status == 404:
+            self.breaker(peer_id).success()
+            raise _Miss(peer_id)
+        if status != 200:
+            exc = TierUnavailable(f"peer {peer_id} answered HTTP {status}")
+            self._failed(peer_id, exc)
+            raise exc
+        self.breaker(peer_id).success()
+        try:
+            verify(digest, body, f"peer {peer_id}")
+        except ChunkCorrupt:
+            self._counters["corrupt"] += 1
+            log.warning("peer %s sent a corrupt copy of chunk %s", peer_id, digest)
+            raise
+        return body
+
+    # --- TierStorage ---------------------------------------------------------------------
+    async def read(self, digest: str) -> bytes:
+        """Ask the replica holders and the recorded holders at once; first verified wins."""
+        await self.live_peers()
+        asked: set[str] = set()
+        pending: set[asyncio.Task[bytes]] = set()
+
+        def ask(peer_ids: Iterable[str]) -> None:
+            for peer_id in peer_ids:
+                if peer_id not in asked and self._usable(peer_id):
+                    asked.add(peer_id)
+                    pending.add(asyncio.ensure_future(self._get_from(peer_id, digest)))
+
+        ask(self.replicas(digest))
+        holders: asyncio.Task[list[PeerAddr]] | None = asyncio.ensure_future(
+            self._directory.chunk_holders(digest)
+        )
+        try:
+            while pending or holders is not None:
+                waiting: set[asyncio.Future[Any]] = set(pending)
+                if holders is not None:
+                    waiting.add(holders)
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    if task is holders:
+                        holders = None
+                        if not task.cancelled() and task.exception() is None:
+                            ask(self._learn(task.result()))
+                        continue
+                    pending.discard(task)  # type: ignore[arg-type]
+                    if task.cancelled() or task.exception() is not None:
+                        continue
+                    data = task.result()
+                    self._counters["hits"] += 1
+                    self._counters["bytes_read"] += len(data)
+                    return data
+        finally:
+            for task in pending:
+                task.cancel()
+            if holders is not None:
+                holders.cancel()
+            leftovers: list[asyncio.Future[Any]] = [*pending, *([holders] if holders else [])]
+            if leftovers:
+                await asyncio.gather(*leftovers, return_exceptions=True)
+        self._counters["misses"] += 1
+        self.invalidate_peers()  # a stale peer list may have pointed us at the wrong peers
+        raise ChunkNotFound(f"chunk {digest} not on any of {len(asked)} peers asked")
+
+    async def write(self, digest: str, data: Buffer) -> None:
+        """PUT to the replica holders in parallel; succeeds if at least one accepted."""
+        await self.live_peers()
+        targets = [p for p in self.replicas(digest) if self._usable(p)]
+        if not targets:
+            self._counters["write_failures"] += 1
+            raise TierUnavailable("no live peer to replicate to")
+        payload = data  # aiohttp sends bytes, bytearray and memoryview without copying
+        results = await asyncio.gather(
+            *(self._put_to(p, digest, payload) for p in targets), return_exceptions=True
+        )
+        accepted = [p for p, r in zip(targets, results, strict=True) if r is True]
+        self._counters["writes"] += 1
+        if not accepted:
+            self._counters["write_failures"] += 1
+            raise TierUnavailable(f"no peer accepted chunk {digest}: {results[0]}")
+        self._counters["bytes_written"] += len(payload) * len(accepted)
+        self._spawn(self._record(digest, accepted))
+
+    async def _put_to(self, peer_id: str, digest: str, data: Buffer) -> bool:
+        try:
+            status, _, _ = await self._request("PUT", peer_id, digest, data)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            self._failed(peer_id, exc)
+            raise TierUnavailable(f"peer {peer_id}: {exc}") from exc
+        if status in (200, 201, 204):
+            self.breaker(peer_id).success()
+            return True
+        if status >= 500:
+            self._failed(peer_id, TierUnavailable(f"HTTP {status}"))
+        raise TierUnavailable(f"peer {peer_id} answered HTTP {status}")
+
+    async def _record(self, digest: str, peer_ids: Sequence[str]) -> None:
+        """Best effort: the coordinator's location record lets readers find the copies even
+        after the peer set changed."""
+        try:
+            await self._directory.add_chunk_holders(digest, peer_ids)
+        except (FastcacheError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            log.debug("recording holders of %s failed: %s", digest, exc)
+
+    async def announce(self, digests: Iterable[str], concurrency: int = 8) -> int:
+        """Record this node as a holder of ``digests`` (fresh writes, still only on our NVMe
+        until write-back replicates them): other nodes can read them from us at once.
+        Best effort; returns how many records failed."""
+        room = asyncio.Semaphore(concurrency)
+        failed = 0
+
+        async def one(digest: str) -> None:
+            nonlocal failed
+            async with room:
+                try:
+                    await self._directory.add_chunk_holders(digest, [self.self_id])
+                except (FastcacheError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    if not failed:
+                        log.info("recording this node as holder of %s failed: %s", digest, exc)
+                    failed += 1
+
+        await asyncio.gather(*(one(d) for d in dict.fromkeys(digests)))
+        return failed
+
+    async def _holders(self, digest: str) -> list[str]:
+        await self.live_peers()
+        candidates = self.replicas(digest)
+        with contextlib.suppress(FastcacheError, aiohttp.ClientError, OSError, TimeoutError):
+            recorded = await asyncio.wait_for(
+                self._directory.chunk_holders(digest), self._first_byte_timeout
+            )
+            candidates += [p for p in self._learn(recorded) if p not in candidates]
+        return [p for p in candidates if self._usable(p)]
+
+    async def _head_any(self, digest: str) -> int | None:
+        """The size reported by the first peer that holds ``digest``; None if none does."""
+
+        async def head(peer_id: str) -> int:
+            try:
+                status, _, length = await self._request("HEAD", peer_id, digest)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                self._failed(peer_id, exc)
+                raise
+            self.breaker(peer_id).success()
+            if status != 200:
+                raise _Miss(peer_id)
+            return length
+
+        tasks = {asyncio.ensure_future(head(p)) for p in await self._holders(digest)}
+        try:
+            for next_done in asyncio.as_completed(tasks):
+                with contextlib.suppress(Exception):
+                    return await next_done
+            return None
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def exists(self, digest: str) -> bool:
+        return await self._head_any(digest) is not None
+
+    async def size(self, digest: str) -> int:
+        size = await self._head_any(digest)
+        if size is None:
+            raise ChunkNotFound(f"chunk {digest} not on any peer")
+        return size
+
+    async def delete(self, digest: str) -> None:
+        """Peers cache chunks and evict them by LRU themselves; nothing to do remotely."""
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self._counters)
+        out["live_peers"] = len([p for p in self._peers if p != self.self_id])
+        out["breaker_trips"] = sum(b.trips for b in self._breakers.values())
+        out["open_breakers"] = sorted(p for p, b in self._breakers.items() if b.state != "closed")
+        return out
+
+    async def close(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._own_session:
+            await self._session.close()

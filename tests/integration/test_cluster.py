@@ -1,0 +1,158 @@
+"""A coordinator and three client processes on loopback, real SeaweedFS behind them.
+
+Peer reads, surviving a dead node, a coordinator restart, and a frozen node dropping out of
+(and coming back into) the peer list.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.cluster import Cluster, http, wait_for
+
+TOKEN = "cluster-test-token"
+MiB = 1 << 20
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, s3) -> Iterator[Cluster]:  # type: ignore[no-untyped-def]
+    c = Cluster(tmp_path, s3.s3_config(), token=TOKEN, peer_timeout=2.0, heartbeat_interval=0.5)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def put(url: str, path: str, data: bytes) -> dict:  # type: ignore[type-arg]
+    answer = http("PUT", f"{url}/api/files{path}", data, token=TOKEN)
+    assert answer.status == 201, answer.body
+    return answer.json()
+
+
+def get(url: str, path: str) -> bytes:
+    answer = http("GET", f"{url}/api/files{path}", token=TOKEN)
+    assert answer.status == 200, answer.body[:300]
+    return answer.body
+
+
+def tier_stats(url: str) -> dict:  # type: ignore[type-arg]
+    return http("GET", f"{url}/api/cache/stats", token=TOKEN).json()["tiers"]
+
+
+def pending_uploads(url: str) -> int:
+    return int(http("GET", f"{url}/api/cache", token=TOKEN).json()["pending_uploads"])
+
+
+FILES = {
+    "/data/big.bin": os.urandom(9 * MiB + 123),  # three chunks, the last one short
+    "/data/small.txt": b"hello, peers\n",
+    "/empty": b"",
+}
+
+
+def test_peer_read_then_node_loss(cluster: Cluster) -> None:
+    # Node 2 joins only after node 1's write-back replicated everything to node 3 and S3,
+    # so its NVMe is empty and the peer tier has to serve it (replication 3 would otherwise
+    # have pushed copies onto node 2 already).
+    cluster.start_coordinator()
+    n1, n3 = cluster.start_client(1), cluster.start_client(3)
+    for proc in (n1, n3):
+        proc.wait_healthy()
+    cluster.wait_peers({"client1", "client3"})
+    for path, data in FILES.items():
+        answer = put(n1.url, path, data)
+        assert answer["size"] == len(data)
+    wait_for(lambda: pending_uploads(n1.url) == 0, message="node 1 uploads done")
+    n2 = cluster.start_client(2)
+    n2.wait_healthy()
+    cluster.wait_peers({"client1", "client2", "client3"})
+    for path, data in FILES.items():
+        assert get(n2.url, path) == data
+    tiers = tier_stats(n2.url)
+    chunks = 4  # 3 + 1; the empty file has none
+    assert tiers["peer"]["hits"] == chunks, tiers
+    assert tiers["s3"]["hits"] == 0, tiers
+    assert tiers["nvme"]["hits"] == 0, tiers
+    assert tiers["peer"]["tier"]["bytes_read"] == sum(len(d) for d in FILES.values())
+    # node 1 records where the file lives
+    where = http(
+        "GET", f"{cluster.coordinator_url}/api/files/location?path=/data/big.bin", token=TOKEN
+    ).json()
+    assert "client1" in {p["peer_id"] for p in where["peers"]}
+
+    # Losing node 1 loses nothing: replicas and S3 have it all.
+    n1.kill()
+    for proc in (n2, n3):
+        for path, data in FILES.items():
+            assert get(proc.url, path) == data
+    cluster.wait_peers({"client2", "client3"})
+
+
+def test_coordinator_restart_keeps_namespace_locations_and_peers(cluster: Cluster) -> None:
+    cluster.start(3)
+    n1, n2, _ = (c.url for c in cluster.clients)
+    data = os.urandom(5 * MiB)
+    put(n1, "/kept/file.bin", data)
+    before = time.time()
+    assert cluster.coordinator is not None
+    cluster.coordinator.kill()
+    assert http("GET", f"{n2}/api/peers", token=TOKEN).status == 503  # coordinator down
+    cluster.start_coordinator()  # same port, same state dir
+
+    # the clients heartbeat (re-registering if they must) into the new coordinator
+    def all_back() -> bool:
+        answer = http("GET", f"{cluster.coordinator_url}/api/peers", token=TOKEN)
+        peers = answer.json()["peers"] if answer.status == 200 else []
+        return {p["peer_id"] for p in peers} == {"client1", "client2", "client3"} and all(
+            p["last_seen"] > before for p in peers
+        )
+
+    wait_for(all_back, message="peers heartbeating into the restarted coordinator")
+    assert get(n2, "/kept/file.bin") == data
+    where = http(
+        "GET", f"{cluster.coordinator_url}/api/files/location?path=/kept/file.bin", token=TOKEN
+    ).json()
+    assert "client1" in {p["peer_id"] for p in where["peers"]}
+    size = http("GET", f"{n1}/api/files/kept/file.bin/size", token=TOKEN).json()
+    assert size["size"] == len(data)
+
+
+def test_frozen_node_drops_out_and_comes_back(cluster: Cluster) -> None:
+    cluster.start(3)
+    n1 = cluster.clients[0].url
+    frozen = cluster.clients[2]
+    frozen.signal(signal.SIGSTOP)
+    try:
+        cluster.wait_peers({"client1", "client2"}, timeout=20)
+        listed = http("GET", f"{n1}/api/peers", token=TOKEN).json()["peers"]
+        assert "client3" not in {p["peer_id"] for p in listed}
+        assert http("GET", f"{n1}/api/peers/client3", token=TOKEN).status == 404
+        # the cluster keeps working without it
+        put(n1, "/while-frozen", b"x" * 1000)
+        assert get(cluster.clients[1].url, "/while-frozen") == b"x" * 1000
+    finally:
+        frozen.signal(signal.SIGCONT)
+    cluster.wait_peers({"client1", "client2", "client3"}, timeout=20)
+    assert http("GET", f"{n1}/api/peers/client3", token=TOKEN).json()["peer_id"] == "client3"
+
+
+def test_sigterm_is_a_clean_shutdown_that_deregisters(cluster: Cluster) -> None:
+    cluster.start(2)
+    n1, n2 = cluster.clients
+    put(n1.url, "/before-stop", b"kept")
+    assert n1.stop() == 0
+    log = (cluster.root / "logs" / "coordinator.log").read_text()
+    assert "peer client1 deregistered" in log  # said goodbye, not timed out
+    assert cluster.peers() == {"client2"}
+    # its NVMe and journal survive for the next start; the data is readable meanwhile
+    assert get(n2.url, "/before-stop") == b"kept"
+    restarted = cluster.start_client(1)
+    restarted.wait_healthy()
+    cluster.wait_peers({"client1", "client2"})
+    assert get(restarted.url, "/before-stop") == b"kept"
