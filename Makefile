@@ -76,8 +76,8 @@ bench-smoke: build
 
 bench: build bench-deps
 	@mkdir -p bench/results
-	$(PY) -m pytest -q bench/test_kernels.py --benchmark-json=bench/results/kernels.json \
-	  -o testpaths=bench
+	$(PY) -m pytest -q bench/test_kernels.py bench/test_peer_fetch.py \
+	  --benchmark-json=bench/results/kernels.json -o testpaths=bench
 	@if [ -f bench/harness.py ]; then $(PY) -m bench.harness; fi
 
 lint: venv
