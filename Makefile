@@ -90,8 +90,13 @@ annotate: venv
 run-coordinator: build
 	$(VENV)/bin/fastcache coordinator --host 127.0.0.1 --port 8080 --state-dir .dev/coordinator
 
-run-client-%: build
-	$(VENV)/bin/fastcache client --coordinator http://127.0.0.1:8080 --host 127.0.0.1 \
+## run-client-N: client N on :808N mounted at /tmp/fuse-clientN. S3 is the dev cluster's
+## embedded server when .dev/s3-info.json exists, else whatever the AWS_* variables say.
+run-client-1 run-client-2 run-client-3: run-client-%: build
+	@if [ -f .dev/s3-info.json ]; then eval "$$($(PY) -c 'import json; d = json.load(open(".dev/s3-info.json")); \
+	  print("export AWS_ENDPOINT_URL=%s AWS_ACCESS_KEY_ID=%s AWS_SECRET_ACCESS_KEY=%s" % (d["endpoint"], d["access_key"], d["secret_key"]))')"; fi; \
+	mkdir -p /tmp/fuse-client$*; \
+	exec $(VENV)/bin/fastcache client --coordinator http://127.0.0.1:8080 --host 127.0.0.1 \
 	  --port $$((8080 + $*)) --peer-id client$* --nvme-dir .dev/nvme$* --mount /tmp/fuse-client$*
 
 dev-start: build
