@@ -22,7 +22,7 @@ from posix.fcntl cimport open as c_open
 from posix.mman cimport MADV_SEQUENTIAL, MAP_FAILED, MAP_SHARED, PROT_READ, madvise, mmap, munmap
 from posix.stat cimport fstat, struct_stat
 from posix.types cimport off_t
-from posix.unistd cimport close, fdatasync, ftruncate, pread, pwrite, unlink
+from posix.unistd cimport close, fdatasync, fsync, ftruncate, pread, pwrite, unlink
 
 API_VERSION = 1
 
@@ -176,9 +176,22 @@ cdef int _write_direct(
     return 0
 
 
+cdef int _sync_dir(const char *directory) noexcept nogil:
+    """fsync a directory, so a rename inside it survives a power cut."""
+    cdef int fd = c_open(directory, O_RDONLY | O_CLOEXEC)
+    cdef int err = 0
+    if fd < 0:
+        return errno
+    if fsync(fd) != 0:
+        err = errno
+    close(fd)
+    return err
+
+
 cdef int _write_atomic(
     const char *tmp,
     const char *path,
+    const char *directory,
     const unsigned char *src,
     size_t n,
     bint direct,
@@ -218,7 +231,8 @@ cdef int _write_atomic(
         err = errno
     if err:
         unlink(tmp)
-    return err
+        return err
+    return _sync_dir(directory)
 
 
 # --- public functions ------------------------------------------------------------------------
@@ -263,11 +277,14 @@ def probe_direct(directory) -> bool:
 
 def write_file_atomic(path, const unsigned char[::1] buf, bint direct) -> None:
     """Write ``buf`` to ``path`` atomically: a temp file beside it, (O_DIRECT), fdatasync,
-    rename. On failure the temp file is removed and ``OSError`` raised."""
+    rename, fsync of the directory. On failure the temp file is removed and ``OSError`` raised.
+    """
     cdef bytes bpath = os.fsencode(path)
     cdef bytes btmp = bpath + b".tmp.%d.%d" % (os.getpid(), next(_counter))
+    cdef bytes bdir = os.path.dirname(bpath) or b"."
     cdef const char *cpath = bpath
     cdef const char *ctmp = btmp
+    cdef const char *cdir = bdir
     cdef const unsigned char *src = _cptr(buf)
     cdef size_t n = <size_t>buf.shape[0]
     cdef AlignedBuffer scratch = None
@@ -282,7 +299,7 @@ def write_file_atomic(path, const unsigned char[::1] buf, bint direct) -> None:
         sp = scratch.ptr
         scap = <size_t>scratch.size
     with nogil:
-        err = _write_atomic(ctmp, cpath, src, n, direct, sp, scap)
+        err = _write_atomic(ctmp, cpath, cdir, src, n, direct, sp, scap)
     if err:
         raise _oserror(err, bpath)
 

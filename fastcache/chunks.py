@@ -411,10 +411,15 @@ def _write_chunk_file_py(path: str, data: Buffer) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)  # the rename itself survives a power cut
+    finally:
+        os.close(dfd)
 
 
 def write_chunk_file(path: str, data: Buffer, direct: bool) -> None:
-    """Write ``data`` to ``path`` atomically: temp file, (O_DIRECT), fdatasync, rename.
+    """Write ``data`` to ``path`` atomically: temp file, (O_DIRECT), fdatasync, rename, dir fsync.
 
     On failure the temp file is removed. ``direct`` on a filesystem that refuses O_DIRECT
     falls back to buffered writes.
