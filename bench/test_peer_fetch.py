@@ -47,6 +47,9 @@ class _OnePeer:
     async def add_chunk_holders(self, digest: str, peer_ids: list[str]) -> None:
         return None
 
+    async def add_holdings(self, peer_id: str, digests: list[str]) -> None:
+        return None
+
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, S3Config, list[str]]]:

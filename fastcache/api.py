@@ -45,7 +45,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("fastcache.api")
 
-DEFAULT_MAX_FILE_SIZE = 1 << 40  # 1 TiB; ClientConfig.max_file_size overrides
 STREAM_PIECE = 1 << 20  # bytes handed to the chunk writer per upload read
 
 
@@ -65,7 +64,7 @@ class NodeState:
 
     @property
     def max_file_size(self) -> int:
-        return int(getattr(self.config, "max_file_size", DEFAULT_MAX_FILE_SIZE))
+        return self.config.max_file_size
 
 
 STATE = web.AppKey("state", NodeState)
@@ -303,8 +302,8 @@ async def put_file(request: web.Request) -> web.Response:
     except BaseException:
         await writer.abort()
         raise
-    if state.peer is not None:  # before the commit: once the file is visible, so are chunks
-        await state.peer.announce(manifest.chunks)
+    # before the commit: once the file is visible, so are its chunks still only on our NVMe
+    await state.manager.publish(manifest.chunks)
     attrs = await state.coordinator.put_file(
         path, manifest.to_json(), expected_version=expected, make_parents=True
     )

@@ -76,6 +76,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="kernel attribute/entry cache timeout in seconds (default 1)",
     )
     n.add_argument("--readahead", type=int, default=4, help="chunks read ahead (default 4)")
+    n.add_argument(
+        "--replication",
+        type=int,
+        default=3,
+        help="peer replicas written back per chunk (default 3; 0: S3 only)",
+    )
+    n.add_argument(
+        "--max-file-size",
+        default="1T",
+        help="largest file the client API accepts (default 1T)",
+    )
+    n.add_argument(
+        "--shutdown-sync-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a graceful stop waits for pending uploads to reach S3 (default 10)",
+    )
     _add_common(n)
 
     d = sub.add_parser("dev-start", help="start S3, a coordinator and 3 mounted clients")
@@ -118,6 +135,7 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
         chunk_size=parse_size(args.chunk_size),
         chunking=args.chunking,
         verify_cache=args.verify_cache,
+        replication=args.replication,
     )
     s3 = S3Config.from_env(endpoint=args.s3_endpoint, bucket=args.bucket, region=args.region)
     return ClientConfig(
@@ -133,6 +151,8 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
         mount=args.mount,
         attr_timeout=args.attr_timeout,
         readahead_chunks=args.readahead,
+        shutdown_sync_timeout=args.shutdown_sync_timeout,
+        max_file_size=parse_size(args.max_file_size),
     )
 
 

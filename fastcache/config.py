@@ -18,6 +18,7 @@ DEFAULT_CHUNK_SIZE = 4 * MiB
 DEFAULT_BUCKET = "fuse-client-cache"
 DEFAULT_REGION = "us-east-1"
 DEFAULT_MAX_BODY = 4 * MiB + 64 * 1024  # one chunk plus headroom
+DEFAULT_MAX_FILE_SIZE = 1 << 40  # 1 TiB: the largest file the client API accepts
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)?\s*$", re.IGNORECASE)
 
 
@@ -106,6 +107,8 @@ class CacheConfig:
             raise ConfigError(f"chunking must be 'fixed' or 'cdc', not {self.chunking!r}")
         if self.nvme_capacity < self.chunk_size:
             raise ConfigError("NVMe capacity must hold at least one chunk")
+        if self.replication < 0:
+            raise ConfigError("replication must not be negative")
 
 
 @dataclass(frozen=True)
@@ -142,10 +145,16 @@ class ClientConfig:
     max_body: int = DEFAULT_MAX_BODY
     peer_connect_timeout: float = 0.5
     peer_read_timeout: float = 10.0
+    shutdown_sync_timeout: float = 10.0  # seconds a graceful stop waits for uploads to S3
+    max_file_size: int = DEFAULT_MAX_FILE_SIZE  # largest file the client API accepts
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= 0:
             raise ConfigError("heartbeat interval must be positive")
+        if self.shutdown_sync_timeout < 0:
+            raise ConfigError("shutdown sync timeout must not be negative")
+        if self.max_file_size <= 0:
+            raise ConfigError("max file size must be positive")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port out of range: {self.port}")
 

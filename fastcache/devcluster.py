@@ -144,7 +144,7 @@ def _s3_main(data_dir: str, info_path: str, s3_port: int) -> None:
     The keys are kept in the data dir so a restart serves the same objects with the same keys.
     """
     from fastcache.log import setup_logging
-    from fastcache.seaweed import SeaweedServer, _free_ports
+    from fastcache.seaweed import SeaweedServer
 
     setup_logging("INFO")
 
@@ -153,13 +153,11 @@ def _s3_main(data_dir: str, info_path: str, s3_port: int) -> None:
     with contextlib.suppress(OSError, ValueError):
         keys = json.loads(keys_path.read_text())
     server = SeaweedServer(
-        data_dir, access_key=keys.get("access_key"), secret_key=keys.get("secret_key")
+        data_dir,
+        s3_port=s3_port or None,  # pinned when asked for; the other ports are picked free
+        access_key=keys.get("access_key"),
+        secret_key=keys.get("secret_key"),
     )
-    if s3_port:
-        # SeaweedServer picks every port itself; pin the S3 one (see the devcluster report).
-        names = ("master", "master_grpc", "volume", "volume_grpc", "filer", "filer_grpc", "s3_grpc")
-        server._ports = dict(zip(names, _free_ports(len(names)), strict=True))
-        server._ports["s3"] = s3_port
     stop = False
 
     def on_signal(signum: int, frame: object) -> None:

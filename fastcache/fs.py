@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 
 import llfuse
 
+from fastcache.chunks import digest
 from fastcache.config import ClientConfig
 from fastcache.errors import NameTooLong, NotFound, errno_for
 from fastcache.handles import STAGING_PREFIX, FileTable, LoopCaller
@@ -79,6 +80,23 @@ def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
 
 
+@functools.lru_cache(maxsize=64)
+def _hole(length: int) -> str:
+    """The digest of a chunk of ``length`` zero bytes: a hole (truncate up, seek past EOF)."""
+    return digest(bytes(length))
+
+
+def _allocated_blocks(doc: dict[str, Any]) -> int:
+    """512-byte blocks of a manifest's data chunks, in whole 4 KiB blocks (holes are free)."""
+    size, cs, lengths = doc["size"], doc["chunk_size"], doc.get("lengths")
+    total = 0
+    for index, name in enumerate(doc["chunks"]):
+        length = lengths[index] if lengths is not None else min(cs, size - index * cs)
+        if name != _hole(length):
+            total += length
+    return -(-total // BLOCK) * (BLOCK // 512)
+
+
 def _data_key(attrs: Attrs) -> int:
     """What identifies a file's content version for the kernel's page cache."""
     return hash((attrs.size, attrs.mtime_ns, attrs.version))
@@ -125,6 +143,7 @@ class Operations(llfuse.Operations):
         self.kernel = KernelNotifier()
         self._dirs: dict[int, _DirHandle] = {}
         self._next_dir = 1
+        self._blocks: dict[int, tuple[int, int]] = {}  # ino -> (version, st_blocks)
 
     # --- helpers ---------------------------------------------------------------------------
     def _wait(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -160,8 +179,23 @@ class Operations(llfuse.Operations):
             e.st_ctime_ns = max(attrs.ctime_ns, pending[1])
             e.attr_timeout = 0
         e.st_blksize = IO_SIZE
-        e.st_blocks = -(-e.st_size // 512)
+        if pending is None and attrs.type == "file":
+            e.st_blocks = self._file_blocks(attrs)
+        else:
+            e.st_blocks = -(-e.st_size // BLOCK) * (BLOCK // 512)
         return e
+
+    def _file_blocks(self, attrs: Attrs) -> int:
+        """``st_blocks`` of a committed file: its data chunks, not its holes (as ``du`` expects)."""
+        cached = self._blocks.get(attrs.ino)
+        if cached is not None and cached[0] == attrs.version:
+            return cached[1]
+        doc = attrs.manifest
+        blocks = 0 if not doc else _allocated_blocks(doc)
+        if len(self._blocks) >= 4096:
+            self._blocks.clear()
+        self._blocks[attrs.ino] = (attrs.version, blocks)
+        return blocks
 
     def _learn(self, parent: int, name: str, attrs: Attrs) -> llfuse.EntryAttributes:
         """A new kernel reference to ``attrs.ino`` under ``parent``/``name``."""

@@ -504,6 +504,9 @@ class FileTable:
 
     def _commit_manifest(self, file: OpenFile, manifest: Manifest, changed: set[int]) -> Attrs:
         expected = file.version
+        # Publish: the chunks this commit wrote become findable by the other nodes (a
+        # location record at the coordinator) before a manifest naming them is visible.
+        self.call(self.manager.publish([manifest.chunks[i] for i in sorted(changed)]))
         for _attempt in range(COMMIT_ATTEMPTS):
             try:
                 return self.call(self.ns.commit_manifest(file.ino, manifest.to_json(), expected))

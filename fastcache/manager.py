@@ -75,6 +75,7 @@ class CacheManager(Protocol):
     async def write_chunk(self, digest: str, data: Buffer) -> None: ...
     async def write_bytes(self, data: Buffer) -> Manifest: ...
     def writer(self) -> ChunkWriter: ...
+    async def publish(self, digests: Iterable[str]) -> None: ...
     async def flush(self, digests: Iterable[str], timeout: float | None = None) -> None: ...
     async def sync(self, timeout: float | None = None) -> None: ...
     def put_entry(self, path: str, manifest: Manifest) -> None: ...
@@ -331,6 +332,8 @@ class DefaultCacheManager:
             "writes_s3": 0,
             "lost_chunks": 0,
             "prefetches": 0,
+            "published": 0,
+            "publish_failures": 0,
         }
         self._failing_since: float | None = None
 
@@ -458,7 +461,8 @@ class DefaultCacheManager:
             counters = self._tiers[role]
             try:
                 data = await tier.read(digest)
-                await self._verify(digest, data, tier.name)
+                if not getattr(tier, "verifies_reads", False):  # verified exactly once
+                    await self._verify(digest, data, tier.name)
             except ChunkCorrupt as exc:
                 log.warning("%s", exc)
                 self._counts["corrupt_chunks"] += 1
@@ -640,6 +644,27 @@ class DefaultCacheManager:
     def writer(self) -> ChunkWriter:
         """A streaming writer (bounded memory) producing the same manifest as ``write_bytes``."""
         return ChunkWriter(self)
+
+    async def publish(self, digests: Iterable[str]) -> None:
+        """Make the chunks of ``digests`` that are only on this node's NVMe (written, not yet
+        in S3 nor replicated) findable by the other nodes: one batched location record at
+        the coordinator, through the peer tier. Call it before committing a manifest that
+        names them. No-op without a peer tier; failures are logged and counted, not raised
+        (write-back still makes the chunks reachable, only later).
+        """
+        announce = getattr(self._peer, "announce", None)
+        if announce is None:
+            return
+        local = [d for d in dict.fromkeys(digests) if d in self._uploads and d in self.journal]
+        if not local:
+            return
+        try:
+            failed = int(await announce(local))
+        except Exception as exc:  # best effort: the write itself succeeded
+            log.warning("publishing %d chunk(s) to the peers failed: %s", len(local), exc)
+            failed = len(local)
+        self._counts["published"] += len(local) - failed
+        self._counts["publish_failures"] += failed
 
     async def flush(self, digests: Iterable[str], timeout: float | None = None) -> None:
         """Return once every chunk in ``digests`` is in S3; ``TierUnavailable`` on timeout.
@@ -830,6 +855,8 @@ class DefaultCacheManager:
                 "peer_replicated": counts["peer_replicated"],
                 "peer_failures": counts["peer_replica_failures"],
                 "lost": counts["lost_chunks"],
+                "published": counts["published"],
+                "publish_failures": counts["publish_failures"],
             },
             "writes": {
                 "nvme": counts["writes_nvme"],

@@ -5,7 +5,8 @@ FUSE worker threads hand network work to it with ``asyncio.run_coroutine_threads
 Everything is torn down through one ``AsyncExitStack`` in the reverse order of setup:
 
     heartbeat stops + deregister → API stops (in-flight requests finish) → unmount (open
-    handles flushed) → manager closes (unfinished uploads stay journaled) → tiers close.
+    handles flushed) → pending uploads get ``shutdown_sync_timeout`` to reach S3 → manager
+    closes (unfinished uploads stay journaled) → tiers close.
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class Node:
             stack.push_async_callback(peer.close)
             manager = await DefaultCacheManager.open(config.cache, nvme, cloud, peer)
             stack.push_async_callback(manager.close)
+            stack.push_async_callback(self._sync_uploads)  # after the unmount, before close
             self.state = NodeState(
                 config=config, manager=manager, nvme=nvme, coordinator=coordinator, peer=peer
             )
@@ -224,6 +226,29 @@ class Node:
             except _NET_ERRORS as exc:
                 log.info("deregistering failed: %s", exc)
             state.registered = False
+
+    async def _sync_uploads(self) -> None:
+        """Give pending uploads up to ``shutdown_sync_timeout`` to reach S3; what is left stays
+        journaled and is uploaded at the next start."""
+        state = self.state
+        if state is None:
+            return
+        manager = state.manager
+        pending = manager.pending_uploads()
+        if not pending:
+            return
+        timeout = self.config.shutdown_sync_timeout
+        log.info("waiting up to %.1f s for %d pending upload(s) to reach S3", timeout, pending)
+        try:
+            await manager.sync(timeout=timeout)
+        except FastcacheError as exc:
+            log.warning(
+                "%d chunk(s) not in S3 yet (%s): they stay journaled for the next start",
+                manager.pending_uploads(),
+                exc,
+            )
+        else:
+            log.info("all %d pending upload(s) are in S3", pending)
 
     def _do_mount(self) -> None:
         from fastcache import fs  # llfuse is only needed with a mount

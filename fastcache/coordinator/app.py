@@ -19,11 +19,13 @@ from fastcache import __version__
 from fastcache.config import CoordinatorConfig
 from fastcache.coordinator.service import (
     INODE_TYPES,
+    MAX_LOCATION_BATCH,
     MAX_READDIR,
     UID_MAX,
     CoordinatorService,
     location_key,
 )
+from fastcache.errors import BadRequest
 from fastcache.http import (
     ERROR_SCHEMA,
     INT64_MAX,
@@ -144,6 +146,7 @@ LOCATION_PUT = _obj(
     ["peer_id", "action"],
     path=_PATH,
     chunk=_DIGEST,
+    chunks={"type": "array", "items": _DIGEST, "minItems": 1, "maxItems": MAX_LOCATION_BATCH},
     peer_id=_PEER_ID,
     action={"type": "string", "enum": ["add", "remove"]},
 )
@@ -244,11 +247,23 @@ class _Views:
 
     async def put_location(self, request: web.Request) -> web.Response:
         doc = await read_json(request, LOCATION_PUT)
+        peer_id = req_str(doc, "peer_id")
+        add = req_str(doc, "action") == "add"
+        chunks = doc.get("chunks")
+        if chunks is not None:  # the batch form: one transaction for every chunk
+            if doc.get("path") is not None or doc.get("chunk") is not None:
+                raise BadRequest("give exactly one of path, chunk and chunks")
+            keys = [location_key(chunk=c) for c in chunks]
+            if add:
+                await self.svc.add_locations(keys, peer_id)
+            else:
+                await self.svc.remove_locations(keys, peer_id)
+            return web.Response(status=_NO_CONTENT)
         key = location_key(opt_str(doc, "path"), opt_str(doc, "chunk"))
-        if req_str(doc, "action") == "add":
-            await self.svc.add_location(key, req_str(doc, "peer_id"))
+        if add:
+            await self.svc.add_location(key, peer_id)
         else:
-            await self.svc.remove_location(key, req_str(doc, "peer_id"))
+            await self.svc.remove_location(key, peer_id)
         return web.Response(status=_NO_CONTENT)
 
     async def stats(self, request: web.Request) -> web.Response:
@@ -399,7 +414,7 @@ def _routes(app: web.Application, api: OpenAPI, v: _Views) -> None:
         "PUT",
         "/api/files/location",
         v.put_location,
-        summary="Add or remove a location record (give exactly one of path, chunk)",
+        summary="Add or remove location records: give exactly one of path, chunk, chunks (a batch)",
         body=LOCATION_PUT,
         responses={204: None, **nf},
     )

@@ -9,12 +9,14 @@ connection error. Error answers come back as the domain errors the service raise
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 
+from fastcache.coordinator.service import MAX_LOCATION_BATCH
 from fastcache.coordinator.store import Entry, InodeAttrs, PeerInfo
 from fastcache.errors import TierUnavailable, error_from_kind, error_from_status
 
@@ -158,6 +160,24 @@ class CoordinatorClient:
         self, peer_id: str, *, path: str | None = None, chunk: str | None = None
     ) -> None:
         await self._put_location("remove", peer_id, path, chunk)
+
+    async def add_locations(self, peer_id: str, *, chunks: Iterable[str]) -> None:
+        """Record ``peer_id`` as a holder of every chunk: one request, one transaction per
+        ``MAX_LOCATION_BATCH`` chunks."""
+        await self._put_locations("add", peer_id, chunks)
+
+    async def remove_locations(self, peer_id: str, *, chunks: Iterable[str]) -> None:
+        await self._put_locations("remove", peer_id, chunks)
+
+    async def _put_locations(self, action: str, peer_id: str, chunks: Iterable[str]) -> None:
+        names = list(dict.fromkeys(chunks))
+        for start in range(0, len(names), MAX_LOCATION_BATCH):
+            body = {
+                "peer_id": peer_id,
+                "action": action,
+                "chunks": names[start : start + MAX_LOCATION_BATCH],
+            }
+            await self._request("PUT", "/api/files/location", body=body)
 
     async def _put_location(
         self, action: str, peer_id: str, path: str | None, chunk: str | None

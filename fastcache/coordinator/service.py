@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ INT64_MAX = (1 << 63) - 1
 UID_MAX = (1 << 32) - 1
 MAX_TARGET_BYTES = 4095
 MAX_READDIR = 10_000
+MAX_LOCATION_BATCH = 4096  # chunk locations per batch request (one transaction)
 PEER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 URL_RE = re.compile(r"^https?://[^\s/?#]+(/[^\s]*)?$")
 STATUS_RE = re.compile(r"^[a-z][a-z_-]{0,31}$")
@@ -299,6 +300,27 @@ class CoordinatorService:
 
     async def remove_location(self, key: str, peer_id: str) -> None:
         await self.store.transact(lambda tx: tx.remove_location(key, peer_id))
+
+    async def add_locations(self, keys: Sequence[str], peer_id: str) -> None:
+        """Record ``peer_id`` as a holder of every key, in one transaction (all or none)."""
+        keys = list(dict.fromkeys(keys))
+        if len(keys) > MAX_LOCATION_BATCH:
+            raise BadRequest(f"at most {MAX_LOCATION_BATCH} locations per request")
+        now = self._clock()
+
+        def op(tx: Txn) -> None:
+            peer = tx.get_peer(peer_id)
+            if peer is None or not self._live(peer, now):
+                raise NotFound(f"unknown peer {peer_id!r}")
+            tx.add_locations(keys, peer_id)
+
+        await self.store.transact(op)
+
+    async def remove_locations(self, keys: Sequence[str], peer_id: str) -> None:
+        keys = list(dict.fromkeys(keys))
+        if len(keys) > MAX_LOCATION_BATCH:
+            raise BadRequest(f"at most {MAX_LOCATION_BATCH} locations per request")
+        await self.store.transact(lambda tx: tx.remove_locations(keys, peer_id))
 
     async def locations(self, key: str) -> list[PeerInfo]:
         """The live peers recorded as holding ``key``."""

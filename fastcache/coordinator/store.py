@@ -17,7 +17,7 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -123,6 +123,8 @@ class Txn(Protocol):
     def delete_peer(self, peer_id: str) -> bool: ...  # and its location records
     def add_location(self, key: str, peer_id: str) -> None: ...
     def remove_location(self, key: str, peer_id: str) -> None: ...
+    def add_locations(self, keys: Sequence[str], peer_id: str) -> None: ...
+    def remove_locations(self, keys: Sequence[str], peer_id: str) -> None: ...
     def location_peers(self, key: str) -> list[str]: ...
     def location_count(self) -> int: ...
 
@@ -318,6 +320,18 @@ class _SQLiteTxn:
 
     def remove_location(self, key: str, peer_id: str) -> None:
         self._c.execute("DELETE FROM locations WHERE key = ? AND peer_id = ?", (key, peer_id))
+
+    def add_locations(self, keys: Sequence[str], peer_id: str) -> None:
+        self._c.executemany(
+            "INSERT OR IGNORE INTO locations (key, peer_id) VALUES (?, ?)",
+            ((key, peer_id) for key in keys),
+        )
+
+    def remove_locations(self, keys: Sequence[str], peer_id: str) -> None:
+        self._c.executemany(
+            "DELETE FROM locations WHERE key = ? AND peer_id = ?",
+            ((key, peer_id) for key in keys),
+        )
 
     def location_peers(self, key: str) -> list[str]:
         rows = self._c.execute(

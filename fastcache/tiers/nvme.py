@@ -12,7 +12,13 @@ Invariants:
 - ``used`` counts indexed chunks; space for a write in flight is reserved first, so
   concurrent writers never overshoot the capacity between them;
 - nothing is evicted at open: pins are only known once the manager replays its journal,
-  so an oversized cache shrinks on the next write instead.
+  so an oversized cache shrinks on the next write instead;
+- the hit path (``read_into``) keeps the last ``FD_CACHE`` chunk files open (an LRU of
+  descriptors by digest), so a sequential reader does not open and close a chunk file for
+  every 128 KiB request. A descriptor is closed only once no reader uses it (a reference
+  count), so its number is never reused under a ``pread``; a chunk that leaves the index
+  (evicted, deleted, corrupt) loses its descriptor too, and an open descriptor stays valid
+  after the unlink, so eviction never breaks a reader mid-read.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import asyncio
 import errno
 import logging
 import os
+import resource
 import shutil
 import threading
 from collections import OrderedDict
@@ -42,6 +49,19 @@ from fastcache.errors import (
 log = logging.getLogger("fastcache.client.nvme")
 
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+FD_CACHE = 1024  # chunk files kept open for the hit path (at most 1/8 of RLIMIT_NOFILE)
+_O_READ = os.O_RDONLY | os.O_CLOEXEC
+
+
+class _OpenChunk:
+    """A cached descriptor of one chunk file and the readers using it right now."""
+
+    __slots__ = ("dead", "fd", "users")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 0
+        self.dead = False
 
 
 def _tier_error(exc: OSError, what: str) -> Exception:
@@ -67,6 +87,9 @@ class NvmeTier:
         self._lock = threading.Lock()
         self._index: OrderedDict[str, int] = OrderedDict()  # oldest first
         self._pinned: set[str] = set()
+        self._fds: OrderedDict[str, _OpenChunk] = OrderedDict()  # oldest first
+        self._fd_limit = _fd_budget()
+        self._chunk_root = str(self.chunk_dir)
         self._used = 0
         self._reserved = 0
         self._hits = 0
@@ -152,17 +175,88 @@ class NvmeTier:
     def path_for(self, digest: str) -> str:
         if not is_digest(digest):
             raise BadRequest(f"not a chunk digest: {digest!r}")
-        return f"{self.chunk_dir}/{digest[0:2]}/{digest[2:4]}/{digest}"
+        return f"{self._chunk_root}/{digest[0:2]}/{digest[2:4]}/{digest}"
+
+    def _path(self, digest: str) -> str:
+        """``path_for`` without validation: only for digests already in the index."""
+        return f"{self._chunk_root}/{digest[0:2]}/{digest[2:4]}/{digest}"
 
     # --- the synchronous hit path (LocalChunkReader) --------------------------------------
     def read_into(self, digest: str, offset: int, out: memoryview) -> int | None:
         """Copy chunk bytes at ``offset`` into ``out``; ``None`` on a miss.
 
-        Runs on the caller's thread (FUSE workers): no event loop, one lock round for the
-        LRU and the counters, then one ``pread``. With ``verify_reads`` the whole chunk is
-        hashed first; a corrupt file is deleted and reported as a miss, so the caller
-        refetches from a lower tier.
+        Runs on the caller's thread (FUSE workers): no event loop, no hashing, no logging.
+        One lock round finds the chunk, touches the LRU and takes its cached descriptor
+        (opening it on first use), then one ``pread`` with the GIL released, then one lock
+        round gives the descriptor back. With ``verify_reads`` the whole chunk is hashed
+        first; a corrupt file is deleted and reported as a miss, so the caller refetches
+        from a lower tier.
         """
+        if self.verify_reads:
+            return self._read_verified(digest, offset, out)
+        lock = self._lock
+        with lock:
+            size = self._index.get(digest)
+            if size is None:
+                self._misses += 1
+                return None
+            self._index.move_to_end(digest)
+            n = size - offset
+            if n > len(out):
+                n = len(out)
+            elif n <= 0:
+                self._hits += 1
+                return 0
+            self._hits += 1
+            self._bytes_read += n
+            entry = self._fds.get(digest)
+            if entry is not None:
+                self._fds.move_to_end(digest)
+                entry.users += 1
+        if entry is None:
+            entry = self._open_fd(digest)
+            if entry is None:
+                return None
+        try:
+            return chunks.pread_fd(entry.fd, offset, out if n == len(out) else out[:n])
+        except OSError as exc:
+            self._count_error()
+            raise _tier_error(exc, f"reading chunk {digest}") from exc
+        finally:
+            with lock:
+                entry.users -= 1
+                close = entry.dead and entry.users == 0
+            if close:
+                os.close(entry.fd)
+
+    def _open_fd(self, digest: str) -> _OpenChunk | None:
+        """Open ``digest``'s file for the hit path and cache it (in use once); ``None`` if gone."""
+        try:
+            fd = os.open(self._path(digest), _O_READ)
+        except FileNotFoundError:
+            self._forget(digest)  # deleted or evicted under us: a miss after all
+            return None
+        except OSError as exc:
+            self._count_error()
+            raise _tier_error(exc, f"opening chunk {digest}") from exc
+        closing: list[int] = []
+        with self._lock:
+            entry = self._fds.get(digest)
+            if entry is None and digest in self._index:
+                entry = self._fds[digest] = _OpenChunk(fd)
+                while len(self._fds) > self._fd_limit:
+                    closing.extend(_retire(self._fds.popitem(last=False)[1]))
+            elif entry is None:  # it left the index meanwhile: read once through fd, uncached
+                entry = _OpenChunk(fd)
+                entry.dead = True
+            else:
+                closing.append(fd)  # another reader cached one first
+            entry.users += 1
+        for old in closing:
+            os.close(old)
+        return entry
+
+    def _read_verified(self, digest: str, offset: int, out: memoryview) -> int | None:
         with self._lock:
             size = self._index.get(digest)
             if size is None:
@@ -172,19 +266,14 @@ class NvmeTier:
             n = max(0, min(len(out), size - offset))
             self._hits += 1
             self._bytes_read += n
-        path = self.path_for(digest)
+        path = self._path(digest)
         try:
-            if self.verify_reads:
-                data = chunks.read_chunk_file(path)
-                if chunks.digest(data) != digest:
-                    self._drop_corrupt(digest, path)
-                    return None
-                out[:n] = memoryview(data)[offset : offset + n]
-                return n
-            if n == 0:
-                return 0
-            view = out if n == len(out) else memoryview(out)[:n]
-            return chunks.pread_into(path, offset, view)
+            data = chunks.read_chunk_file(path)
+            if chunks.digest(data) != digest:
+                self._drop_corrupt(digest, path)
+                return None
+            out[:n] = memoryview(data)[offset : offset + n]
+            return n
         except FileNotFoundError:
             self._forget(digest)  # deleted or evicted under us: a miss after all
             return None
@@ -276,6 +365,7 @@ class NvmeTier:
                 return None
             need = self._used + self._reserved + size - self.capacity
             victims: list[tuple[str, int]] = []
+            closing: list[int] = []
             if need > 0:
                 freed = 0
                 for d, n in self._index.items():  # oldest first
@@ -293,9 +383,12 @@ class NvmeTier:
                 for d, n in victims:
                     del self._index[d]
                     self._used -= n
+                    closing.extend(self._drop_fd_locked(d))
                 self._evictions += len(victims)
             self._reserved += size
-            return victims
+        for fd in closing:
+            os.close(fd)
+        return victims
 
     def _unlink_all(self, victims: list[tuple[str, int]]) -> None:
         for d, _ in victims:
@@ -380,6 +473,7 @@ class NvmeTier:
             return
         self._closed = True
         await asyncio.to_thread(self._pool.shutdown, True)
+        self._close_fds()
 
     # --- internals -----------------------------------------------------------------------
     async def _run(self, fn: Any, *args: Any) -> Any:
@@ -392,6 +486,21 @@ class NvmeTier:
             size = self._index.pop(digest, None)
             if size is not None:
                 self._used -= size
+            closing = self._drop_fd_locked(digest)
+        for fd in closing:
+            os.close(fd)
+
+    def _drop_fd_locked(self, digest: str) -> list[int]:
+        """Uncache ``digest``'s descriptor; the fds to close now (none while in use)."""
+        entry = self._fds.pop(digest, None)
+        return [] if entry is None else _retire(entry)
+
+    def _close_fds(self) -> None:
+        with self._lock:
+            closing = [fd for entry in self._fds.values() for fd in _retire(entry)]
+            self._fds.clear()
+        for fd in closing:
+            os.close(fd)
 
     def _drop_corrupt(self, digest: str, path: str) -> None:
         log.warning("chunk %s on NVMe is corrupt: deleted, will be refetched", digest)
@@ -406,6 +515,23 @@ class NvmeTier:
     def _count_error(self) -> None:
         with self._lock:
             self._errors += 1
+
+
+def _fd_budget() -> int:
+    """How many chunk descriptors the hit path may keep open in this process."""
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (OSError, ValueError):
+        soft = 1024
+    if soft == resource.RLIM_INFINITY:
+        return FD_CACHE
+    return max(16, min(FD_CACHE, soft // 8))
+
+
+def _retire(entry: _OpenChunk) -> list[int]:
+    """Mark a cached descriptor dead; its fd if nobody reads through it (else the last does)."""
+    entry.dead = True
+    return [entry.fd] if entry.users == 0 else []
 
 
 def _unlink_missing_ok(path: str) -> None:

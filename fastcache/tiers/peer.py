@@ -127,6 +127,10 @@ class PeerDirectory(Protocol):
 
     async def add_chunk_holders(self, digest: str, peer_ids: Sequence[str]) -> None: ...
 
+    async def add_holdings(self, peer_id: str, digests: Sequence[str]) -> None:
+        """Record ``peer_id`` as a holder of every chunk in ``digests`` (one request)."""
+        ...
+
 
 class CoordinatorDirectory:
     """``PeerDirectory`` over ``fastcache.coordinator.client.CoordinatorClient``."""
@@ -143,6 +147,9 @@ class CoordinatorDirectory:
 
     async def add_chunk_holders(self, digest: str, peer_ids: Sequence[str]) -> None:
         await asyncio.gather(*(self._client.add_location(p, chunk=digest) for p in peer_ids))
+
+    async def add_holdings(self, peer_id: str, digests: Sequence[str]) -> None:
+        await self._client.add_locations(peer_id, chunks=digests)
 
 
 def make_session(pool_size: int = 64) -> aiohttp.ClientSession:
@@ -164,6 +171,9 @@ class PeerTier:
     """``TierStorage`` over the other nodes' ``/api/chunks/{digest}`` (name ``"peer"``)."""
 
     name = "peer"
+    # ``read`` returns only bytes it verified against the digest: the manager does not hash
+    # them a second time (every chunk from another node is still verified exactly once).
+    verifies_reads = True
 
     def __init__(
         self,
@@ -215,6 +225,8 @@ class PeerTier:
                 "corrupt",
                 "skipped_open_breaker",
                 "peer_refreshes",
+                "announced",
+                "announce_failures",
             ),
             0,
         )
@@ -450,25 +462,22 @@ class PeerTier:
         except (FastcacheError, aiohttp.ClientError, OSError, TimeoutError) as exc:
             log.debug("recording holders of %s failed: %s", digest, exc)
 
-    async def announce(self, digests: Iterable[str], concurrency: int = 8) -> int:
+    async def announce(self, digests: Iterable[str]) -> int:
         """Record this node as a holder of ``digests`` (fresh writes, still only on our NVMe
         until write-back replicates them): other nodes can read them from us at once.
-        Best effort; returns how many records failed."""
-        room = asyncio.Semaphore(concurrency)
-        failed = 0
-
-        async def one(digest: str) -> None:
-            nonlocal failed
-            async with room:
-                try:
-                    await self._directory.add_chunk_holders(digest, [self.self_id])
-                except (FastcacheError, aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    if not failed:
-                        log.info("recording this node as holder of %s failed: %s", digest, exc)
-                    failed += 1
-
-        await asyncio.gather(*(one(d) for d in dict.fromkeys(digests)))
-        return failed
+        One batched request to the coordinator. Best effort; returns how many records
+        failed (0 or all of them)."""
+        names = list(dict.fromkeys(digests))
+        if not names:
+            return 0
+        try:
+            await self._directory.add_holdings(self.self_id, names)
+        except (FastcacheError, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            self._counters["announce_failures"] += len(names)
+            log.info("recording this node as holder of %d chunk(s) failed: %s", len(names), exc)
+            return len(names)
+        self._counters["announced"] += len(names)
+        return 0
 
     async def _holders(self, digest: str) -> list[str]:
         await self.live_peers()

@@ -6,14 +6,20 @@ Peer reads, surviving a dead node, a coordinator restart, and a frozen node drop
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from fastcache.chunks import digest
+from fastcache.seaweed import SeaweedServer
+from fastcache.tiers.cloud import CloudTier
+from fastcache.tiers.peer import replicas_for
 from tests.integration.cluster import Cluster, http, wait_for
 
 TOKEN = "cluster-test-token"
@@ -156,3 +162,110 @@ def test_sigterm_is_a_clean_shutdown_that_deregisters(cluster: Cluster) -> None:
     restarted.wait_healthy()
     cluster.wait_peers({"client1", "client2"})
     assert get(restarted.url, "/before-stop") == b"kept"
+
+
+def _file_needing_publish(
+    nodes: list[str], writer: str, chunk: int, count: int
+) -> tuple[bytes, str]:
+    """File bytes (``count`` chunks) with a chunk whose rendezvous replica set, seen from some
+    reader, leaves the writer out; and that reader."""
+    readers = [n for n in nodes if n != writer]
+    while True:
+        data = os.urandom(chunk * count + 1000)
+        for start in range(0, len(data), chunk):
+            d = digest(data[start : start + chunk])
+            for reader in readers:
+                if writer not in replicas_for(d, nodes, reader, 3):
+                    return data, reader
+
+
+def test_unuploaded_chunks_are_readable_from_every_node(cluster: Cluster, tmp_path: Path) -> None:
+    """Five nodes; the writer cannot reach its S3 and replicates nothing (replication 0), so
+    its chunks are only on its NVMe when the manifest is committed. Every other node reads the
+    file anyway: the writer published itself as their holder before the commit. The reader
+    whose rendezvous set leaves the writer out reads first, before any other reader could
+    hold a copy."""
+    chunk = 256 << 10
+    assert cluster.s3.access_key and cluster.s3.secret_key
+    dead_s3 = SeaweedServer(
+        tmp_path / "writer-s3",
+        access_key=cluster.s3.access_key,
+        secret_key=cluster.s3.secret_key,
+    ).start()
+    try:
+        cluster.start_coordinator()
+        writer = cluster.start_client(
+            1,
+            extra=[
+                *("--s3-endpoint", dead_s3.endpoint),
+                *("--replication", "0", "--chunk-size", str(chunk)),
+                *("--shutdown-sync-timeout", "0"),
+            ],
+        )
+        readers = [cluster.start_client(i) for i in range(2, 6)]
+        for proc in (writer, *readers):
+            proc.wait_healthy()
+        names = [p.name for p in (writer, *readers)]
+        cluster.wait_peers(set(names))
+    finally:
+        dead_s3.stop()  # the writer's write-back can never finish
+
+    data, blind = _file_needing_publish(names, writer.name, chunk, 8)
+    count = -(-len(data) // chunk)
+    assert put(writer.url, "/unuploaded.bin", data)["chunks"] == count
+    assert pending_uploads(writer.url) == count  # only on the writer's NVMe
+    writeback = http("GET", f"{writer.url}/api/cache/stats", token=TOKEN).json()["writeback"]
+    assert writeback["published"] == count, writeback
+    readers.sort(key=lambda p: p.name != blind)  # the blind reader first
+    for proc in readers:
+        assert get(proc.url, "/unuploaded.bin") == data, proc.name
+    assert pending_uploads(writer.url) == count
+
+
+def test_sigterm_finishes_pending_uploads_before_exiting(cluster: Cluster, tmp_path: Path) -> None:
+    """Uploads still running at SIGTERM reach S3 before the node exits: S3 is frozen while
+    the file is written and thawed only once the node is shutting down, so nothing but the
+    shutdown sync can have uploaded the chunks. Checked in S3 without restarting the node."""
+    assert cluster.s3.access_key and cluster.s3.secret_key
+    server = SeaweedServer(
+        tmp_path / "slow-s3",
+        access_key=cluster.s3.access_key,
+        secret_key=cluster.s3.secret_key,
+    ).start()
+    try:
+        s3 = replace(cluster.s3, endpoint=server.endpoint)
+        cluster.start_coordinator()
+        node = cluster.start_client(
+            1,
+            extra=[
+                *("--s3-endpoint", server.endpoint, "--replication", "0"),
+                *("--chunk-size", str(256 << 10), "--shutdown-sync-timeout", "60"),
+            ],
+        )
+        node.wait_healthy()
+        server.pause()
+        data = os.urandom(3 * (256 << 10) + 77)
+        count = put(node.url, "/synced.bin", data)["chunks"]
+        assert pending_uploads(node.url) == count  # S3 frozen: nothing uploaded yet
+        node.signal(signal.SIGTERM)
+        wait_for(
+            lambda: not node.alive() or "pending upload(s)" in node.log_path.read_text(),
+            message="node shutting down",
+        )
+        server.resume()
+        assert node.popen is not None
+        assert node.popen.wait(90) == 0, node.log_tail()
+        names = [digest(data[i : i + (256 << 10)]) for i in range(0, len(data), 256 << 10)]
+
+        async def in_s3() -> list[bool]:
+            cloud = await CloudTier.open(s3, create_bucket=False)
+            try:
+                return list(await asyncio.gather(*(cloud.exists(n) for n in names)))
+            finally:
+                await cloud.close()
+
+        assert asyncio.run(in_s3()) == [True] * count, node.log_tail()
+        assert f"all {count} pending upload(s) are in S3" in node.log_path.read_text()
+    finally:
+        cluster.close()
+        server.stop()

@@ -16,7 +16,7 @@ import aiohttp
 import pytest
 
 from fastcache.coordinator.client import CoordinatorClient
-from fastcache.coordinator.service import ROOT_INO, CoordinatorService
+from fastcache.coordinator.service import MAX_LOCATION_BATCH, ROOT_INO, CoordinatorService
 from fastcache.errors import Conflict, NotFound, TierUnavailable, Unauthorized
 from tests.helpers import wait_until
 from tests.integration.conftest_coordinator import CoordinatorProcess, start_coordinator
@@ -39,6 +39,48 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CoordinatorPro
         yield proc
     finally:
         proc.kill()
+
+
+def test_batch_locations(coordinator: CoordinatorProcess) -> None:
+    many = [f"{i:032x}" for i in range(MAX_LOCATION_BATCH + 10)]  # two requests
+
+    async def body() -> None:
+        async with CoordinatorClient(coordinator.url) as c:
+            await c.register_peer("b1", "http://127.0.0.1:9101", 1000)
+            await c.register_peer("b2", "http://127.0.0.1:9102", 1000)
+            before = (await c.stats())["locations"]
+            await c.add_locations("b1", chunks=many)
+            await c.add_locations("b2", chunks=[D1, D2, D1])
+            assert [p.peer_id for p in await c.get_locations(chunk=many[-1])] == ["b1"]
+            assert [p.peer_id for p in await c.get_locations(chunk=D2)] == ["b2"]
+            assert (await c.stats())["locations"] == before + len(many) + 2
+            with pytest.raises(NotFound):
+                await c.add_locations("ghost", chunks=[D1])
+            await c.remove_locations("b1", chunks=many)
+            await c.add_locations("b1", chunks=[])  # nothing to send
+            assert (await c.stats())["locations"] == before + 2
+            await c.deregister_peer("b1")
+            await c.deregister_peer("b2")
+
+    arun(body())
+
+
+def test_openapi_documents_the_batch(secured: CoordinatorProcess) -> None:
+    async def body() -> dict[str, Any]:
+        headers = {"Authorization": f"Bearer {TOKEN}"}
+        async with (
+            aiohttp.ClientSession(headers=headers) as s,
+            s.get(secured.url + "/api/openapi.json") as resp,
+        ):
+            assert resp.status == 200
+            return dict(await resp.json())
+
+    doc = arun(body())
+    put = doc["paths"]["/api/files/location"]["put"]
+    schema = put["requestBody"]["content"]["application/json"]["schema"]
+    chunks = schema["properties"]["chunks"]
+    assert chunks["maxItems"] == MAX_LOCATION_BATCH
+    assert chunks["items"]["pattern"] == "^[0-9a-f]{32}$"
 
 
 def test_peers_register_list_heartbeat(coordinator: CoordinatorProcess) -> None:
@@ -235,6 +277,38 @@ BAD_INPUTS: list[tuple[str, str, str, Any, dict[str, str] | None, int]] = [
         "PUT",
         "/api/files/location",
         {"chunk": "0" * 31, "peer_id": "n1", "action": "add"},
+        None,
+        400,
+    ),
+    (
+        "batch-too-many",
+        "PUT",
+        "/api/files/location",
+        {"chunks": [D1] * (MAX_LOCATION_BATCH + 1), "peer_id": "n1", "action": "add"},
+        None,
+        400,
+    ),
+    (
+        "batch-empty",
+        "PUT",
+        "/api/files/location",
+        {"chunks": [], "peer_id": "n1", "action": "add"},
+        None,
+        400,
+    ),
+    (
+        "batch-bad-digest",
+        "PUT",
+        "/api/files/location",
+        {"chunks": [D1, "Z" * 32], "peer_id": "n1", "action": "add"},
+        None,
+        400,
+    ),
+    (
+        "batch-and-chunk",
+        "PUT",
+        "/api/files/location",
+        {"chunks": [D1], "chunk": D2, "peer_id": "n1", "action": "add"},
         None,
         400,
     ),

@@ -403,3 +403,153 @@ def test_inode_numbers_are_stable(workdir: Path) -> None:
     assert (workdir / "moved").stat().st_ino == ino
     entries = {e.name: e.inode() for e in os.scandir(workdir)}
     assert entries["moved"] == ino
+
+
+# --- POSIX corners a conformance suite checks --------------------------------------------------
+def test_setgid_directory_passes_its_group_on(workdir: Path, tmp_path: Path) -> None:
+    def run(root: Path) -> list[Any]:
+        d = root / "sg"
+        d.mkdir()
+        os.chown(d, 0, 1234)
+        os.chmod(d, 0o2775)
+        (d / "file").touch()
+        (d / "sub").mkdir(0o755)
+        f, sub = (d / "file").stat(), (d / "sub").stat()
+        return [f.st_gid, stat.S_IMODE(f.st_mode) & 0o7000, sub.st_gid, sub.st_mode & 0o7000]
+
+    assert same(run, workdir, tmp_path) == [1234, 0, 1234, stat.S_ISGID]
+
+
+def test_write_and_truncate_by_non_owner_clear_suid_sgid(workdir: Path, tmp_path: Path) -> None:
+    def as_other(root: Path, fn: Callable[[], None]) -> int:
+        os.chmod(root, 0o777)
+        return _as_nobody(root, fn)
+
+    def write_once() -> None:
+        fd = os.open("w", os.O_WRONLY)
+        try:
+            os.write(fd, b"x")
+        finally:
+            os.close(fd)
+
+    def run(root: Path) -> list[Any]:
+        for name in ("w", "t", "c"):
+            (root / name).write_bytes(b"data")
+            os.chmod(root / name, 0o6777)
+        codes = [as_other(root, write_once), as_other(root, lambda: os.truncate("t", 1))]
+        os.chown(root / "c", 1234, 1234)  # chown by root of an executable drops the bits
+        return codes + [stat.S_IMODE((root / n).stat().st_mode) for n in ("w", "t", "c")]
+
+    got = same(run, workdir, tmp_path)
+    assert got[:2] == [0, 0]
+    assert not any(mode & (stat.S_ISUID | stat.S_ISGID) for mode in got[2:])
+
+
+def test_sparse_file_blocks_count_data_not_holes(workdir: Path, tmp_path: Path) -> None:
+    def run(root: Path) -> list[int]:
+        holes = root / "holes"
+        with open(holes, "wb") as f:
+            f.truncate(3 * MiB)
+        data = root / "data"
+        with open(data, "wb") as f:
+            f.write(os.urandom(MiB + 1))
+        return [holes.stat().st_blocks, data.stat().st_blocks]
+
+    got, want = run(workdir), run(tmp_path)
+    assert got[0] == want[0] == 0  # du of a file of holes: nothing allocated
+    assert got[1] * 512 >= MiB + 1  # real data is counted
+    p = workdir / "mostly-holes"
+    with open(p, "wb") as f:
+        f.truncate(8 * MiB)
+        f.seek(5 * MiB)
+        f.write(b"x")
+    st = p.stat()
+    assert 0 < st.st_blocks * 512 < st.st_size  # du reports less than the apparent size
+
+
+def test_namespace_times_and_nlink(workdir: Path, tmp_path: Path) -> None:
+    def run(root: Path) -> list[Any]:
+        a, b = root / "a", root / "b"
+        a.mkdir()
+        b.mkdir()
+        (a / "x").mkdir()
+        (b / "x").mkdir()
+        os.rename(a / "x", b / "x")  # over an existing empty directory
+        nlinks = [a.stat().st_nlink, b.stat().st_nlink]
+        f = root / "f"
+        f.write_bytes(b"1")
+        os.utime(f, ns=(1, 1))  # old times
+        parent = os.stat(root)
+        os.utime(root, ns=(2, 2))
+        before = f.stat().st_ctime_ns
+        os.link(f, root / "g")
+        after_link = f.stat()
+        os.unlink(root / "g")
+        after_unlink = f.stat()
+        parent = os.stat(root)
+        return [
+            *nlinks,
+            after_link.st_ctime_ns > before,
+            after_unlink.st_ctime_ns >= after_link.st_ctime_ns,
+            after_unlink.st_nlink,
+            parent.st_mtime_ns > 2 and parent.st_ctime_ns > 2,
+        ]
+
+    assert same(run, workdir, tmp_path) == [2, 3, True, True, 1, True]
+
+
+def test_utimensat_now_and_omit(workdir: Path, tmp_path: Path) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    utime_now, utime_omit = (1 << 30) - 1, (1 << 30) - 2
+
+    class Timespec(ctypes.Structure):
+        _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+    def utimens(path: Path, atime: tuple[int, int], mtime: tuple[int, int]) -> None:
+        times = (Timespec * 2)(Timespec(*atime), Timespec(*mtime))
+        if libc.utimensat(-100, os.fsencode(path), times, 0) != 0:  # AT_FDCWD
+            raise OSError(ctypes.get_errno(), "utimensat")
+
+    def run(root: Path) -> list[Any]:
+        p = root / "t"
+        p.touch()
+        os.utime(p, ns=(10**9, 2 * 10**9))
+        utimens(p, (0, utime_omit), (5, 0))  # atime kept, mtime set
+        st1 = p.stat()
+        utimens(p, (0, utime_now), (0, utime_omit))  # atime now, mtime kept
+        st2 = p.stat()
+        return [st1.st_atime_ns, st1.st_mtime_ns, st2.st_atime_ns > 10**18, st2.st_mtime_ns]
+
+    assert same(run, workdir, tmp_path) == [10**9, 5 * 10**9, True, 5 * 10**9]
+
+
+def test_more_error_codes(workdir: Path, tmp_path: Path) -> None:
+    def run(root: Path) -> list[Any]:
+        (root / "file").write_bytes(b"x")
+        (root / "dir").mkdir()
+        os.symlink("loop2", root / "loop1")
+        os.symlink("loop1", root / "loop2")
+        checks: list[Callable[[Path], Any]] = [
+            lambda r: os.truncate(r / "dir", 0),
+            lambda r: os.open(r / "file", os.O_RDONLY | os.O_DIRECTORY),
+            lambda r: os.mkdir(r / "dir"),
+            lambda r: os.rmdir(os.path.join(r, "dir", ".")),  # pathlib would drop the "."
+            lambda r: os.stat(r / "loop1"),
+            lambda r: os.readlink(r / "file"),
+        ]
+        return [outcome(check, root) for check in checks]
+
+    got = same(run, workdir, tmp_path)
+    assert got == [
+        ("errno", "EISDIR"),
+        ("errno", "ENOTDIR"),
+        ("errno", "EEXIST"),
+        ("errno", "EINVAL"),
+        ("errno", "ELOOP"),
+        ("errno", "EINVAL"),
+    ]
+    for root in (workdir, tmp_path):
+        os.chmod(root, 0o755)
+        assert _as_nobody(root, lambda: os.chmod("file", 0o777)) == errno.EPERM

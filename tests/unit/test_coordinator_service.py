@@ -9,7 +9,12 @@ from typing import Any, TypeVar
 
 import pytest
 
-from fastcache.coordinator.service import ROOT_INO, CoordinatorService, location_key
+from fastcache.coordinator.service import (
+    MAX_LOCATION_BATCH,
+    ROOT_INO,
+    CoordinatorService,
+    location_key,
+)
 from fastcache.coordinator.store import InodeAttrs, SQLiteStore
 from fastcache.errors import (
     BadRequest,
@@ -441,6 +446,21 @@ def test_peers_and_timeout(svc: CoordinatorService, run: Run[Any], clock: Clock)
         run(svc.deregister_peer("n2"))
     assert run(svc.stats())["peers"] == {"total": 0, "live": 0}
     assert run(svc.stats())["locations"] == 0
+
+
+def test_batch_locations_one_transaction(svc: CoordinatorService, run: Run[Any]) -> None:
+    run(svc.register_peer("n1", "http://127.0.0.1:9001", 100))
+    keys = [location_key(chunk=f"{i:032x}") for i in range(MAX_LOCATION_BATCH)]
+    run(svc.add_locations([*keys, keys[0]], "n1"))  # duplicates are fine
+    assert run(svc.stats())["locations"] == MAX_LOCATION_BATCH
+    assert [p.peer_id for p in run(svc.locations(keys[-1]))] == ["n1"]
+    run(svc.remove_locations(keys[1:], "n1"))
+    assert run(svc.stats())["locations"] == 1
+    with pytest.raises(NotFound):  # an unknown peer records nothing
+        run(svc.add_locations(keys, "ghost"))
+    with pytest.raises(BadRequest):
+        run(svc.add_locations([*keys, f"chunk:{'f' * 32}"], "n1"))
+    assert run(svc.stats())["locations"] == 1
 
 
 def test_reregister_after_timeout_drops_stale_locations(

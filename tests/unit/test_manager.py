@@ -424,6 +424,71 @@ def test_nvme_failure_race_peer_first_and_s3_finishes_in_background(tmp_path: Pa
     run(main())
 
 
+class AnnouncingPeer(FakeTier):
+    """The peer fake with ``PeerTier.announce``: records each batch, can fail."""
+
+    def __init__(self) -> None:
+        super().__init__("peer")
+        self.batches: list[list[str]] = []
+        self.announce_error: Exception | None = None
+
+    async def announce(self, digests: Any) -> int:
+        self.batches.append(list(digests))
+        if self.announce_error is not None:
+            raise self.announce_error
+        return 0
+
+
+def test_publish_announces_only_chunks_not_yet_in_s3(tmp_path: Path) -> None:
+    async def main() -> None:
+        rig = Rig(tmp_path)
+        peer = AnnouncingPeer()
+        rig.peer = peer
+        uploaded, local = chunk_bytes("up"), chunk_bytes("local")
+        du, dl = digest(uploaded), digest(local)
+        m = await rig.open()
+        try:
+            await m.write_chunk(du, uploaded)
+            await m.flush([du])
+            rig.s3.down_until = asyncio.Event()  # write-back of the next chunk cannot finish
+            await m.write_chunk(dl, local)
+            assert m.pending_uploads() == 1
+            await m.publish([du, dl, dl, "f" * 32])
+            assert peer.batches == [[dl]]  # one batch: only the chunk S3 does not have
+            assert m.stats()["writeback"]["published"] == 1
+            await m.publish([du])  # nothing local: no request at all
+            assert len(peer.batches) == 1
+            peer.announce_error = TierUnavailable("coordinator down")
+            await m.publish([dl])  # logged and counted, not raised
+            assert m.stats()["writeback"]["publish_failures"] == 1
+            rig.s3.down_until.set()
+            await m.flush([dl], timeout=10)
+            await m.publish([dl])  # in S3 now: nothing to announce
+            assert len(peer.batches) == 2
+        finally:
+            await m.close()
+
+    run(main())
+
+
+def test_publish_without_peer_tier_is_a_no_op(tmp_path: Path) -> None:
+    async def main() -> None:
+        rig = Rig(tmp_path)
+        rig.s3.down_until = asyncio.Event()
+        data = chunk_bytes("solo")
+        d = digest(data)
+        m = await rig.open(with_peer=False)
+        try:
+            await m.write_chunk(d, data)
+            await m.publish([d])
+            assert m.stats()["writeback"]["published"] == 0
+        finally:
+            rig.s3.down_until.set()
+            await m.close()
+
+    run(main())
+
+
 def test_peer_won_race_then_s3_failure_is_retried(tmp_path: Path) -> None:
     async def main() -> None:
         rig = Rig(tmp_path)
@@ -817,6 +882,28 @@ def test_concurrent_files_through_writers_and_ranges(tmp_path: Path) -> None:
             await asyncio.gather(*(one(s) for s in range(16)))
             await m.sync()
             assert len(m.entries()) == 16
+        finally:
+            await m.close()
+
+    run(main())
+
+
+def test_a_tier_that_verifies_its_reads_is_not_hashed_twice(tmp_path: Path) -> None:
+    """The peer tier verifies what it returns; the manager trusts that (one hash per chunk),
+    and keeps verifying tiers that do not say so (S3 here)."""
+
+    async def main() -> None:
+        rig = Rig(tmp_path)
+        rig.peer.verifies_reads = True  # type: ignore[attr-defined]
+        data = chunk_bytes("once")
+        d = digest(data)
+        rig.peer.data[d] = data
+        rig.peer.corrupt.add(d)  # a lie the manager can only miss by not hashing
+        rig.s3.data[d] = data
+        m = await rig.open()
+        try:
+            assert await m.read_chunk(d) != data
+            assert m.stats()["tiers"]["peer"]["hits"] == 1
         finally:
             await m.close()
 

@@ -450,3 +450,121 @@ def test_concurrent_thread_readers_and_loop_writers(tmp_path: Path) -> None:
         )
 
     asyncio.run(main())
+
+
+# --- the hit path's descriptor cache -------------------------------------------------------
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError as exc:
+        assert exc.errno == errno.EBADF
+        return False
+    return True
+
+
+def test_hit_path_reuses_one_descriptor_per_chunk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A sequential reader opens the chunk file once, not once per request."""
+    data = blob(7)
+    d = digest(data)
+    opened: list[str] = []
+    real_open = os.open
+
+    def counting_open(path: Any, flags: int, *args: Any) -> int:
+        if str(path).endswith(d):
+            opened.append(str(path))
+        return real_open(path, flags, *args)
+
+    async def body(tier: NvmeTier) -> None:
+        await tier.write(d, data)
+        monkeypatch.setattr(os, "open", counting_open)
+        got = bytearray()
+        for off in range(0, CS, 512):
+            out = bytearray(512)
+            assert tier.read_into(d, off, memoryview(out)) == 512
+            got += out
+        assert bytes(got) == data
+        assert len(opened) == 1
+
+    run(tmp_path, body)
+
+
+def _open_chunk_files(tier: NvmeTier) -> list[str]:
+    """Names of the chunk files this process holds open (fd numbers get reused: use paths)."""
+    names = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(tier.chunk_dir)):
+            names.append(os.path.basename(target).removesuffix(" (deleted)"))
+    return names
+
+
+def test_descriptor_cache_is_bounded_and_closes_what_it_drops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fastcache.tiers import nvme
+
+    monkeypatch.setattr(nvme, "FD_CACHE", 32)
+    blobs = [blob(100 + i) for i in range(nvme.FD_CACHE + 8)]
+    names = [digest(b) for b in blobs]
+    left: list[str] = []
+
+    async def body(tier: NvmeTier) -> None:
+        for b in blobs:
+            await tier.write(digest(b), b)
+        for b in blobs:
+            out = bytearray(16)
+            assert tier.read_into(digest(b), 0, memoryview(out)) == 16
+            assert bytes(out) == b[:16]
+        assert sorted(_open_chunk_files(tier)) == sorted(names[8:])  # the oldest were closed
+        await tier.delete(names[-1])  # a deleted chunk loses its descriptor
+        assert sorted(_open_chunk_files(tier)) == sorted(names[8:-1])
+        assert tier.read_into(names[-1], 0, memoryview(bytearray(16))) is None
+        left.append(str(tier.chunk_dir))
+
+    run(tmp_path, body, capacity=len(blobs) * CS)
+    assert not [n for n in os.listdir("/proc/self/fd") if _points_into(n, left[0])]
+
+
+def _points_into(fd: str, directory: str) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").startswith(directory)
+    except OSError:
+        return False
+
+
+def test_eviction_during_a_read_does_not_break_the_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The chunk is evicted (unlinked, uncached) while a reader is inside its pread."""
+    first, second = blob(1), blob(2)
+    d1 = digest(first)
+    real_pread = chunks.pread_fd
+    seen: list[int] = []
+
+    async def body(tier: NvmeTier) -> None:
+        await tier.write(d1, first)
+        assert tier.read_into(d1, 0, memoryview(bytearray(8))) == 8  # cache the descriptor
+        fd = tier._fds[d1].fd
+
+        def evicting_pread(fd_: int, offset: int, out: memoryview) -> int:
+            seen.append(fd_)
+            if len(seen) == 1:  # another thread evicts the chunk right now
+                tier._unlink_all(tier._reserve(digest(second), 2 * CS) or [])
+                assert d1 not in tier and _fd_open(fd_)  # in use: not closed yet
+            return real_pread(fd_, offset, out)
+
+        monkeypatch.setattr(chunks, "pread_fd", evicting_pread)
+        out = bytearray(CS)
+        assert tier.read_into(d1, 0, memoryview(out)) == CS
+        assert bytes(out) == first
+        assert seen == [fd]
+        assert _open_chunk_files(tier) == []  # the last reader closed it
+        assert not os.path.exists(tier.path_for(d1))
+        assert tier.read_into(d1, 0, memoryview(out)) is None
+
+    run(tmp_path, body, capacity=2 * CS)

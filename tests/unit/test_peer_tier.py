@@ -141,6 +141,18 @@ class Directory:
     async def add_chunk_holders(self, digest: str, peer_ids: Sequence[str]) -> None:
         self.holders.setdefault(digest, []).extend(peer_ids)
 
+    batches: list[tuple[str, list[str]]]
+    fail_batches = False
+
+    async def add_holdings(self, peer_id: str, digests: Sequence[str]) -> None:
+        if not hasattr(self, "batches"):
+            self.batches = []
+        self.batches.append((peer_id, list(digests)))
+        if self.fail_batches:
+            raise TierUnavailable("coordinator down")
+        for d in digests:
+            self.holders.setdefault(d, []).append(peer_id)
+
 
 def chunk_app(store: dict[str, bytes], corrupt: bool = False) -> web.Application:
     async def get(request: web.Request) -> web.StreamResponse:
@@ -326,3 +338,33 @@ def test_a_hanging_peer_does_not_hold_up_the_answer() -> None:
             release.set()
 
     asyncio.run(_with_peers({"hang": hanging, "good": chunk_app({d: data})}, body))
+
+
+def test_announce_is_one_batch_and_makes_the_writer_findable() -> None:
+    """A chunk only on "a" (the writer), outside the reader's rendezvous set: found only
+    through the batched announce."""
+    others = ("b", "c", "d")
+    while True:
+        data = os.urandom(1000)
+        d = digest(data)
+        if "a" not in replicas_for(d, ("a", *others), "me", 3):
+            break
+    extra = [x for x in DIGESTS[:3] if x != d][:2]
+
+    async def body(tier: PeerTier, directory: Directory) -> None:
+        with pytest.raises(ChunkNotFound):
+            await tier.read(d)
+        announcer = PeerTier("a", directory, tier._session)
+        assert await announcer.announce([d, *extra, d]) == 0
+        assert directory.batches == [("a", [d, *extra])]  # one request, no duplicates
+        assert announcer.stats()["announced"] == 3
+        assert await tier.read(d) == data
+        assert await announcer.announce([]) == 0 and len(directory.batches) == 1
+        directory.fail_batches = True
+        assert await announcer.announce([DIGESTS[3]]) == 1  # logged and counted, not raised
+        assert announcer.stats()["announce_failures"] == 1
+        await announcer.close()
+
+    apps: dict[str, web.Application | None] = {"a": chunk_app({d: data})}
+    apps.update({p: chunk_app({}) for p in others})
+    asyncio.run(_with_peers(apps, body))
