@@ -8,6 +8,7 @@ APT_PACKAGES := fuse libfuse-dev pkg-config libxxhash-dev
 BENCH_APT_PACKAGES := fio s3fs
 EXT_SOURCES := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: all deps bench-deps venv build dev-setup test test-verbose test-race bench bench-smoke \
         lint annotate clean run-coordinator run-client-1 run-client-2 run-client-3 \
@@ -74,11 +75,13 @@ bench-smoke: build
 	  --benchmark-warmup=off --benchmark-json=bench/results/kernels-smoke.json -p no:randomly \
 	  -o testpaths=bench
 
+## bench: kernel benchmarks, then the whole-filesystem harness (BENCH_ARGS="--help" lists its flags)
 bench: build bench-deps
+	$(PIP) install -q -e '.[bench]' --no-build-isolation
 	@mkdir -p bench/results
 	$(PY) -m pytest -q bench/test_kernels.py bench/test_peer_fetch.py \
 	  --benchmark-json=bench/results/kernels.json -o testpaths=bench
-	@if [ -f bench/harness.py ]; then $(PY) -m bench.harness; fi
+	$(PY) -m bench.harness $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check fastcache tests bench

@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="INFO")
 
     b = sub.add_parser("bench", help="benchmark fastcache beside other filesystems")
-    b.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the harness")
+    b.add_argument("rest", nargs=argparse.REMAINDER, help="harness flags (fastcache bench --help)")
     return parser
 
 
@@ -157,6 +157,12 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        # The harness owns its flags; argparse's REMAINDER would reject them.
+        from bench.harness import main as bench_main
+
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -184,10 +190,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fastcache import devcluster
 
             return devcluster.stop(args)
-        if args.command == "bench":
-            from bench.harness import main as bench_main
-
-            return bench_main(args.rest)
     except ConfigError as exc:
         print(f"fastcache: {exc}", file=sys.stderr)
         return 2
