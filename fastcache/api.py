@@ -23,6 +23,7 @@ from fastcache.chunks import Manifest
 from fastcache.config import ClientConfig
 from fastcache.errors import (
     BadRequest,
+    ChunkNotFound,
     DataUnavailable,
     FastcacheError,
     IsADirectory,
@@ -39,6 +40,7 @@ from fastcache.http import (
 )
 from fastcache.paths import is_digest, normalize_path
 from fastcache.tiers.base import verify
+from fastcache.tiers.peer import PEER_HEADER
 
 if TYPE_CHECKING:
     from fastcache.tiers.peer import PeerTier
@@ -422,9 +424,12 @@ async def health(request: web.Request) -> web.Response:
 
 # --- chunks (peer transfers) -------------------------------------------------------------
 async def get_chunk(request: web.Request) -> web.StreamResponse:
-    """This node's NVMe copy only: a peer must never make us ask other peers."""
+    """This node's NVMe copy only, unless ``?fetch=1`` (see below)."""
     state = _state(request)
     d = _digest(request)
+    caller = request.headers.get(PEER_HEADER)
+    if caller and state.peer is not None:
+        state.peer.heard_from(caller)
     if request.method == "HEAD":
         size = await state.nvme.size(d)
         resp = web.StreamResponse(status=200)
@@ -432,7 +437,16 @@ async def get_chunk(request: web.Request) -> web.StreamResponse:
         resp.content_type = "application/octet-stream"
         await resp.prepare(request)
         return resp
-    data = await state.nvme.read(d)
+    if request.query.get("fetch") == "1":
+        # Fetch-through: we own this chunk (rendezvous), so we read it for the cluster,
+        # through our own tiers (S3 included), joining a fetch already in flight. One hop:
+        # this never asks another node to fetch it in turn.
+        try:
+            data = await state.manager.read_chunk_for_peer(d)
+        except DataUnavailable as exc:  # a miss for the asker (who then tries S3 itself),
+            raise ChunkNotFound(str(exc)) from None  # not a failure of this node
+    else:
+        data = await state.nvme.read(d)
     return web.Response(body=data, content_type="application/octet-stream")
 
 
@@ -557,7 +571,7 @@ def make_app(state: NodeState) -> web.Application:
         "GET",
         "/api/chunks/{digest}",
         get_chunk,
-        summary="A chunk from this node's NVMe",
+        summary="A chunk from this node's NVMe (?fetch=1: read through this node's tiers)",
         params=[DIGEST],
         responses={200: octet, **chunk_responses},
     )

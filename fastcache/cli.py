@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="kernel attribute/entry cache timeout in seconds (default 1)",
     )
+    n.add_argument(
+        "--negative-timeout",
+        type=float,
+        default=0.0,
+        help="seconds a node may answer ENOENT from its cache for directories only it "
+        "changed (default 0: always ask the coordinator; >0 speeds up creates but a "
+        "name made on another node may stay invisible that long)",
+    )
     n.add_argument("--readahead", type=int, default=4, help="chunks read ahead (default 4)")
     n.add_argument(
         "--replication",
@@ -150,6 +158,7 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
         heartbeat_interval=args.heartbeat_interval,
         mount=args.mount,
         attr_timeout=args.attr_timeout,
+        negative_timeout=args.negative_timeout,
         readahead_chunks=args.readahead,
         shutdown_sync_timeout=args.shutdown_sync_timeout,
         max_file_size=parse_size(args.max_file_size),

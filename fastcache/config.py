@@ -141,6 +141,10 @@ class ClientConfig:
     heartbeat_interval: float = 10.0
     mount: Path | None = None
     attr_timeout: float = 1.0  # kernel attribute/entry cache, seconds
+    # How long "no such name" may be answered from this node's cache, for directories only
+    # this node has changed. 0 (default) always asks the coordinator, so a file another node
+    # just created and closed is found by the next open() here (close-to-open for new names).
+    negative_timeout: float = 0.0
     readahead_chunks: int = 4
     max_body: int = DEFAULT_MAX_BODY
     peer_connect_timeout: float = 0.5

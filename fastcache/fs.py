@@ -23,6 +23,7 @@ import stat
 import struct
 import subprocess
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,7 +32,7 @@ import llfuse
 
 from fastcache.chunks import digest
 from fastcache.config import ClientConfig
-from fastcache.errors import NameTooLong, NotFound, errno_for
+from fastcache.errors import Exists, NameTooLong, NotFound, errno_for
 from fastcache.handles import STAGING_PREFIX, FileTable, LoopCaller
 from fastcache.metacache import MetaCache
 
@@ -46,6 +47,8 @@ NS_TIMEOUT = 60.0  # a namespace call the coordinator does not answer in time: E
 READDIR_BATCH = 512
 WORKERS = 16
 MAX_IO = 1 << 20
+PREFETCH_AFTER = 4  # lookup misses in one directory within a ttl that make us list it
+PREFETCH_BATCHES = 4  # at most this many READDIR_BATCH pages per listing
 
 _TYPE_BITS = {
     "file": stat.S_IFREG,
@@ -129,7 +132,7 @@ class Operations(llfuse.Operations):
         self.ns = namespace
         self.config = config
         self.ttl = config.attr_timeout
-        self.meta = MetaCache(config.attr_timeout)
+        self.meta = MetaCache(config.attr_timeout, negative_ttl=config.negative_timeout)
         self.call = LoopCaller(loop)
         self.files = FileTable(
             manager,
@@ -144,6 +147,7 @@ class Operations(llfuse.Operations):
         self._dirs: dict[int, _DirHandle] = {}
         self._next_dir = 1
         self._blocks: dict[int, tuple[int, int]] = {}  # ino -> (version, st_blocks)
+        self._misses: dict[int, tuple[int, float]] = {}  # dir -> (lookup misses, window end)
 
     # --- helpers ---------------------------------------------------------------------------
     def _wait(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -215,13 +219,55 @@ class Operations(llfuse.Operations):
 
     def _made(self, parent: int, name: str, kind: str, mode: int, ctx: Any, **kw: Any) -> Any:
         perm, gid = self._owner(parent, mode, ctx)
-        attrs = self._wait(self.ns.create(parent, name, kind, perm, ctx.uid, gid, **kw))
-        self.meta.invalidate(parent)
-        return self._learn(parent, name, attrs)
+        attrs, after, before = self._wait(
+            self.ns.create_entry(parent, name, kind, perm, ctx.uid, gid, **kw)
+        )
+        if after is None:
+            self.meta.invalidate(parent)
+        else:  # the parent as the create left it: the next create here needs no getattr
+            self.meta.put(after)
+        self.meta.changed(parent, before, None if after is None else after.version)
+        entry = self._learn(parent, name, attrs)
+        if attrs.type == "dir":
+            self.meta.complete(attrs.ino, attrs.version)  # new and empty: known completely
+        return entry
+
+    def _prefetch(self, parent: int) -> bool:
+        """Lookups missing again and again in one directory (``stat`` of every file after
+        the kernel dropped its dentries): list it once per ttl instead ("readdirplus")."""
+        now = time.monotonic()
+        count, until = self._misses.get(parent, (0, 0.0))
+        if until <= now:
+            count, until = 0, now + self.ttl
+        count += 1
+        self._misses[parent] = (count, until)
+        if count != PREFETCH_AFTER:
+            return False
+        if len(self._misses) > 4096:
+            self._misses = {parent: (count, until)}
+        offset = 0
+        for _ in range(PREFETCH_BATCHES):
+            entries = self._wait(self.ns.readdir(parent, offset, READDIR_BATCH))
+            for e in entries:
+                if self._cacheable(e.attrs):
+                    self.meta.bind(parent, e.name, self.meta.put(e.attrs).ino)
+            if len(entries) < READDIR_BATCH:
+                break
+            offset = entries[-1].offset
+        return True
+
+    def _cacheable(self, attrs: Attrs) -> bool:
+        """Listing attrs carry no manifest: a file's ``st_blocks`` must be known otherwise."""
+        if attrs.type != "file" or attrs.manifest is not None or attrs.size == 0:
+            return True
+        cached = self._blocks.get(attrs.ino)
+        return cached is not None and cached[0] == attrs.version
 
     def _committed(self, attrs: Attrs | None) -> None:
         """New content committed by this node: its page cache already holds it."""
         if attrs is not None:
+            if attrs.type == "file":
+                self._file_blocks(attrs)
             self.meta.put(attrs)
             self.meta.data_follows(attrs.ino, _data_key(attrs))
 
@@ -231,6 +277,12 @@ class Operations(llfuse.Operations):
         n = _name(name)
         ino = self.meta.entry(parent_inode, n)
         attrs = None if ino is None else self.meta.get(ino)
+        if attrs is None:
+            if ino is None and self.meta.absent(parent_inode, n):
+                raise NotFound(f"no entry {n!r} in directory {parent_inode}")
+            if self._prefetch(parent_inode):
+                ino = self.meta.entry(parent_inode, n)
+                attrs = None if ino is None else self.meta.get(ino)
         if attrs is None:
             attrs = self._wait(self.ns.lookup(parent_inode, n))
         return self._learn(parent_inode, n, attrs)
@@ -310,19 +362,23 @@ class Operations(llfuse.Operations):
         self.meta.invalidate(new_parent_inode)
         return self._learn(new_parent_inode, n, attrs)
 
+    def _removed(self, parent: int, name: str, is_dir: bool) -> None:
+        after, before = self._wait(self.ns.remove_entry(parent, name, is_dir=is_dir))
+        self.meta.unbind(parent, name)
+        if after is None:
+            self.meta.invalidate(parent)
+            self.meta.incomplete(parent)
+            return
+        self.meta.put(after)  # the kernel revalidates the parent next: no getattr needed
+        self.meta.changed(parent, before, after.version)
+
     @_handler
     def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        n = _name(name)
-        self._wait(self.ns.unlink(parent_inode, n))
-        self.meta.unbind(parent_inode, n)
-        self.meta.invalidate(parent_inode)
+        self._removed(parent_inode, _name(name), False)
 
     @_handler
     def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        n = _name(name)
-        self._wait(self.ns.rmdir(parent_inode, n))
-        self.meta.unbind(parent_inode, n)
-        self.meta.invalidate(parent_inode)
+        self._removed(parent_inode, _name(name), True)
 
     @_handler
     def rename(
@@ -341,6 +397,8 @@ class Operations(llfuse.Operations):
             self.meta.bind(parent_inode_new, new, moved)
         self.meta.invalidate(parent_inode_old)
         self.meta.invalidate(parent_inode_new)
+        self.meta.incomplete(parent_inode_old)
+        self.meta.incomplete(parent_inode_new)
 
     # --- directories -----------------------------------------------------------------------
     @_handler
@@ -367,7 +425,11 @@ class Operations(llfuse.Operations):
             batch = [(b".", me, 1), (b"..", me, 2)][off:]
         entries = self._wait(self.ns.readdir(d.ino, max(0, off - 2), READDIR_BATCH))
         for e in entries:
-            batch.append((os.fsencode(e.name), self._entry(e.attrs), e.offset + 2))
+            attrs = e.attrs
+            if self._cacheable(attrs):  # readdirplus: the lookups that follow stay local
+                attrs = self.meta.put(attrs)
+                self.meta.bind(d.ino, e.name, attrs.ino)
+            batch.append((os.fsencode(e.name), self._entry(attrs), e.offset + 2))
         d.batch = batch
         d.positions = {off: 0}
         d.positions.update((next_off, i + 1) for i, (_, _, next_off) in enumerate(batch))
@@ -384,8 +446,12 @@ class Operations(llfuse.Operations):
     # --- files -----------------------------------------------------------------------------
     @_handler
     def open(self, inode: int, flags: int, ctx: Any) -> int:
+        known = self.meta.get(inode)  # what the kernel may have been told (lookup, listing)
         attrs = self.meta.put(self._wait(self.ns.getattr(inode)))
-        if self.meta.data_changed(inode, _data_key(attrs)) and self.mounted:
+        changed = self.meta.data_changed(inode, _data_key(attrs))
+        if known is not None and _data_key(known) != _data_key(attrs):
+            changed = True  # e.g. listed before another node's commit: a stale size
+        if changed and self.mounted:
             with llfuse.lock_released:
                 self.kernel.invalidate(inode)
         with llfuse.lock_released:
@@ -395,7 +461,15 @@ class Operations(llfuse.Operations):
     def create(
         self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any
     ) -> tuple[int, llfuse.EntryAttributes]:
-        entry = self._made(parent_inode, _name(name), "file", mode, ctx)
+        n = _name(name)
+        try:
+            entry = self._made(parent_inode, n, "file", mode, ctx)
+        except Exists:
+            if flags & os.O_EXCL:
+                raise
+            # the name appeared since our (possibly cached) negative lookup: open it
+            entry = self._learn(parent_inode, n, self._wait(self.ns.lookup(parent_inode, n)))
+            return self.open(entry.st_ino, flags, ctx), entry
         attrs = self.meta.get(entry.st_ino)
         self.meta.data_follows(entry.st_ino, _data_key(attrs))
         with llfuse.lock_released:

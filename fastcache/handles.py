@@ -293,9 +293,12 @@ class FileTable:
                     self._readahead(handle, index)
                 handle.next_off = off + size
                 return view
-        data = self.call(self.manager.read_range(manifest, off, size))
+        # Read ahead before waiting for this read: the next chunks' fetches overlap it.
         if abs(off - handle.next_off) < SEQUENTIAL_WINDOW and manifest.lengths is None:
-            self._readahead(handle, (off + size - 1) // cs)
+            last = (off + size - 1) // cs
+            if last != handle.prefetched:
+                self._readahead(handle, last)
+        data = self.call(self.manager.read_range(manifest, off, size))
         handle.next_off = off + size
         return data
 
@@ -464,6 +467,7 @@ class FileTable:
         chunks: list[str] = []
         changed: set[int] = set()
         batch: list[tuple[str, bytes | bytearray]] = []
+        storing: list[concurrent.futures.Future[None]] = []
         for index in range(-(-file.size // cs)):
             start = index * cs
             length = min(cs, file.size - start)
@@ -486,21 +490,40 @@ class FileTable:
             changed.add(index)
             batch.append((name, data))
             if len(batch) >= COMMIT_BATCH:
-                self._store(batch)
-        self._store(batch)
+                # Stored while the next batch is read and hashed (two batches at most).
+                storing.append(self._store(batch))
+                batch = []
+                if len(storing) >= 2:
+                    self._finish_stores(storing[:1])
+                    del storing[:1]
+        if batch:
+            storing.append(self._store(batch))
+        self._finish_stores(storing)
         return Manifest(size=file.size, chunk_size=cs, chunks=chunks), changed
 
-    def _store(self, batch: list[tuple[str, bytes | bytearray]]) -> None:
-        if not batch:
-            return
+    def _store(self, batch: list[tuple[str, bytes | bytearray]]) -> concurrent.futures.Future[None]:
+        """Start writing ``batch`` through the manager; the future of all of it."""
         unique = dict(batch)
         write = self.manager.write_chunk
 
         async def store_all() -> None:
             await asyncio.gather(*(write(name, data) for name, data in unique.items()))
 
-        self.call(store_all())
-        batch.clear()
+        return asyncio.run_coroutine_threadsafe(store_all(), self.call.loop)
+
+    def _finish_stores(self, futures: list[concurrent.futures.Future[None]]) -> None:
+        """Wait for batches ``_store`` started; the first failure is raised (after all)."""
+        error: BaseException | None = None
+        for future in futures:
+            try:
+                future.result(self.call.timeout)
+            except concurrent.futures.TimeoutError:
+                future.cancel()
+                error = error or TierUnavailable("timed out waiting for the event loop")
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            raise error
 
     def _commit_manifest(self, file: OpenFile, manifest: Manifest, changed: set[int]) -> Attrs:
         expected = file.version

@@ -58,6 +58,7 @@ log = logging.getLogger("fastcache.manager")
 
 _HASH_OFFLOAD = 256 * 1024  # hash buffers larger than this on a thread, not on the loop
 _LATENCY_SAMPLES = 2048
+_LOCAL_SAMPLE_EVERY = 16  # NVMe hits: time one in this many
 _RETRY_BASE = 0.1  # first write-back retry delay, seconds (doubles up to writeback_retry_max)
 _RETRY_LOUD_AFTER = 60.0  # seconds of failing uploads before retries are logged as warnings
 
@@ -69,6 +70,7 @@ class CacheManager(Protocol):
 
     def set_peer_tier(self, peer: TierStorage | None) -> None: ...
     async def read_chunk(self, digest: str) -> bytes: ...
+    async def read_chunk_for_peer(self, digest: str) -> bytes: ...
     def read_local(self, digest: str, offset: int, out: memoryview) -> int | None: ...
     async def read_range(self, manifest: Manifest, offset: int, size: int) -> bytes: ...
     def prefetch(self, manifest: Manifest, first_index: int, count: int) -> None: ...
@@ -297,13 +299,27 @@ class DefaultCacheManager:
             CdcParams.for_average(config.chunk_size) if config.chunking == "cdc" else None
         )
         # read path
+        # In-flight fetches below NVMe, one per chunk. ``_fetches`` read peers (plain) then S3
+        # themselves; ``_through`` first ask the chunk's owner to fetch it for us (cluster-wide
+        # single flight). A fetch-through request we serve only ever joins ``_fetches``: it
+        # never waits on a fetch that waits on another node, so owners can never wait in a
+        # cycle even when nodes disagree about who owns a chunk.
         self._fetches: dict[str, asyncio.Task[bytes]] = {}
+        self._through: dict[str, asyncio.Task[bytes]] = {}
         self._prefetches: dict[str, asyncio.Task[None]] = {}
-        self._promoting: set[str] = set()
+        # fetched, verified, being written to NVMe: served from memory until it is there
+        self._promoting: dict[str, bytes] = {}
         self._prefetch_room = asyncio.Semaphore(config.fetch_concurrency)
         # write path
         self._writes: dict[str, asyncio.Future[None]] = {}
         self._uploads: dict[str, asyncio.Future[None]] = {}  # digest → in S3
+        # Chunks just written keep their bytes in memory until their upload starts (at most
+        # one chunk per upload worker in all): write-back then does not read them back from
+        # NVMe (written O_DIRECT, so that would be a disk read and a hash). Past that
+        # budget, the upload reads NVMe as before.
+        self._upload_data: dict[str, bytes] = {}
+        self._upload_bytes = 0
+        self._upload_memory = config.upload_concurrency * config.chunk_size
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self._workers: list[asyncio.Task[None]] = []
         self._kick: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -332,6 +348,7 @@ class DefaultCacheManager:
             "writes_s3": 0,
             "lost_chunks": 0,
             "prefetches": 0,
+            "fetch_through_served": 0,
             "published": 0,
             "publish_failures": 0,
         }
@@ -376,14 +393,24 @@ class DefaultCacheManager:
         self._read_latency.add(time.perf_counter() - start)
         return data
 
+    async def read_chunk_for_peer(self, digest: str) -> bytes:
+        """A peer's fetch-through request (we own ``digest``): NVMe, else the peers' NVMe,
+        else S3, joining any fetch of it already in flight here and promoting it. Never asks
+        another node to fetch it (bounded: one hop)."""
+        self._counts["fetch_through_served"] += 1
+        return await self._read_chunk(digest, try_nvme=True, through=False)
+
     def read_local(self, digest: str, offset: int, out: memoryview) -> int | None:
         """Copy NVMe bytes of ``digest`` at ``offset`` into ``out``; ``None`` on a miss.
 
         Synchronous and loop-free: FUSE threads call it directly for the hit path. An NVMe
         I/O error is a miss too (counted as an error): the caller then asks ``read_chunk``.
         """
-        start = time.perf_counter()
         counters = self._tiers["nvme"]
+        # One hit in _LOCAL_SAMPLE_EVERY is timed: two timer reads and a sample on every hit
+        # cost several percent of a 4 KiB read.
+        timed = counters.hits % _LOCAL_SAMPLE_EVERY == 0
+        start = time.perf_counter() if timed else 0.0
         try:
             n = self.nvme.read_into(digest, offset, out)
         except FastcacheError:  # an I/O error on NVMe: the lower tiers can still serve it
@@ -393,7 +420,8 @@ class DefaultCacheManager:
             counters.miss()
             return None
         counters.hit(n)
-        self._local_latency.add(time.perf_counter() - start)
+        if timed:
+            self._local_latency.add(time.perf_counter() - start)
         return n
 
     async def read_range(self, manifest: Manifest, offset: int, size: int) -> bytes:
@@ -422,13 +450,13 @@ class DefaultCacheManager:
             return
         for index in range(max(0, first_index), min(first_index + count, len(manifest.chunks))):
             name = manifest.chunks[index]
-            if name in self._prefetches or name in self._fetches:
+            if name in self._prefetches or name in self._fetches or name in self._through:
                 continue
             task = loop.create_task(self._prefetch_one(name))
             self._prefetches[name] = task
             task.add_done_callback(lambda t, n=name: self._forget(self._prefetches, n, t))
 
-    async def _read_chunk(self, digest: str, try_nvme: bool) -> bytes:
+    async def _read_chunk(self, digest: str, try_nvme: bool, through: bool = True) -> bytes:
         if try_nvme:
             nvme = self._tiers["nvme"]
             try:
@@ -445,22 +473,55 @@ class DefaultCacheManager:
             else:
                 nvme.hit(len(data))
                 return data
+        if through and self._fetches.get(digest) is None and self._through.get(digest) is None:
+            live_peers = getattr(self._peer, "live_peers", None)
+            if live_peers is not None:  # the first read of a fresh node waits for the list
+                await live_peers()
+        promoting = self._promoting.get(digest)
+        if promoting is not None:  # fetched a moment ago, on its way to NVMe
+            return promoting
         task = self._fetches.get(digest)
+        if task is None and not try_nvme and self._on_nvme(digest):
+            # The caller's NVMe miss is stale: a fetch finished and promoted it meanwhile.
+            return await self._read_chunk(digest, try_nvme=True, through=through)
+        if task is None and through:
+            task = self._through.get(digest)
+            if task is None and self._owned_elsewhere(digest):
+                task = asyncio.get_running_loop().create_task(self._fetch_lower(digest, True))
+                self._through[digest] = task
+                task.add_done_callback(lambda t: self._forget(self._through, digest, t))
         if task is None:
-            task = asyncio.get_running_loop().create_task(self._fetch_lower(digest))
+            task = asyncio.get_running_loop().create_task(self._fetch_lower(digest, False))
             self._fetches[digest] = task
             task.add_done_callback(lambda t: self._forget(self._fetches, digest, t))
         return await asyncio.shield(task)
 
-    async def _fetch_lower(self, digest: str) -> bytes:
-        """Peer, then S3; verified; promoted to NVMe in the background."""
+    def _on_nvme(self, digest: str) -> bool:
+        """Whether the NVMe tier's index has ``digest`` (no I/O)."""
+        size_of = getattr(self.nvme, "chunk_size", None)
+        return size_of is not None and size_of(digest) is not None
+
+    def _owned_elsewhere(self, digest: str) -> bool:
+        """Whether another live node is the designated fetcher of ``digest``."""
+        owner = getattr(self._peer, "owner", None)
+        if owner is None:
+            return False
+        who = owner(digest)
+        return who is not None and who != getattr(self._peer, "self_id", None)
+
+    async def _fetch_lower(self, digest: str, through: bool) -> bytes:
+        """Peer (``through``: the owner fetches it for us), then S3; verified; promoted to
+        NVMe in the background."""
         errors: list[str] = []
         for role, tier in (("peer", self._peer), ("s3", self.cloud)):
             if tier is None:
                 continue
             counters = self._tiers[role]
             try:
-                data = await tier.read(digest)
+                if through and tier is self._peer:
+                    data = await tier.read(digest, fetch_through=True)  # type: ignore[call-arg]
+                else:
+                    data = await tier.read(digest)
                 if not getattr(tier, "verifies_reads", False):  # verified exactly once
                     await self._verify(digest, data, tier.name)
             except ChunkCorrupt as exc:
@@ -486,6 +547,14 @@ class DefaultCacheManager:
         name = manifest.chunks[index]
         if off == 0 and length == manifest.chunk_length(index):
             return await self.read_chunk(name)
+        # Fetched a moment ago (still being promoted) or being fetched: no NVMe round trip.
+        promoting = self._promoting.get(name)
+        if promoting is not None:
+            return memoryview(promoting)[off : off + length]
+        inflight = self._fetches.get(name) or self._through.get(name)
+        if inflight is not None:
+            data = await asyncio.shield(inflight)
+            return memoryview(data)[off : off + length]
         # A part of a chunk: pread just that part from NVMe, on a thread.
         start = time.perf_counter()
         buf = bytearray(length)
@@ -511,7 +580,7 @@ class DefaultCacheManager:
     def _promote_later(self, digest: str, data: bytes) -> None:
         if digest in self._promoting or self._closed:
             return
-        self._promoting.add(digest)
+        self._promoting[digest] = data
         self._spawn(self._promote(digest, data))
 
     async def _promote(self, digest: str, data: bytes) -> None:
@@ -524,7 +593,7 @@ class DefaultCacheManager:
             self._counts["promotions_failed"] += 1
             log.info("promotion of %s to NVMe failed: %s", digest, exc)
         finally:
-            self._promoting.discard(digest)
+            self._promoting.pop(digest, None)
 
     # --- write path --------------------------------------------------------------------------
     async def write_chunk(self, digest: str, data: Buffer) -> None:
@@ -573,6 +642,10 @@ class DefaultCacheManager:
             await self._write_lower(digest, data, TierUnavailable(f"journal: {exc}"))
             return
         self._counts["writes_nvme"] += 1
+        if digest not in self._uploads and self._upload_bytes + len(data) <= self._upload_memory:
+            kept = data if isinstance(data, bytes) else bytes(data)
+            self._upload_data[digest] = kept
+            self._upload_bytes += len(kept)
         self._enqueue(digest)
 
     async def _write_lower(self, digest: str, data: Buffer, nvme_error: Exception) -> None:
@@ -723,8 +796,11 @@ class DefaultCacheManager:
                 self._queue.task_done()
 
     async def _upload_pending(self, digest: str) -> None:
+        kept = self._upload_data.pop(digest, None)
+        if kept is not None:
+            self._upload_bytes -= len(kept)
         try:
-            data = await self.nvme.read(digest)
+            data = kept if kept is not None else await self.nvme.read(digest)
         except FastcacheError as exc:
             # A pinned, journaled chunk that cannot be read back: this must not happen.
             self._counts["lost_chunks"] += 1
@@ -868,6 +944,7 @@ class DefaultCacheManager:
             "promotions_full": counts["promotions_full"],
             "promotions_failed": counts["promotions_failed"],
             "prefetches": counts["prefetches"],
+            "fetch_through_served": counts["fetch_through_served"],
             "corrupt_chunks": counts["corrupt_chunks"],
         }
 
@@ -877,6 +954,7 @@ class DefaultCacheManager:
             return
         self._closed = True
         tasks = [*self._workers, *self._background, *self._fetches.values()]
+        tasks += self._through.values()
         tasks += self._prefetches.values()
         for task in tasks:
             task.cancel()

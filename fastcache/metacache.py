@@ -7,6 +7,14 @@ node is still seen within one timeout. Attributes are keyed by inode and never r
 an older version. Entries map ``(parent, name)`` to an inode so that unlink and rename can
 invalidate the inode they touch.
 
+A directory this node made, and then kept changing itself, is known *completely*: every
+create answer carries the directory's version before and after, and while those chain up
+(no other node changed it in between) a name not among its entries does not exist. Such a
+negative answer is trusted for ``negative_ttl`` after the last confirmation; a create that
+then finds the name taken gets ``Exists`` from the coordinator. The window is off by default
+(``--negative-timeout 0``): a node cannot see another node's create in such a directory
+until it asks, so with a window a freshly created name could stay invisible that long.
+
 Not thread-safe by design: ``fs.Operations`` uses it only while holding the llfuse lock.
 """
 
@@ -23,14 +31,22 @@ Attrs = Any
 class MetaCache:
     """Attributes by inode with an expiry, entries by ``(parent, name)``, lookup counts."""
 
-    def __init__(self, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        ttl: float,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        negative_ttl: float = 0.0,
+    ) -> None:
         self.ttl = ttl
+        self.negative_ttl = negative_ttl
         self._clock = clock
         self._attrs: dict[int, tuple[Attrs, float]] = {}
         self._entries: dict[tuple[int, str], int] = {}
         self._names: dict[int, set[tuple[int, str]]] = {}
         self._lookups: dict[int, int] = {}
         self._data_version: dict[int, int] = {}
+        self._complete: dict[int, tuple[int, float]] = {}  # dir -> (version, expiry)
 
     # --- attributes ------------------------------------------------------------------------
     def get(self, ino: int) -> Attrs | None:
@@ -81,6 +97,31 @@ class MetaCache:
             self.invalidate(ino)
         return ino
 
+    # --- complete directories --------------------------------------------------------------
+    def complete(self, parent: int, version: int) -> None:
+        """This node knows every entry of ``parent`` at ``version`` (it just made it)."""
+        if self.negative_ttl > 0:
+            self._complete[parent] = (version, self._clock() + self.negative_ttl)
+
+    def changed(self, parent: int, before: int | None, after: int | None) -> None:
+        """This node changed ``parent`` from version ``before`` to ``after``."""
+        item = self._complete.pop(parent, None)
+        if item is not None and before is not None and after is not None and item[0] == before:
+            self.complete(parent, after)
+
+    def incomplete(self, parent: int) -> None:
+        self._complete.pop(parent, None)
+
+    def absent(self, parent: int, name: str) -> bool:
+        """True when ``name`` is known not to exist in ``parent`` (fresh, complete listing)."""
+        item = self._complete.get(parent)
+        if item is None:
+            return False
+        if item[1] <= self._clock():
+            del self._complete[parent]
+            return False
+        return (parent, name) not in self._entries
+
     # --- lookup counts ---------------------------------------------------------------------
     def remember(self, ino: int) -> None:
         """The kernel got one more reference to ``ino`` (lookup, create, mkdir, link…)."""
@@ -95,9 +136,11 @@ class MetaCache:
         self._lookups.pop(ino, None)
         self._attrs.pop(ino, None)
         self._data_version.pop(ino, None)
+        self._complete.pop(ino, None)
         for key in self._names.pop(ino, ()):
             if self._entries.get(key) == ino:
                 del self._entries[key]
+                self._complete.pop(key[0], None)  # its listing now misses this name
 
     def lookups(self, ino: int) -> int:
         return self._lookups.get(ino, 0)

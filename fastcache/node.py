@@ -211,6 +211,11 @@ class Node:
             if failing_since is not None:
                 log.info("coordinator reachable again")
                 failing_since = None
+            if self.state.peer is not None:
+                # Keep the peer list fresh while idle: a joining node changes the owner
+                # (rendezvous) of ~1/n of the chunks, and nodes that disagree on owners
+                # fetch some chunks from S3 twice.
+                self.state.peer.invalidate_peers()
 
     async def _leave(self) -> None:
         """Stop heartbeating and deregister, so peers stop sending us work."""

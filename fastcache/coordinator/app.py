@@ -117,6 +117,14 @@ ATTRS = _obj(
     version=_INT64,
     manifest={**_MANIFEST, "nullable": True},
 )
+# create's answer: the new inode, and its parent after and (version) before the change
+CREATED: Schema = {
+    **ATTRS,
+    "properties": {**ATTRS["properties"], "parent_attrs": ATTRS, "parent_version_before": _INT64},
+}
+REMOVED = _obj(
+    ["parent_attrs", "parent_version_before"], parent_attrs=ATTRS, parent_version_before=_INT64
+)
 ENTRIES = _obj(
     ["entries"],
     entries={
@@ -173,7 +181,13 @@ RENAME = _obj(
     noreplace={"type": "boolean"},
     exchange={"type": "boolean"},
 )
-COMMIT = _obj(["manifest", "expected_version"], manifest=_MANIFEST, expected_version=_INT64)
+COMMIT = _obj(
+    ["manifest", "expected_version"],
+    manifest=_MANIFEST,
+    expected_version=_INT64,
+    holder=_PEER_ID,
+    held={"type": "array", "items": _DIGEST, "maxItems": MAX_LOCATION_BATCH},
+)
 PUT_PATH = _obj(
     ["path", "manifest"],
     path=_PATH,
@@ -191,6 +205,12 @@ P_PATH = Param("path", "query", _PATH, description="a path in the namespace")
 P_PATH_REQ = Param("path", "query", _PATH, required=True)
 P_CHUNK = Param("chunk", "query", _DIGEST, description="a chunk digest")
 P_OFFSET = Param("offset", "query", {**_INT64, "default": 0}, description="resume cookie")
+P_REPLY = Param(
+    "reply",
+    "query",
+    {"type": "boolean", "default": False},
+    description="answer with the parent's attributes instead of 204",
+)
 P_LIMIT = Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_READDIR})
 
 
@@ -199,6 +219,13 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 
 _NO_CONTENT = 204
+
+
+def _removed(request: web.Request, parent: Any) -> web.Response:
+    """unlink/rmdir: 204, or with ``?reply=true`` the parent after and (version) before."""
+    if not P_REPLY.get(request):
+        return web.Response(status=_NO_CONTENT)
+    return _json({"parent_attrs": parent.to_json(), "parent_version_before": parent.version - 1})
 
 
 class _Views:
@@ -294,7 +321,7 @@ class _Views:
 
     async def create(self, request: web.Request) -> web.Response:
         doc = await read_json(request, CREATE)
-        attrs = await self.svc.create(
+        attrs, parent, before = await self.svc.create_entry(
             req_int(doc, "parent"),
             req_str(doc, "name"),
             req_str(doc, "type"),
@@ -304,7 +331,10 @@ class _Views:
             rdev=doc.get("rdev", 0),
             target=opt_str(doc, "target"),
         )
-        return _json(attrs.to_json(), status=201)
+        answer = attrs.to_json()
+        answer["parent_attrs"] = parent.to_json()
+        answer["parent_version_before"] = before
+        return _json(answer, status=201)
 
     async def link(self, request: web.Request) -> web.Response:
         doc = await read_json(request, LINK)
@@ -315,13 +345,13 @@ class _Views:
 
     async def unlink(self, request: web.Request) -> web.Response:
         doc = await read_json(request, LOOKUP)
-        await self.svc.unlink(req_int(doc, "parent"), req_str(doc, "name"))
-        return web.Response(status=_NO_CONTENT)
+        parent = await self.svc.unlink(req_int(doc, "parent"), req_str(doc, "name"))
+        return _removed(request, parent)
 
     async def rmdir(self, request: web.Request) -> web.Response:
         doc = await read_json(request, LOOKUP)
-        await self.svc.rmdir(req_int(doc, "parent"), req_str(doc, "name"))
-        return web.Response(status=_NO_CONTENT)
+        parent = await self.svc.rmdir(req_int(doc, "parent"), req_str(doc, "name"))
+        return _removed(request, parent)
 
     async def rename(self, request: web.Request) -> web.Response:
         doc = await read_json(request, RENAME)
@@ -339,7 +369,11 @@ class _Views:
         ino = P_INO.get(request)
         doc = await read_json(request, COMMIT)
         attrs = await self.svc.commit_manifest(
-            ino, doc["manifest"], req_int(doc, "expected_version")
+            ino,
+            doc["manifest"],
+            req_int(doc, "expected_version"),
+            holder=opt_str(doc, "holder"),
+            held=doc.get("held") or (),
         )
         return _json(attrs.to_json())
 
@@ -480,7 +514,7 @@ def _routes(app: web.Application, api: OpenAPI, v: _Views) -> None:
         v.create,
         summary="Create an inode and its entry",
         body=CREATE,
-        responses={201: ATTRS, **ns_err},
+        responses={201: CREATED, **ns_err},
     )
     add(
         r,
@@ -496,18 +530,20 @@ def _routes(app: web.Application, api: OpenAPI, v: _Views) -> None:
         "POST",
         "/api/ns/unlink",
         v.unlink,
+        params=[P_REPLY],
         summary="Remove a non-directory entry",
         body=LOOKUP,
-        responses={204: None, **ns_err},
+        responses={204: None, 200: REMOVED, **ns_err},
     )
     add(
         r,
         "POST",
         "/api/ns/rmdir",
         v.rmdir,
+        params=[P_REPLY],
         summary="Remove an empty directory",
         body=LOOKUP,
-        responses={204: None, **ns_err},
+        responses={204: None, 200: REMOVED, **ns_err},
     )
     add(
         r,

@@ -245,6 +245,22 @@ class CoordinatorClient:
         rdev: int = 0,
         target: str | None = None,
     ) -> InodeAttrs:
+        attrs, _, _ = await self.create_entry(parent, name, type, mode, uid, gid, rdev, target)
+        return attrs
+
+    async def create_entry(
+        self,
+        parent: int,
+        name: str,
+        type: str = "file",
+        mode: int = 0o644,
+        uid: int = 0,
+        gid: int = 0,
+        rdev: int = 0,
+        target: str | None = None,
+    ) -> tuple[InodeAttrs, InodeAttrs | None, int | None]:
+        """``create``, plus the parent's attributes after it and its version before it
+        (``None`` from a coordinator that does not send them)."""
         body: dict[str, Any] = {
             "parent": parent,
             "name": name,
@@ -256,7 +272,13 @@ class CoordinatorClient:
         }
         if target is not None:
             body["target"] = target
-        return InodeAttrs.from_json(await self._request("POST", "/api/ns/create", body=body))
+        doc = await self._request("POST", "/api/ns/create", body=body)
+        parent_doc = doc.get("parent_attrs")
+        return (
+            InodeAttrs.from_json(doc),
+            None if parent_doc is None else InodeAttrs.from_json(parent_doc),
+            doc.get("parent_version_before"),
+        )
 
     async def mkdir(
         self, parent: int, name: str, mode: int = 0o755, uid: int = 0, gid: int = 0
@@ -277,6 +299,20 @@ class CoordinatorClient:
 
     async def rmdir(self, parent: int, name: str) -> None:
         await self._request("POST", "/api/ns/rmdir", body={"parent": parent, "name": name})
+
+    async def remove_entry(
+        self, parent: int, name: str, *, is_dir: bool
+    ) -> tuple[InodeAttrs | None, int | None]:
+        """unlink (or rmdir): the parent's attributes after it and its version before it."""
+        doc = await self._request(
+            "POST",
+            "/api/ns/rmdir" if is_dir else "/api/ns/unlink",
+            params={"reply": "true"},
+            body={"parent": parent, "name": name},
+        )
+        if not isinstance(doc, dict) or doc.get("parent_attrs") is None:
+            return None, None  # a coordinator that answers 204 only
+        return InodeAttrs.from_json(doc["parent_attrs"]), doc.get("parent_version_before")
 
     async def rename(
         self,
@@ -299,10 +335,27 @@ class CoordinatorClient:
         await self._request("POST", "/api/ns/rename", body=body)
 
     async def commit_manifest(
-        self, ino: int, manifest: dict[str, Any], expected_version: int
+        self,
+        ino: int,
+        manifest: dict[str, Any],
+        expected_version: int,
+        *,
+        holder: str | None = None,
+        held: Iterable[str] = (),
     ) -> InodeAttrs:
-        """Commit new content; ``Conflict`` if someone committed since ``expected_version``."""
-        body = {"manifest": manifest, "expected_version": expected_version}
+        """Commit new content; ``Conflict`` if someone committed since ``expected_version``.
+
+        ``holder`` (a peer id) and ``held`` (digests only that peer has yet): recorded as
+        chunk locations in the commit's transaction, in place of a separate publish.
+        """
+        body: dict[str, Any] = {"manifest": manifest, "expected_version": expected_version}
+        names = list(dict.fromkeys(held))
+        if names and holder is not None:
+            if len(names) > MAX_LOCATION_BATCH:  # too many for one commit: record them first
+                await self.add_locations(holder, chunks=names)
+            else:
+                body["holder"] = holder
+                body["held"] = names
         return InodeAttrs.from_json(
             await self._request("PUT", f"/api/ns/inodes/{ino}/manifest", body=body)
         )

@@ -440,7 +440,9 @@ class CoordinatorService:
         )
         attrs.ino = tx.add_inode(attrs)
         tx.add_entry(parent, name, attrs.ino)
-        tx.update_inode(parent, nlink=p.nlink + is_dir, mtime_ns=now, ctime_ns=now)
+        tx.update_inode(
+            parent, nlink=p.nlink + is_dir, mtime_ns=now, ctime_ns=now, version=p.version + 1
+        )
         return attrs
 
     async def create(
@@ -455,6 +457,27 @@ class CoordinatorService:
         target: str | None = None,
     ) -> InodeAttrs:
         """Create an inode of any type and its entry; ``Exists`` if the name is taken."""
+        attrs, _, _ = await self.create_entry(
+            parent, name, type, mode, uid, gid, rdev=rdev, target=target
+        )
+        return attrs
+
+    async def create_entry(
+        self,
+        parent: int,
+        name: str,
+        type: str = "file",
+        mode: int = 0o644,
+        uid: int = 0,
+        gid: int = 0,
+        rdev: int = 0,
+        target: str | None = None,
+    ) -> tuple[InodeAttrs, InodeAttrs, int]:
+        """``create``, plus the parent's attributes after it and the parent's version before.
+
+        Every entry change bumps its directory's version, so a node that knew the directory
+        at ``version before`` knows it completely after this create too.
+        """
         validate_name(name)
         if type not in INODE_TYPES:
             raise InvalidArgument(f"type must be one of {', '.join(INODE_TYPES)}")
@@ -472,9 +495,13 @@ class CoordinatorService:
                 raise InvalidArgument("symlink target is not valid UTF-8") from None
         elif target is not None:
             raise InvalidArgument("only a symlink has a target")
-        return await self.store.transact(
-            lambda tx: self._create_tx(tx, parent, name, type, mode, uid, gid, rdev, target)
-        )
+
+        def op(tx: Txn) -> tuple[InodeAttrs, InodeAttrs, int]:
+            attrs = self._create_tx(tx, parent, name, type, mode, uid, gid, rdev, target)
+            after = _inode(tx, parent)
+            return attrs, after, after.version - 1
+
+        return await self.store.transact(op)
 
     async def mkdir(
         self, parent: int, name: str, mode: int = 0o755, uid: int = 0, gid: int = 0
@@ -494,22 +521,23 @@ class CoordinatorService:
             now = time.time_ns()
             tx.add_entry(new_parent, new_name, ino)
             tx.update_inode(ino, nlink=attrs.nlink + 1, ctime_ns=now)
-            tx.update_inode(new_parent, nlink=p.nlink, mtime_ns=now, ctime_ns=now)
+            tx.update_inode(new_parent, mtime_ns=now, ctime_ns=now, version=p.version + 1)
             return _inode(tx, ino)
 
         return await self.store.transact(op)
 
-    def _unlink_tx(self, tx: Txn, parent: int, name: str) -> None:
-        _dir(tx, parent)
+    def _unlink_tx(self, tx: Txn, parent: int, name: str) -> InodeAttrs:
+        p = _dir(tx, parent)
         attrs = _child(tx, parent, name)
         if attrs.is_dir:
             raise IsADirectory(f"{name!r} is a directory")
         now = time.time_ns()
         tx.remove_entry(parent, name)
         _drop_link(tx, attrs, now)
-        tx.update_inode(parent, mtime_ns=now, ctime_ns=now)
+        tx.update_inode(parent, mtime_ns=now, ctime_ns=now, version=p.version + 1)
+        return _inode(tx, parent)
 
-    def _rmdir_tx(self, tx: Txn, parent: int, name: str) -> None:
+    def _rmdir_tx(self, tx: Txn, parent: int, name: str) -> InodeAttrs:
         p = _dir(tx, parent)
         attrs = _child(tx, parent, name)
         if not attrs.is_dir:
@@ -519,15 +547,20 @@ class CoordinatorService:
         now = time.time_ns()
         tx.remove_entry(parent, name)
         tx.delete_inode(attrs.ino)
-        tx.update_inode(parent, nlink=p.nlink - 1, mtime_ns=now, ctime_ns=now)
+        tx.update_inode(
+            parent, nlink=p.nlink - 1, mtime_ns=now, ctime_ns=now, version=p.version + 1
+        )
+        return _inode(tx, parent)
 
-    async def unlink(self, parent: int, name: str) -> None:
+    async def unlink(self, parent: int, name: str) -> InodeAttrs:
+        """Remove a non-directory entry; the parent's attributes after it (version - 1 before)."""
         validate_name(name)
-        await self.store.transact(lambda tx: self._unlink_tx(tx, parent, name))
+        return await self.store.transact(lambda tx: self._unlink_tx(tx, parent, name))
 
-    async def rmdir(self, parent: int, name: str) -> None:
+    async def rmdir(self, parent: int, name: str) -> InodeAttrs:
+        """Remove an empty directory; the parent's attributes after it (version - 1 before)."""
         validate_name(name)
-        await self.store.transact(lambda tx: self._rmdir_tx(tx, parent, name))
+        return await self.store.transact(lambda tx: self._rmdir_tx(tx, parent, name))
 
     async def rename(
         self,
@@ -590,7 +623,8 @@ class CoordinatorService:
                 nlink[new_parent] += src.is_dir
             tx.update_inode(src.ino, ctime_ns=now)
             for ino, count in nlink.items():
-                tx.update_inode(ino, nlink=count, mtime_ns=now, ctime_ns=now)
+                version = dirs[ino].version + 1
+                tx.update_inode(ino, nlink=count, mtime_ns=now, ctime_ns=now, version=version)
 
         await self.store.transact(op)
 
@@ -618,14 +652,39 @@ class CoordinatorService:
         return _inode(tx, ino)
 
     async def commit_manifest(
-        self, ino: int, manifest: dict[str, Any], expected_version: int
+        self,
+        ino: int,
+        manifest: dict[str, Any],
+        expected_version: int,
+        *,
+        holder: str | None = None,
+        held: Sequence[str] = (),
     ) -> InodeAttrs:
-        """Replace a file's content if it is still at ``expected_version``, else ``Conflict``."""
+        """Replace a file's content if it is still at ``expected_version``, else ``Conflict``.
+
+        ``holder`` / ``held``: the committing peer and the chunks (digests) it wrote that only
+        it holds yet; recorded as their locations in the same transaction, so the other nodes
+        can find them as soon as the manifest is visible (no separate publish round trip).
+        Best effort like a publish: an unknown or timed-out holder records nothing.
+        """
         canonical = validate_manifest(manifest)
         _int(expected_version, "expected_version", 0, INT64_MAX)
-        return await self.store.transact(
-            lambda tx: self._commit_tx(tx, ino, canonical, expected_version)
-        )
+        keys = [location_key(chunk=digest) for digest in dict.fromkeys(held)]
+        if len(keys) > MAX_LOCATION_BATCH:
+            raise BadRequest(f"at most {MAX_LOCATION_BATCH} held chunks per commit")
+        if keys and holder is None:
+            raise BadRequest("held chunks need a holder")
+        now = self._clock()
+
+        def op(tx: Txn) -> InodeAttrs:
+            attrs = self._commit_tx(tx, ino, canonical, expected_version)
+            if keys and holder is not None:
+                peer = tx.get_peer(holder)
+                if peer is not None and self._live(peer, now):
+                    tx.add_locations(keys, holder)
+            return attrs
+
+        return await self.store.transact(op)
 
     # --- namespace: path helpers (the client API and location records use paths) --------
     async def resolve(self, path: str) -> InodeAttrs:

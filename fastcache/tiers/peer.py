@@ -30,6 +30,9 @@ from fastcache.tiers.base import verify
 log = logging.getLogger("fastcache.client.peer")
 
 Clock = Callable[[], float]
+PEER_HEADER = "X-Fastcache-Peer"  # the calling node's id, on every peer request
+_YOUNG_FOR = 10.0  # seconds after start with frequent peer list refreshes ...
+_YOUNG_REFRESH = 0.5  # ... this often at most
 
 
 # --- placement ---------------------------------------------------------------------------
@@ -197,6 +200,7 @@ class PeerTier:
         self._session = session
         self._own_session = own_session
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._headers[PEER_HEADER] = self_id  # lets a peer that does not know us yet learn
         self._connect_timeout = connect_timeout
         # Reply headers must come quickly: a peer serves from its NVMe or says 404.
         self._first_byte_timeout = max(4 * connect_timeout, 1.0)
@@ -210,6 +214,12 @@ class PeerTier:
         self._peers: dict[str, str] = {}  # peer id -> base URL
         self._peers_at: float | None = None
         self._refresh_task: asyncio.Task[None] | None = None
+        self._refresh_ok = True  # the last refresh answered: worth waiting for the next
+        self._stale = False  # a peer we do not know called us: refresh before the next use
+        # Nodes usually start together (a cluster start or restart): for a while after ours,
+        # the list is refreshed more often, so early owners are not computed from a list
+        # taken before the others registered.
+        self._young_until = clock() + _YOUNG_FOR
         self._breakers: dict[str, CircuitBreaker] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._counters = dict.fromkeys(
@@ -227,6 +237,7 @@ class PeerTier:
                 "peer_refreshes",
                 "announced",
                 "announce_failures",
+                "fetch_through",
             ),
             0,
         )
@@ -264,24 +275,50 @@ class PeerTier:
             )
         except (FastcacheError, aiohttp.ClientError, OSError, TimeoutError) as exc:
             log.debug("peer list refresh failed: %s", exc)
+            self._refresh_ok = False
             return
+        self._refresh_ok = True
         self._peers = {p.peer_id: p.url for p in peers}
         self._peers_at = self._clock()
         self._counters["peer_refreshes"] += 1
 
     async def live_peers(self) -> dict[str, str]:
-        """Live peers (id → URL), self included. Stale lists are refreshed in the background;
-        only the very first call waits for the coordinator."""
+        """Live peers (id → URL), self included. The very first call waits for the
+        coordinator; the call that finds the list stale starts a refresh and waits for it
+        briefly (a connect timeout at most: owners computed from a stale list send reads to
+        the wrong node, or to S3 twice); calls meanwhile use the list as it is."""
         if self._peers_at is None:
             await self._refresh()
-        elif self._clock() - self._peers_at >= self._refresh_interval:
+        elif self._stale or self._clock() - self._peers_at >= self._interval():
+            self._stale = False
+            running = self._refresh_task is not None and not self._refresh_task.done()
             self.invalidate_peers()
+            if not running and self._refresh_ok and self._refresh_task is not None:
+                await asyncio.wait({self._refresh_task}, timeout=self._connect_timeout)
         return self._peers
 
     def invalidate_peers(self) -> None:
         """Refresh the peer list soon (after a failure, or when the node learns of a change)."""
         if self._refresh_task is None or self._refresh_task.done():
             self._refresh_task = self._spawn(self._refresh())
+
+    def _interval(self) -> float:
+        if self._clock() < self._young_until:
+            return min(self._refresh_interval, _YOUNG_REFRESH)
+        return self._refresh_interval
+
+    def heard_from(self, peer_id: str) -> None:
+        """A peer called us (``PEER_HEADER``): if our list lacks it, the list is out of date
+        (it joined or restarted since), and owners computed from it are wrong."""
+        if peer_id != self.self_id and peer_id not in self._peers and self._peers_at is not None:
+            self._stale = True
+
+    def owner(self, digest: str) -> str | None:
+        """The node that fetches ``digest`` from S3 for the cluster: the first rendezvous
+        choice among the live peers, this node included. None before any peer list."""
+        if not self._peers:
+            return None
+        return rank_peers(digest, self._peers)[0]
 
     def replicas(self, digest: str) -> list[str]:
         """The peers that should hold ``digest`` under the current peer list."""
@@ -329,14 +366,27 @@ class PeerTier:
             self.invalidate_peers()
 
     async def _request(
-        self, method: str, peer_id: str, digest: str, data: Buffer | None = None
+        self,
+        method: str,
+        peer_id: str,
+        digest: str,
+        data: Buffer | None = None,
+        fetch: bool = False,
     ) -> tuple[int, bytes, int]:
-        """One call; returns (status, body, content length). Raises on transport failure."""
+        """One call; returns (status, body, content length). Raises on transport failure.
+
+        ``fetch``: a fetch-through GET (the peer reads the chunk from its own tiers, S3
+        included), which may take as long as an S3 read before answering."""
         url = f"{self._peers[peer_id]}/api/chunks/{digest}"
+        if fetch:
+            url += "?fetch=1"
+            self._counters["fetch_through"] += 1
         self._counters["requests"] += 1
         # A GET or HEAD must be answered quickly (the peer serves from its NVMe or says 404);
         # a PUT first sends a whole chunk, so it gets only the socket timeouts.
         first_byte = None if data is not None else self._first_byte_timeout
+        if fetch:
+            first_byte = self._timeout.sock_read
         try:
             async with asyncio.timeout(first_byte):
                 resp = await self._session.request(
@@ -352,9 +402,9 @@ class PeerTier:
             self.breaker(peer_id).release()
             raise
 
-    async def _get_from(self, peer_id: str, digest: str) -> bytes:
+    async def _get_from(self, peer_id: str, digest: str, fetch: bool = False) -> bytes:
         try:
-            status, body, _ = await self._request("GET", peer_id, digest)
+            status, body, _ = await self._request("GET", peer_id, digest, fetch=fetch)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self._failed(peer_id, exc)
             raise
@@ -375,11 +425,20 @@ class PeerTier:
         return body
 
     # --- TierStorage ---------------------------------------------------------------------
-    async def read(self, digest: str) -> bytes:
-        """Ask the replica holders and the recorded holders at once; first verified wins."""
+    async def read(self, digest: str, fetch_through: bool = False) -> bytes:
+        """Ask the replica holders and the recorded holders at once; first verified wins.
+
+        ``fetch_through``: the chunk's owner (``owner``), if another live node, is asked to
+        read it through its own tiers (S3 included) rather than only its NVMe, so that the
+        nodes missing a chunk at the same time cost S3 one read between them."""
         await self.live_peers()
         asked: set[str] = set()
         pending: set[asyncio.Task[bytes]] = set()
+        if fetch_through:
+            owner = self.owner(digest)
+            if owner is not None and self._usable(owner):
+                asked.add(owner)
+                pending.add(asyncio.ensure_future(self._get_from(owner, digest, fetch=True)))
 
         def ask(peer_ids: Iterable[str]) -> None:
             for peer_id in peer_ids:

@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pytest
 from fastcache.chunks import digest
 from fastcache.seaweed import SeaweedServer
 from fastcache.tiers.cloud import CloudTier
-from fastcache.tiers.peer import replicas_for
+from fastcache.tiers.peer import rank_peers, replicas_for
 from tests.integration.cluster import Cluster, http, wait_for
 
 TOKEN = "cluster-test-token"
@@ -269,3 +270,47 @@ def test_sigterm_finishes_pending_uploads_before_exiting(cluster: Cluster, tmp_p
     finally:
         cluster.close()
         server.stop()
+
+
+def test_concurrent_cold_reads_fetch_each_chunk_from_s3_once(cluster: Cluster) -> None:
+    """Cluster-wide single flight: three nodes read the same cold file at once; each chunk is
+    fetched from S3 by exactly one node, its owner (the first rendezvous choice among the
+    live nodes), and the others get it from the owner (fetch-through), verified."""
+    chunk = 256 << 10
+    extra = ["--chunk-size", str(chunk), "--replication", "0"]
+    cluster.start_coordinator()
+    writer = cluster.start_client(1, extra=extra)
+    writer.wait_healthy()
+    data = os.urandom(16 * chunk + 777)
+    count = -(-len(data) // chunk)
+    assert put(writer.url, "/cold.bin", data)["chunks"] == count
+    wait_for(lambda: pending_uploads(writer.url) == 0, message="writer uploads done")
+    writer.stop()  # deregisters: the file is now only in S3
+    readers = [cluster.start_client(i, extra=extra) for i in (2, 3, 4)]
+    for proc in readers:
+        proc.wait_healthy()
+    names = {p.name for p in readers}
+    cluster.wait_peers(names)
+    for proc in readers:  # every node's peer list (refreshed at heartbeats) has the others
+        wait_for(
+            lambda p=proc: tier_stats(p.url)["peer"]["tier"]["live_peers"] == len(names) - 1,
+            message=f"{proc.name} sees its peers",
+        )
+
+    with ThreadPoolExecutor(len(readers)) as pool:
+        bodies = list(pool.map(lambda p: get(p.url, "/cold.bin"), readers))
+    assert all(body == data for body in bodies)
+
+    digests = [digest(data[i : i + chunk]) for i in range(0, len(data), chunk)]
+    owned = {name: 0 for name in names}
+    for d in set(digests):
+        owned[rank_peers(d, names)[0]] += 1
+    stats = {p.name: tier_stats(p.url) for p in readers}
+    s3_reads = {name: t["s3"]["hits"] for name, t in stats.items()}
+    # Each chunk is read from S3 by its owner; without single flight every node would read
+    # every chunk (3x). A rare extra read is tolerated (a peer request lost to a race).
+    slack = 2
+    assert all(s3_reads[n] <= owned[n] + slack for n in names), (s3_reads, owned)
+    gets = sum(t["s3"]["tier"]["requests_by_op"].get("get", 0) for t in stats.values())
+    assert len(set(digests)) <= gets <= len(set(digests)) + slack, gets
+    assert sum(t["peer"]["tier"]["fetch_through"] for t in stats.values()) > 0

@@ -490,3 +490,30 @@ def test_schemathesis_finds_no_server_error(secured: CoordinatorProcess, tmp_pat
     assert "22 operations" in output or "Tested: 22" in output, output[-2000:]
     assert time.monotonic() - started < 120
     assert "Traceback" not in secured.log()
+
+
+def test_namespace_answers_carry_the_parent(coordinator: CoordinatorProcess) -> None:
+    """create / unlink?reply / rmdir?reply answer with the parent's attributes and version
+    before, and a commit can record its holder's chunks: the round trips a node saves."""
+
+    async def body() -> None:
+        async with CoordinatorClient(coordinator.url) as c:
+            d = await c.mkdir(1, "answers-parent")
+            f, after, before = await c.create_entry(d.ino, "f")
+            assert after is not None and (after.ino, after.version, before) == (d.ino, 1, 0)
+            _, after, before = await c.create_entry(d.ino, "sub", "dir")
+            assert after is not None and (after.nlink, after.version, before) == (3, 2, 1)
+            after, before = await c.remove_entry(d.ino, "sub", is_dir=True)
+            assert after == await c.getattr(d.ino) and (after.nlink, before) == (2, 2)
+            await c.register_peer("holder1", "http://127.0.0.1:9111", 1000)
+            attrs = await c.commit_manifest(
+                f.ino, {"size": 1, "chunk_size": 4, "chunks": [D2]}, 0, holder="holder1", held=[D2]
+            )
+            assert attrs.version == 1
+            assert [p.peer_id for p in await c.get_locations(chunk=D2)] == ["holder1"]
+            after, before = await c.remove_entry(d.ino, "f", is_dir=False)
+            assert after is not None and (after.version, before) == (4, 3)
+            await c.rmdir(1, "answers-parent")  # the plain form still answers 204
+            await c.deregister_peer("holder1")
+
+    arun(body())

@@ -550,3 +550,41 @@ def test_concurrent_creates_of_one_name(svc: CoordinatorService, run: Run[Any]) 
     assert sum(isinstance(r, InodeAttrs) for r in results) == 1
     assert all(isinstance(r, Exists) for r in results if not isinstance(r, InodeAttrs))
     assert run(svc.statfs())["inodes"] == 2
+
+
+# --- what the node-side metadata cache relies on ------------------------------------------
+def test_every_entry_change_bumps_the_directory_version(
+    svc: CoordinatorService, run: Run[Any]
+) -> None:
+    d = run(svc.mkdir(ROOT_INO, "v"))
+    e = run(svc.mkdir(ROOT_INO, "w"))
+    f, after, before = run(svc.create_entry(d.ino, "f", "file"))
+    assert (before, after.version, after.ino) == (0, 1, d.ino)
+    assert after == run(svc.getattr(d.ino))
+    run(svc.link(f.ino, d.ino, "g"))
+    run(svc.rename(d.ino, "g", e.ino, "g"))
+    assert (run(svc.getattr(d.ino)).version, run(svc.getattr(e.ino)).version) == (3, 1)
+    assert run(svc.unlink(e.ino, "g")).version == 2
+    run(svc.mkdir(d.ino, "sub"))
+    parent = run(svc.rmdir(d.ino, "sub"))
+    assert (parent.version, parent.nlink) == (5, 2)
+    assert run(svc.getattr(f.ino)).version == 0  # a file's version is its content's
+
+
+def test_commit_records_the_holders_chunks_in_its_transaction(
+    svc: CoordinatorService, run: Run[Any], clock: Clock
+) -> None:
+    run(svc.register_peer("n1", "http://127.0.0.1:9001", 100))
+    f = run(svc.create(ROOT_INO, "held", "file"))
+    attrs = run(svc.commit_manifest(f.ino, manifest(4, chunks=[D1]), 0, holder="n1", held=[D1]))
+    assert attrs.version == 1
+    assert [p.peer_id for p in run(svc.locations(location_key(chunk=D1)))] == ["n1"]
+    with pytest.raises(Conflict):  # a refused commit records nothing either
+        run(svc.commit_manifest(f.ino, manifest(4, chunks=[D2]), 0, holder="n1", held=[D2]))
+    assert run(svc.locations(location_key(chunk=D2))) == []
+    # an unknown holder (or one that timed out) is best effort: the commit still happens
+    run(svc.commit_manifest(f.ino, manifest(4, chunks=[D2]), 1, holder="ghost", held=[D2]))
+    assert run(svc.getattr(f.ino)).version == 2
+    assert run(svc.locations(location_key(chunk=D2))) == []
+    with pytest.raises(BadRequest):
+        run(svc.commit_manifest(f.ino, manifest(4, chunks=[D2]), 2, held=[D2]))

@@ -24,8 +24,9 @@ import uvloop
 
 from fastcache.config import CacheConfig, ClientConfig, S3Config
 from fastcache.coordinator.client import CoordinatorClient
-from fastcache.fs import Operations
+from fastcache.fs import PREFETCH_AFTER, Operations
 from fastcache.manager import DefaultCacheManager
+from fastcache.metacache import MetaCache
 from fastcache.tiers.cloud import CloudTier
 from fastcache.tiers.nvme import NvmeTier
 from tests.integration.conftest_coordinator import CoordinatorProcess, start_coordinator
@@ -122,11 +123,13 @@ def env(tmp_path_factory: pytest.TempPathFactory, s3: Any) -> Iterator[dict[str,
 
 @pytest.fixture
 def a(env: dict[str, Any]) -> Node:
+    env["a"].ops.meta.negative_ttl = env["a"].config.negative_timeout  # undo a test's opt-in
     return env["a"]
 
 
 @pytest.fixture
 def b(env: dict[str, Any]) -> Node:
+    env["b"].ops.meta.negative_ttl = env["b"].config.negative_timeout
     return env["b"]
 
 
@@ -341,3 +344,117 @@ def test_fsync_waits_for_s3_and_statfs(a: Node, d: int) -> None:
     a("release", fh)
     st = a("statfs", Ctx())
     assert st.f_blocks > 0 and st.f_namemax == 255 and st.f_files > 0
+
+
+# --- round trips of the metadata paths ---------------------------------------------------------
+class Counting:
+    """Wraps the coordinator client of ``Operations``: the names of the calls it makes."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append(name)
+            return attr(*args, **kwargs)
+
+        return call
+
+
+@pytest.fixture
+def counted(a: Node) -> Iterator[Counting]:
+    counting = Counting(a.ops.ns)
+    a.ops.ns = counting
+    try:
+        yield counting
+    finally:
+        a.ops.ns = counting.inner
+
+
+def test_a_directory_made_here_answers_lookups_and_mkdirs_in_one_round_trip(
+    a: Node, b: Node, d: int, counted: Counting
+) -> None:
+    a.ops.meta.negative_ttl = 60.0  # opt in: --negative-timeout 60
+    sub = a("mkdir", d, b"sub", 0o755 | stat.S_IFDIR, Ctx()).st_ino
+    counted.calls.clear()
+    for i in range(3):  # what the kernel sends for mkdir: a lookup, then the mkdir
+        assert fuse_errno(a, "lookup", sub, f"d{i}".encode(), Ctx()) == errno.ENOENT
+        a("mkdir", sub, f"d{i}".encode(), 0o755 | stat.S_IFDIR, Ctx())
+    a("rmdir", sub, b"d0", Ctx())
+    assert a("getattr", sub, Ctx()).st_nlink == 4  # the rmdir's answer carried the parent
+    assert counted.calls == ["create_entry"] * 3 + ["remove_entry"]
+    # another node changes the directory: the next create here sees the version jump
+    b("mkdir", sub, b"from-b", 0o755 | stat.S_IFDIR, Ctx())
+    a("mkdir", sub, b"d9", 0o755 | stat.S_IFDIR, Ctx())
+    counted.calls.clear()
+    assert a("lookup", sub, b"from-b", Ctx()).st_mode & stat.S_IFDIR
+    assert fuse_errno(a, "lookup", sub, b"nothing", Ctx()) == errno.ENOENT
+    assert counted.calls == ["lookup", "lookup"]
+
+
+def test_create_of_a_name_another_node_made_meanwhile_opens_it(a: Node, b: Node, d: int) -> None:
+    a.ops.meta.negative_ttl = 60.0  # opt in: --negative-timeout 60
+    sub = a("mkdir", d, b"sub2", 0o755 | stat.S_IFDIR, Ctx()).st_ino
+    theirs = write_file(b, sub, b"late", b"from b")
+    # a still trusts its complete view of sub (for one ttl, like a kernel dentry cache) ...
+    assert fuse_errno(a, "lookup", sub, b"late", Ctx()) == errno.ENOENT
+    assert (
+        fuse_errno(a, "create", sub, b"late", 0o644 | stat.S_IFREG, os.O_WRONLY | os.O_EXCL, Ctx())
+        == errno.EEXIST
+    )
+    # ... but O_CREAT without O_EXCL opens the existing file, as POSIX says
+    fh, entry = a("create", sub, b"late", 0o644 | stat.S_IFREG, os.O_RDWR, Ctx())
+    try:
+        assert entry.st_ino == theirs
+        assert bytes(a("read", fh, 0, 100)) == b"from b"
+    finally:
+        a("release", fh)
+
+
+def test_by_default_a_name_made_on_another_node_is_found_at_once(a: Node, b: Node, d: int) -> None:
+    """Without --negative-timeout, no ENOENT is answered locally: close-to-open for new names."""
+    assert a.ops.meta.negative_ttl == 0.0
+    sub = a("mkdir", d, b"sub3", 0o755 | stat.S_IFDIR, Ctx()).st_ino
+    assert fuse_errno(a, "lookup", sub, b"fresh", Ctx()) == errno.ENOENT
+    theirs = write_file(b, sub, b"fresh", b"made on b")
+    assert a("lookup", sub, b"fresh", Ctx()).st_ino == theirs
+
+
+def test_listing_and_repeated_lookup_misses_fill_the_node_cache(
+    a: Node, d: int, counted: Counting
+) -> None:
+    sizes = {f"s{i}".encode(): 100 * i + 1 for i in range(8)}
+    inos = {name: write_file(a, d, name, b"z" * size) for name, size in sizes.items()}
+    truth = {name: a.loop.run(counted.inner.getattr(ino)) for name, ino in inos.items()}
+    blocks = {name: a("getattr", inos[name], Ctx()).st_blocks for name in sizes}
+
+    def check_all() -> None:
+        for name in sizes:
+            e = a("lookup", d, name, Ctx())
+            assert (e.st_ino, e.st_size, e.st_blocks) == (
+                inos[name],
+                truth[name].size,
+                blocks[name],
+            )
+
+    a.ops.meta = MetaCache(a.ops.ttl)  # the kernel and the node forgot everything
+    counted.calls.clear()
+    fh = a("opendir", d, Ctx())
+    try:
+        assert len(list(a("readdir", fh, 0))) == 2 + len(sizes)
+    finally:
+        a("releasedir", fh)
+    check_all()
+    # the directory's own attrs (for "."), the listing; every lookup after it stays local
+    assert counted.calls == ["getattr", "readdir"]
+
+    a.ops.meta = MetaCache(a.ops.ttl)
+    a.ops._misses.clear()
+    counted.calls.clear()
+    check_all()  # stat of every name: a few lookups, then one listing serves the rest
+    assert counted.calls == ["lookup"] * (PREFETCH_AFTER - 1) + ["readdir"]

@@ -213,6 +213,66 @@ def test_read_order_nvme_then_peer_then_s3(tmp_path: Path) -> None:
     run(main())
 
 
+class OwnerPeer(FakeTier):
+    """A peer tier with rendezvous owners: ``owners`` maps digest → owner id (default us).
+    A fetch-through read is served by the "owner", which reads S3 like a real one would."""
+
+    self_id = "me"
+
+    def __init__(self, s3: FakeTier) -> None:
+        super().__init__("peer")
+        self.s3 = s3
+        self.owners: dict[str, str] = {}
+        self.through: list[str] = []
+
+    async def live_peers(self) -> dict[str, str]:
+        return {"me": "", "other": ""}
+
+    def owner(self, digest: str) -> str | None:
+        return self.owners.get(digest, "me")
+
+    async def read(self, digest: str, fetch_through: bool = False) -> bytes:
+        if fetch_through and self.owner(digest) != self.self_id:
+            await self._enter("read")
+            self.through.append(digest)
+            return await self.s3.read(digest)
+        return await super().read(digest)
+
+
+def test_fetch_through_asks_the_owner_and_is_one_hop(tmp_path: Path) -> None:
+    """A miss on a chunk another node owns goes to that owner (fetch-through), never to S3
+    here; concurrent misses share one request; a chunk we own, or a fetch-through request
+    we serve for a peer, never asks another node to fetch (no recursion)."""
+
+    async def main() -> None:
+        rig = Rig(tmp_path)
+        rig.peer = peer = OwnerPeer(rig.s3)
+        theirs, ours, served = (chunk_bytes(t) for t in ("theirs", "ours", "served"))
+        for data in (theirs, ours, served):
+            rig.s3.data[digest(data)] = data
+        peer.owners[digest(theirs)] = peer.owners[digest(served)] = "other"
+        peer.block = asyncio.Event()
+        m = await rig.open()
+        try:
+            readers = [asyncio.ensure_future(m.read_chunk(digest(theirs))) for _ in range(3)]
+            await peer.started.wait()
+            peer.block.set()
+            assert await asyncio.gather(*readers) == [theirs] * 3
+            assert peer.through == [digest(theirs)]  # one request for three readers
+            assert rig.s3.calls["read"] == 1  # the "owner" read it, on our behalf
+            assert m.stats()["tiers"]["s3"]["hits"] == 0
+
+            assert await m.read_chunk(digest(ours)) == ours  # we own it: S3 ourselves
+            assert await m.read_chunk_for_peer(digest(served)) == served  # one hop only
+            assert peer.through == [digest(theirs)]
+            assert m.stats()["tiers"]["s3"]["hits"] == 2
+            assert m.stats()["fetch_through_served"] == 1
+        finally:
+            await m.close()
+
+    run(main())
+
+
 def test_without_peer_tier_reads_go_to_s3(tmp_path: Path) -> None:
     async def main() -> None:
         rig = Rig(tmp_path)
@@ -904,6 +964,28 @@ def test_a_tier_that_verifies_its_reads_is_not_hashed_twice(tmp_path: Path) -> N
         try:
             assert await m.read_chunk(d) != data
             assert m.stats()["tiers"]["peer"]["hits"] == 1
+        finally:
+            await m.close()
+
+    run(main())
+
+
+def test_write_back_uploads_from_memory_not_a_reread_of_nvme(tmp_path: Path) -> None:
+    """A chunk written through the manager is uploaded from the bytes it was given (NVMe is
+    written O_DIRECT: reading it back would be a disk read and a hash); after a restart the
+    journal's chunks are read from NVMe."""
+
+    async def main() -> None:
+        rig = Rig(tmp_path)
+        data = chunk_bytes("mem")
+        d = digest(data)
+        m = await rig.open(with_peer=False)
+        try:
+            await m.write_chunk(d, bytearray(data))
+            await m.flush([d], timeout=10)
+            assert rig.s3.data[d] == data
+            assert rig.nvme.calls["read"] == 0
+            assert m._upload_bytes == 0 and not m._upload_data
         finally:
             await m.close()
 

@@ -368,3 +368,75 @@ def test_announce_is_one_batch_and_makes_the_writer_findable() -> None:
     apps: dict[str, web.Application | None] = {"a": chunk_app({d: data})}
     apps.update({p: chunk_app({}) for p in others})
     asyncio.run(_with_peers(apps, body))
+
+
+def test_fetch_through_asks_only_the_owner_to_fetch() -> None:
+    """``read(fetch_through=True)`` sends ``?fetch=1`` to the chunk's owner (first rendezvous
+    choice, self included) and plain GETs to the other holders; a chunk we own is asked
+    for plainly only."""
+    peers = ("a", "b", "c")
+    seen: list[tuple[str, str, bool]] = []
+
+    def owned_by(want_me: bool) -> bytes:
+        while True:
+            data = os.urandom(50_000)
+            if (rank_peers(digest(data), ["me", *peers])[0] == "me") == want_me:
+                return data
+
+    behind = owned_by(False)  # only "in S3": an owner that fetches it can serve it
+    mine = owned_by(True)
+
+    def fetch_app(peer_id: str) -> web.Application:
+        async def get(request: web.Request) -> web.StreamResponse:
+            d = request.match_info["digest"]
+            fetch = request.query.get("fetch") == "1"
+            seen.append((peer_id, d, fetch))
+            if fetch and d == digest(behind):
+                return web.Response(body=behind)
+            raise web.HTTPNotFound()
+
+        app = web.Application()
+        app.router.add_get("/api/chunks/{digest}", get)
+        return app
+
+    async def body(tier: PeerTier, directory: Directory) -> None:
+        await tier.live_peers()
+        d = digest(behind)
+        owner = rank_peers(d, ["me", *peers])[0]
+        assert tier.owner(d) == owner != "me"
+        assert await tier.read(d, fetch_through=True) == behind
+        assert [p for p, _, fetch in seen if fetch] == [owner]
+        assert tier.stats()["fetch_through"] == 1
+        seen.clear()
+        assert tier.owner(digest(mine)) == "me"
+        with pytest.raises(ChunkNotFound):  # ours to fetch: the peers are asked plainly
+            await tier.read(digest(mine), fetch_through=True)
+        assert seen and not any(fetch for _, _, fetch in seen)
+        seen.clear()
+        with pytest.raises(ChunkNotFound):  # a plain read never asks anyone to fetch
+            await tier.read(d)
+        assert seen and not any(fetch for _, _, fetch in seen)
+
+    apps: dict[str, web.Application | None] = {p: fetch_app(p) for p in peers}
+    asyncio.run(_with_peers(apps, body))
+
+
+def test_a_call_from_an_unknown_peer_refreshes_the_list_before_the_next_read() -> None:
+    """A node that joined (or restarted) after our last refresh calls us: our owners are out
+    of date, so the next use of the peer list waits for a fresh one."""
+
+    async def main() -> None:
+        directory = Directory([PeerAddr("me", "http://127.0.0.1:1")])
+        async with aiohttp.ClientSession() as session:
+            tier = PeerTier("me", directory, session)
+            try:
+                assert set(await tier.live_peers()) == {"me"}
+                directory.peers.append(PeerAddr("late", "http://127.0.0.1:2"))
+                tier.heard_from("me")  # ourselves, and peers we know: nothing to do
+                assert set(await tier.live_peers()) == {"me"}
+                tier.heard_from("late")
+                assert set(await tier.live_peers()) == {"me", "late"}
+            finally:
+                await tier.close()
+
+    asyncio.run(main())

@@ -1,0 +1,71 @@
+"""``MetaCache``: attributes with an expiry, entries, and complete directories."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastcache.metacache import MetaCache
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class A:
+    ino: int
+    version: int = 0
+
+
+def test_attrs_expire_and_never_go_back_in_version() -> None:
+    clock = Clock()
+    m = MetaCache(1.0, clock)
+    m.put(A(5, version=2))
+    assert m.put(A(5, version=1)).version == 2
+    clock.now += 1.0
+    assert m.get(5) is None
+
+
+def test_a_complete_directory_answers_negative_lookups_until_its_ttl() -> None:
+    clock = Clock()
+    m = MetaCache(1.0, clock, negative_ttl=1.0)
+    assert not m.absent(1, "x")  # unknown directory: ask the coordinator
+    m.complete(1, version=0)
+    assert m.absent(1, "x")
+    m.bind(1, "x", 7)
+    m.remember(7)
+    assert not m.absent(1, "x")
+    clock.now += 0.9
+    m.changed(1, before=0, after=1)  # our own create, nobody else's in between: refreshed
+    clock.now += 0.9
+    assert m.absent(1, "y")
+    clock.now += 0.2
+    assert not m.absent(1, "y")  # one ttl after the last confirmation
+
+
+def test_a_version_gap_or_a_forgotten_entry_ends_completeness() -> None:
+    m = MetaCache(10.0, Clock(), negative_ttl=10.0)
+    m.complete(1, version=3)
+    m.changed(1, before=4, after=5)  # another node changed it in between
+    assert not m.absent(1, "y")
+    m.complete(2, version=0)
+    m.bind(2, "x", 9)
+    m.remember(9)
+    m.forget(9, 1)  # the entry is gone from the cache, not from the directory
+    assert not m.absent(2, "x")
+    m.complete(3, version=0)
+    m.changed(3, before=0, after=None)  # an answer without versions
+    assert not m.absent(3, "z")
+    m.complete(4, version=0)
+    m.incomplete(4)
+    assert not m.absent(4, "z")
+
+
+def test_negative_answers_are_off_by_default() -> None:
+    m = MetaCache(1.0, Clock())
+    m.complete(1, version=0)
+    assert not m.absent(1, "x")  # --negative-timeout 0: always ask the coordinator
