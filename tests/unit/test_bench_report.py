@@ -111,7 +111,6 @@ def test_readme_without_markers_gets_a_section() -> None:
 
 
 def test_json_and_png_are_written(tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     report.write_json(sample(), tmp_path / "r.json")
     assert (tmp_path / "r.json").read_text().startswith("{")
     assert report.plot(sample(), tmp_path / "r.png")
