@@ -8,6 +8,11 @@ the client's RSS is sampled while it streams the file. Everything it started is 
 and unmounted on exit, Ctrl-C included.
 
     .venv/bin/python bench/fio_mount.py [--repeat 3] [--size 1G] [--runtime 10]
+        [--variant w2:FASTCACHE_FUSE_WORKERS=2 --variant w4:FASTCACHE_FUSE_WORKERS=4 ...]
+
+Each ``--variant LABEL:NAME=VALUE,...`` restarts the client (same NVMe dir) with those
+environment variables; every repeat runs every variant's jobs, then the raw reference once,
+so variants are compared within one run. Without ``--variant`` the client runs as is.
 
 Targets (issue 4): sequential read ≥ 1.2 GB/s, random 4 KiB O_DIRECT ≥ 40k IOPS with 4
 jobs, client RSS < 300 MiB while streaming. Needs root for drop_caches (else says so).
@@ -155,6 +160,25 @@ def chunk_bytes(nvme: Path) -> int:
     return total
 
 
+def _variant(text: str) -> tuple[str, dict[str, str]]:
+    label, _, spec = text.partition(":")
+    env = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
+    return label, env
+
+
+def restart(client: Any, mnt: Path, env: dict[str, str]) -> None:
+    """Stop the client (it unmounts) and start it again with ``env`` added."""
+    client.stop()
+    wait_until(lambda: not is_fuse_mount(mnt), 30.0, interval=0.05, message="unmount")
+    base = getattr(client, "base_env", None)
+    if base is None:
+        base = client.base_env = dict(client.env)
+    client.env = {**base, **env}
+    client.start()
+    client.wait_healthy()
+    wait_until(lambda: is_fuse_mount(mnt), 60.0, interval=0.05, message="mount")
+
+
 def run(args: argparse.Namespace, root: Path, cleanups: list[Callable[[], None]]) -> dict:
     server = SeaweedServer(root / "seaweed")
     cleanups.append(server.stop)
@@ -189,19 +213,33 @@ def run(args: argparse.Namespace, root: Path, cleanups: list[Callable[[], None]]
     write_file(raw, args.size)
 
     dropped = drop_caches()
-    samples: dict[str, dict[str, list[float]]] = {"mount": {}, "raw_nvme_dir": {}}
+    variants = [_variant(v) for v in args.variant] or [("mount", {})]
+    samples: dict[str, dict[str, list[float]]] = {label: {} for label, _ in variants}
+    samples["raw_nvme_dir"] = {}
     stream_rss = 0
     for _ in range(args.repeat):
-        for job in jobs(args.runtime):
-            for label, path in (("mount", target), ("raw_nvme_dir", raw)):
+        for label, env in variants:
+            if len(variants) > 1 or env:
+                restart(client, mnt, env)
+            for job in jobs(args.runtime):
                 drop_caches()
-                if label == "mount" and job["name"].startswith("seq"):
+                if job["name"].startswith("seq"):
                     with RssSampler(client.pid) as sampler:
-                        figures = fio(path, args.size, job)
+                        figures = fio(target, args.size, job)
                     stream_rss = max(stream_rss, sampler.peak)
                 else:
-                    figures = fio(path, args.size, job)
+                    figures = fio(target, args.size, job)
                 samples[label].setdefault(job["name"], []).append(figures[job["metric"]])
+        for job in jobs(args.runtime):
+            drop_caches()
+            figures = fio(raw, args.size, job)
+            samples["raw_nvme_dir"].setdefault(job["name"], []).append(figures[job["metric"]])
+    # Page cache across opens: one fio run fills it, a second (a new open of the unchanged
+    # file) should be served by the kernel without a FUSE read.
+    warm_job = next(j for j in jobs(args.runtime) if j["name"] == "seq1m")
+    drop_caches()
+    cold = fio(target, args.size, warm_job)[warm_job["metric"]]
+    warm = fio(target, args.size, warm_job)[warm_job["metric"]]
     medians = {
         label: {name: round(statistics.median(v), 1) for name, v in by_job.items()}
         for label, by_job in samples.items()
@@ -211,9 +249,11 @@ def run(args: argparse.Namespace, root: Path, cleanups: list[Callable[[], None]]
         "repeat": args.repeat,
         "page_cache_dropped": dropped,
         "client_args": args.client_args,
+        "variants": dict(variants),
         "units": {"seq128k": "MB/s", "seq1m": "MB/s", "rand4k_direct_4jobs": "IOPS"},
         "median": medians,
         "samples": samples,
+        "reopen_seq1m_MBps": {"first": round(cold, 1), "second_open_warm": round(warm, 1)},
         "client_rss_MiB": {
             "while_streaming_peak": round(stream_rss / MiB, 1),
             "while_writing_peak": round(write_rss.peak / MiB, 1),
@@ -229,6 +269,12 @@ def main() -> int:
     parser.add_argument("--runtime", type=int, default=10)
     parser.add_argument("--root", type=Path, default=None, help="work dir (default: a temp dir)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        help="LABEL:NAME=VALUE,... client environment to compare (repeatable)",
+    )
     parser.add_argument("client_args", nargs="*", help="extra `fastcache client` flags (after --)")
     args = parser.parse_args()
 

@@ -17,6 +17,7 @@ from fastcache.config import (
     ConfigError,
     CoordinatorConfig,
     S3Config,
+    fuse_tuning_from_env,
     parse_capacity,
     parse_size,
     token_from_env,
@@ -83,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
         "changed (default 0: always ask the coordinator; >0 speeds up creates but a "
         "name made on another node may stay invisible that long)",
     )
+    n.add_argument(
+        "--fuse-workers",
+        type=int,
+        default=None,
+        help="FUSE worker threads (default 4, or $FASTCACHE_FUSE_WORKERS)",
+    )
+    n.add_argument("--fuse-options", default=None, help="extra comma-separated FUSE mount options")
     n.add_argument("--readahead", type=int, default=4, help="chunks read ahead (default 4)")
     n.add_argument(
         "--replication",
@@ -159,10 +167,22 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
         mount=args.mount,
         attr_timeout=args.attr_timeout,
         negative_timeout=args.negative_timeout,
+        **_fuse_tuning(args),
         readahead_chunks=args.readahead,
         shutdown_sync_timeout=args.shutdown_sync_timeout,
         max_file_size=parse_size(args.max_file_size),
     )
+
+
+def _fuse_tuning(args: argparse.Namespace) -> dict[str, object]:
+    tuning = fuse_tuning_from_env()
+    if args.fuse_workers is not None:
+        if args.fuse_workers < 1:
+            raise ConfigError("--fuse-workers must be at least 1")
+        tuning["fuse_workers"] = args.fuse_workers
+    if args.fuse_options is not None:
+        tuning["fuse_options"] = args.fuse_options
+    return tuning
 
 
 def main(argv: Sequence[str] | None = None) -> int:

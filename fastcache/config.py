@@ -145,6 +145,8 @@ class ClientConfig:
     # this node has changed. 0 (default) always asks the coordinator, so a file another node
     # just created and closed is found by the next open() here (close-to-open for new names).
     negative_timeout: float = 0.0
+    fuse_workers: int = 4  # llfuse worker threads: 4 beat 16 and 8 on 2 cores (fio_mount.py)
+    fuse_options: str = ""  # extra comma-separated FUSE mount options
     readahead_chunks: int = 4
     max_body: int = DEFAULT_MAX_BODY
     peer_connect_timeout: float = 0.5
@@ -170,6 +172,21 @@ class ClientConfig:
 def token_from_env(env: Mapping[str, str] | None = None) -> str | None:
     env = os.environ if env is None else env
     return env.get("FASTCACHE_TOKEN") or None
+
+
+def fuse_tuning_from_env(env: Mapping[str, str] | None = None) -> dict[str, object]:
+    """``FASTCACHE_FUSE_WORKERS`` / ``FASTCACHE_FUSE_OPTIONS``: defaults for the FUSE knobs,
+    so a benchmark can vary them per process (``bench/fio_mount.py --variant``)."""
+    env = os.environ if env is None else env
+    out: dict[str, object] = {}
+    workers = env.get("FASTCACHE_FUSE_WORKERS", "").strip()
+    if workers:
+        if not workers.isdigit() or int(workers) < 1:
+            raise ConfigError(f"FASTCACHE_FUSE_WORKERS must be a positive integer: {workers!r}")
+        out["fuse_workers"] = int(workers)
+    if env.get("FASTCACHE_FUSE_OPTIONS"):
+        out["fuse_options"] = env["FASTCACHE_FUSE_OPTIONS"]
+    return out
 
 
 def no_extensions(env: Mapping[str, str] | None = None) -> bool:

@@ -23,6 +23,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from fastcache.config import token_from_env
+
 STATE_FILE = "cluster.json"
 START_TIMEOUT = 90.0
 STOP_TIMEOUT = 15.0
@@ -233,7 +235,7 @@ def _start(args: argparse.Namespace, directory: Path, state: dict[str, Any]) -> 
     nodes = int(args.nodes)
     if nodes < 1:
         raise DevClusterError("--nodes must be at least 1")
-    token = os.environ.get("FASTCACHE_TOKEN") or None
+    token = token_from_env()
     deadline = time.monotonic() + START_TIMEOUT
 
     def record(role: str, name: str, pid: int, **extra: Any) -> None:

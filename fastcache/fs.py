@@ -37,6 +37,7 @@ from fastcache.handles import STAGING_PREFIX, FileTable, LoopCaller
 from fastcache.metacache import MetaCache
 
 log = logging.getLogger("fastcache.fuse")
+_lock_released = llfuse.lock_released
 
 T = TypeVar("T")
 Attrs = Any  # fastcache.coordinator.store.InodeAttrs
@@ -45,7 +46,6 @@ BLOCK = 4096
 IO_SIZE = 128 * 1024  # st_blksize: what cp and friends use as their buffer size
 NS_TIMEOUT = 60.0  # a namespace call the coordinator does not answer in time: EIO
 READDIR_BATCH = 512
-WORKERS = 16
 MAX_IO = 1 << 20
 PREFETCH_AFTER = 4  # lookup misses in one directory within a ttl that make us list it
 PREFETCH_BATCHES = 4  # at most this many READDIR_BATCH pages per listing
@@ -476,10 +476,15 @@ class Operations(llfuse.Operations):
             fh = self.files.open(entry.st_ino, flags & ~os.O_TRUNC, attrs)
         return fh, entry
 
-    @_handler
     def read(self, fh: int, off: int, size: int) -> memoryview | bytes:
-        with llfuse.lock_released:
-            return self.files.read(fh, off, size)
+        # The hot path: no decorator frame; the same errno mapping as ``_handler``.
+        try:
+            with _lock_released:
+                return self.files.read(fh, off, size)
+        except llfuse.FUSEError:
+            raise
+        except Exception as exc:
+            raise llfuse.FUSEError(errno_for(exc)) from None
 
     @_handler
     def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -578,8 +583,11 @@ class KernelNotifier:
 
 
 # --- mounting --------------------------------------------------------------------------------
-def mount_options(allow_other: bool) -> set[str]:
-    """FUSE 2 options: the kernel enforces permissions; big requests both ways."""
+def mount_options(allow_other: bool, extra: str | None = None) -> set[str]:
+    """FUSE 2 options: the kernel enforces permissions; big requests both ways.
+
+    ``extra``: more comma-separated options (``--fuse-options``).
+    """
     options = {
         "fsname=fastcache",
         "subtype=fastcache",
@@ -594,6 +602,8 @@ def mount_options(allow_other: bool) -> set[str]:
     }
     if allow_other:
         options.add("allow_other")
+    if extra:
+        options.update(o.strip() for o in extra.split(",") if o.strip())
     return options
 
 
@@ -610,18 +620,25 @@ def _may_allow_other() -> bool:
 class MountHandle:
     """A running mount: ``unmount()`` commits open files, unmounts and joins the loop."""
 
-    def __init__(self, ops: Operations, mountpoint: Path, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        ops: Operations,
+        mountpoint: Path,
+        loop: asyncio.AbstractEventLoop,
+        workers: int,
+    ) -> None:
         self.ops = ops
         self.mountpoint = mountpoint
         self._loop = loop
         self._lock = threading.Lock()
         self._unmounted = False
         self.error: BaseException | None = None
+        self.workers = workers
         self._thread = threading.Thread(target=self._run, name="fastcache-fuse", daemon=True)
 
     def _run(self) -> None:
         try:
-            llfuse.main(workers=WORKERS, handle_signals=False)
+            llfuse.main(workers=self.workers, handle_signals=False)
         except BaseException as exc:
             self.error = exc
             log.exception("the FUSE main loop stopped")
@@ -718,10 +735,11 @@ def mount(
     _clean_staging(staging)
     _keep_sigusr1()
     ops = Operations(manager, coordinator_client, config, loop)
-    llfuse.init(ops, str(mountpoint), mount_options(_may_allow_other()))
+    options = mount_options(_may_allow_other(), config.fuse_options)
+    llfuse.init(ops, str(mountpoint), options)
     ops.mounted = True
     ops.kernel.attach()
-    handle = MountHandle(ops, mountpoint, loop)
+    handle = MountHandle(ops, mountpoint, loop, config.fuse_workers)
     handle.start()
     log.info("mounted at %s", mountpoint)
     return handle

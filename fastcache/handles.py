@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from fastcache.chunks import Manifest, digest
+from fastcache.coordinator.service import MAX_LOCATION_BATCH
 from fastcache.errors import Conflict, FastcacheError, NotFound, TierUnavailable
 
 log = logging.getLogger("fastcache.fuse")
@@ -527,12 +528,23 @@ class FileTable:
 
     def _commit_manifest(self, file: OpenFile, manifest: Manifest, changed: set[int]) -> Attrs:
         expected = file.version
-        # Publish: the chunks this commit wrote become findable by the other nodes (a
-        # location record at the coordinator) before a manifest naming them is visible.
-        self.call(self.manager.publish([manifest.chunks[i] for i in sorted(changed)]))
+        # Publish with the commit: the chunks only this node holds yet (on its NVMe, not in
+        # S3) are recorded as located here in the commit's own transaction, so the other
+        # nodes can find them as soon as the manifest is visible (no separate round trip).
+        holder = self.manager.peer_id
+        held = self.manager.unpublished([manifest.chunks[i] for i in sorted(changed)])
+        if len(held) > MAX_LOCATION_BATCH:  # more than one commit carries: publish first
+            self.call(self.manager.publish(held))  # best effort, as the records with a commit
+            held = []
+        extra: dict[str, Any] = {"holder": holder, "held": held} if held and holder else {}
         for _attempt in range(COMMIT_ATTEMPTS):
             try:
-                return self.call(self.ns.commit_manifest(file.ino, manifest.to_json(), expected))
+                attrs = self.call(
+                    self.ns.commit_manifest(file.ino, manifest.to_json(), expected, **extra)
+                )
+                if extra:
+                    self.manager.note_published(len(held))
+                return attrs
             except Conflict:
                 fresh = self.call(self.ns.getattr(file.ino))
                 _merge(manifest, manifest_of(fresh, self.chunk_size), changed)

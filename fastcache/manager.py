@@ -78,6 +78,10 @@ class CacheManager(Protocol):
     async def write_bytes(self, data: Buffer) -> Manifest: ...
     def writer(self) -> ChunkWriter: ...
     async def publish(self, digests: Iterable[str]) -> None: ...
+    def unpublished(self, digests: Iterable[str]) -> list[str]: ...
+    def note_published(self, count: int) -> None: ...
+    @property
+    def peer_id(self) -> str | None: ...
     async def flush(self, digests: Iterable[str], timeout: float | None = None) -> None: ...
     async def sync(self, timeout: float | None = None) -> None: ...
     def put_entry(self, path: str, manifest: Manifest) -> None: ...
@@ -718,6 +722,29 @@ class DefaultCacheManager:
         """A streaming writer (bounded memory) producing the same manifest as ``write_bytes``."""
         return ChunkWriter(self)
 
+    @property
+    def peer_id(self) -> str | None:
+        """This node's peer id, ``None`` without a peer tier (nothing to publish then)."""
+        if getattr(self._peer, "announce", None) is None:
+            return None
+        return getattr(self._peer, "self_id", None)
+
+    def unpublished(self, digests: Iterable[str]) -> list[str]:
+        """Of ``digests``, those only this node holds yet (written to NVMe, not in S3): the
+        ones a manifest commit should record this node as holder of (``publish`` filter).
+        Empty without a peer tier."""
+        if self.peer_id is None:
+            return []
+        return self._local_only(digests)
+
+    def _local_only(self, digests: Iterable[str]) -> list[str]:
+        """Of ``digests`` (deduplicated), those written here and still waiting for S3."""
+        return [d for d in dict.fromkeys(digests) if d in self._uploads and d in self.journal]
+
+    def note_published(self, count: int) -> None:
+        """Count ``count`` chunks published along with a manifest commit."""
+        self._counts["published"] += count
+
     async def publish(self, digests: Iterable[str]) -> None:
         """Make the chunks of ``digests`` that are only on this node's NVMe (written, not yet
         in S3 nor replicated) findable by the other nodes: one batched location record at
@@ -728,7 +755,7 @@ class DefaultCacheManager:
         announce = getattr(self._peer, "announce", None)
         if announce is None:
             return
-        local = [d for d in dict.fromkeys(digests) if d in self._uploads and d in self.journal]
+        local = self._local_only(digests)
         if not local:
             return
         try:

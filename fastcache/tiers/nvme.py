@@ -202,11 +202,13 @@ class NvmeTier:
                 return None
             self._index.move_to_end(digest)
             n = size - offset
-            if n > len(out):
-                n = len(out)
-            elif n <= 0:
+            if n <= 0:
                 self._hits += 1
                 return 0
+            if n >= len(out):
+                n = len(out)
+            else:
+                out = out[:n]
             self._hits += 1
             self._bytes_read += n
             entry = self._fds.get(digest)
@@ -218,7 +220,7 @@ class NvmeTier:
             if entry is None:
                 return None
         try:
-            return chunks.pread_fd(entry.fd, offset, out if n == len(out) else out[:n])
+            return chunks.pread_fd(entry.fd, offset, out)
         except OSError as exc:
             self._count_error()
             raise _tier_error(exc, f"reading chunk {digest}") from exc

@@ -21,7 +21,8 @@ from fastcache.chunks import digest
 from fastcache.seaweed import SeaweedServer
 from fastcache.tiers.cloud import CloudTier
 from fastcache.tiers.peer import rank_peers, replicas_for
-from tests.integration.cluster import Cluster, http, wait_for
+from tests.integration.cluster import Cluster, Proc, http, wait_for
+from tests.mount.conftest import force_unmount, is_fuse_mount
 
 TOKEN = "cluster-test-token"
 MiB = 1 << 20
@@ -180,13 +181,11 @@ def _file_needing_publish(
                     return data, reader
 
 
-def test_unuploaded_chunks_are_readable_from_every_node(cluster: Cluster, tmp_path: Path) -> None:
-    """Five nodes; the writer cannot reach its S3 and replicates nothing (replication 0), so
-    its chunks are only on its NVMe when the manifest is committed. Every other node reads the
-    file anyway: the writer published itself as their holder before the commit. The reader
-    whose rendezvous set leaves the writer out reads first, before any other reader could
-    hold a copy."""
-    chunk = 256 << 10
+def _start_unuploading_writer(
+    cluster: Cluster, tmp_path: Path, chunk: int, extra: list[str] | None = None
+) -> tuple[Proc, list[Proc]]:
+    """A writer that cannot reach its S3 and replicates nothing (its chunks stay only on its
+    NVMe) and four readers, all healthy and in each other's peer lists."""
     assert cluster.s3.access_key and cluster.s3.secret_key
     dead_s3 = SeaweedServer(
         tmp_path / "writer-s3",
@@ -201,16 +200,27 @@ def test_unuploaded_chunks_are_readable_from_every_node(cluster: Cluster, tmp_pa
                 *("--s3-endpoint", dead_s3.endpoint),
                 *("--replication", "0", "--chunk-size", str(chunk)),
                 *("--shutdown-sync-timeout", "0"),
+                *(extra or []),
             ],
         )
         readers = [cluster.start_client(i) for i in range(2, 6)]
         for proc in (writer, *readers):
             proc.wait_healthy()
-        names = [p.name for p in (writer, *readers)]
-        cluster.wait_peers(set(names))
+        cluster.wait_peers({p.name for p in (writer, *readers)})
     finally:
         dead_s3.stop()  # the writer's write-back can never finish
+    return writer, readers
 
+
+def test_unuploaded_chunks_are_readable_from_every_node(cluster: Cluster, tmp_path: Path) -> None:
+    """Five nodes; the writer cannot reach its S3 and replicates nothing (replication 0), so
+    its chunks are only on its NVMe when the manifest is committed. Every other node reads the
+    file anyway: the writer published itself as their holder before the commit. The reader
+    whose rendezvous set leaves the writer out reads first, before any other reader could
+    hold a copy."""
+    chunk = 256 << 10
+    writer, readers = _start_unuploading_writer(cluster, tmp_path, chunk)
+    names = [p.name for p in (writer, *readers)]
     data, blind = _file_needing_publish(names, writer.name, chunk, 8)
     count = -(-len(data) // chunk)
     assert put(writer.url, "/unuploaded.bin", data)["chunks"] == count
@@ -221,6 +231,38 @@ def test_unuploaded_chunks_are_readable_from_every_node(cluster: Cluster, tmp_pa
     for proc in readers:
         assert get(proc.url, "/unuploaded.bin") == data, proc.name
     assert pending_uploads(writer.url) == count
+
+
+def test_chunks_written_through_a_mount_are_published_with_the_commit(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """As above, the file written through the writer's FUSE mount: close() commits the
+    manifest with the writer recorded as holder of its unuploaded chunks in the same
+    request (no separate publish: the peer tier announced nothing), and every reader,
+    the blind one first, reads the file."""
+    chunk = 256 << 10
+    mnt = tmp_path / "writer-mnt"
+    mnt.mkdir()
+    writer, readers = _start_unuploading_writer(
+        cluster, tmp_path, chunk, extra=["--mount", str(mnt)]
+    )
+    try:
+        wait_for(lambda: is_fuse_mount(mnt), 60, "the writer's mount")
+        names = [p.name for p in (writer, *readers)]
+        data, blind = _file_needing_publish(names, writer.name, chunk, 4)
+        count = -(-len(data) // chunk)
+        (mnt / "mounted.bin").write_bytes(data)  # returns after close(): committed
+        assert pending_uploads(writer.url) == count  # only on the writer's NVMe
+        stats = http("GET", f"{writer.url}/api/cache/stats", token=TOKEN).json()
+        assert stats["writeback"]["published"] == count, stats["writeback"]
+        peer = stats["tiers"]["peer"]["tier"]
+        assert peer["announced"] == 0, peer  # no separate publish
+        readers.sort(key=lambda p: p.name != blind)
+        for proc in readers:
+            assert get(proc.url, "/mounted.bin") == data, proc.name
+    finally:
+        writer.stop()
+        force_unmount(mnt)
 
 
 def test_sigterm_finishes_pending_uploads_before_exiting(cluster: Cluster, tmp_path: Path) -> None:

@@ -188,3 +188,18 @@ def test_log_tags() -> None:
     ]:
         record = logging.LogRecord(name, logging.INFO, __file__, 1, "hi", None, None)
         assert fmt.format(record) == f"{tag} hi"
+
+
+def test_fuse_tuning_flags_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = build_parser()
+    base = ["client", "--nvme-dir", str(tmp_path)]
+    assert client_config(parser.parse_args(base)).fuse_workers == 4
+    monkeypatch.setenv("FASTCACHE_FUSE_WORKERS", "3")
+    monkeypatch.setenv("FASTCACHE_FUSE_OPTIONS", "async_read")
+    cfg = client_config(parser.parse_args(base))
+    assert (cfg.fuse_workers, cfg.fuse_options) == (3, "async_read")
+    cfg = client_config(parser.parse_args([*base, "--fuse-workers", "8", "--fuse-options", ""]))
+    assert (cfg.fuse_workers, cfg.fuse_options) == (8, "")  # flags beat the environment
+    monkeypatch.setenv("FASTCACHE_FUSE_WORKERS", "many")
+    with pytest.raises(ConfigError):
+        client_config(parser.parse_args(base))

@@ -990,3 +990,52 @@ def test_write_back_uploads_from_memory_not_a_reread_of_nvme(tmp_path: Path) -> 
             await m.close()
 
     run(main())
+
+
+def test_unpublished_names_only_local_chunks_and_the_peer_id(tmp_path: Path) -> None:
+    """What a manifest commit sends as ``holder``/``held`` in place of ``publish``: the same
+    filter (on this NVMe, not in S3 yet), this node's peer id, and no request of its own."""
+
+    async def main() -> None:
+        rig = Rig(tmp_path)
+        peer = AnnouncingPeer()
+        peer.self_id = "node-a"  # type: ignore[attr-defined]
+        rig.peer = peer
+        uploaded, local = chunk_bytes("up"), chunk_bytes("local")
+        du, dl = digest(uploaded), digest(local)
+        m = await rig.open()
+        try:
+            assert m.peer_id == "node-a"
+            await m.write_chunk(du, uploaded)
+            await m.flush([du])
+            rig.s3.down_until = asyncio.Event()
+            await m.write_chunk(dl, local)
+            assert m.unpublished([du, dl, dl, "f" * 32]) == [dl]
+            assert peer.batches == []  # a filter, not a request
+            m.note_published(1)
+            assert m.stats()["writeback"]["published"] == 1
+            rig.s3.down_until.set()
+            await m.flush([dl], timeout=10)
+            assert m.unpublished([dl]) == []
+        finally:
+            await m.close()
+
+    run(main())
+
+
+def test_unpublished_without_peer_tier_is_empty(tmp_path: Path) -> None:
+    async def main() -> None:
+        rig = Rig(tmp_path)
+        rig.s3.down_until = asyncio.Event()
+        data = chunk_bytes("solo")
+        d = digest(data)
+        m = await rig.open(with_peer=False)
+        try:
+            await m.write_chunk(d, data)
+            assert m.peer_id is None
+            assert m.unpublished([d]) == []
+        finally:
+            rig.s3.down_until.set()
+            await m.close()
+
+    run(main())
