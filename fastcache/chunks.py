@@ -11,6 +11,7 @@ length, an empty input has none.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 import mmap
@@ -378,6 +379,29 @@ class Manifest:
             lengths=None if lengths is None else list(lengths),
             version=version,
         )
+
+
+BLOCK = 4096  # allocation unit ``st_blocks`` rounds to
+
+
+@functools.lru_cache(maxsize=64)
+def hole_digest(length: int) -> str:
+    """The digest of ``length`` zero bytes: a chunk that is a hole (truncate up, seek past EOF)."""
+    return digest(bytes(length))
+
+
+def allocated_blocks(doc: dict[str, Any] | None) -> int:
+    """512-byte blocks of a manifest's data chunks, in whole 4 KiB blocks: holes are free,
+    so ``du`` of a sparse file shows less than its size (``st_blocks``)."""
+    if not doc:
+        return 0
+    size, cs, lengths = doc["size"], doc["chunk_size"], doc.get("lengths")
+    total = 0
+    for index, name in enumerate(doc["chunks"]):
+        length = lengths[index] if lengths is not None else min(cs, size - index * cs)
+        if name != hole_digest(length):
+            total += length
+    return -(-total // BLOCK) * (BLOCK // 512)
 
 
 # --- chunk-file I/O ----------------------------------------------------------------------

@@ -30,7 +30,6 @@ from typing import Any, TypeVar
 
 import llfuse
 
-from fastcache.chunks import digest
 from fastcache.config import ClientConfig
 from fastcache.errors import Exists, NameTooLong, NotFound, errno_for
 from fastcache.handles import STAGING_PREFIX, FileTable, LoopCaller
@@ -83,26 +82,22 @@ def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
 
 
-@functools.lru_cache(maxsize=64)
-def _hole(length: int) -> str:
-    """The digest of a chunk of ``length`` zero bytes: a hole (truncate up, seek past EOF)."""
-    return digest(bytes(length))
-
-
-def _allocated_blocks(doc: dict[str, Any]) -> int:
-    """512-byte blocks of a manifest's data chunks, in whole 4 KiB blocks (holes are free)."""
-    size, cs, lengths = doc["size"], doc["chunk_size"], doc.get("lengths")
-    total = 0
-    for index, name in enumerate(doc["chunks"]):
-        length = lengths[index] if lengths is not None else min(cs, size - index * cs)
-        if name != _hole(length):
-            total += length
-    return -(-total // BLOCK) * (BLOCK // 512)
-
-
 def _data_key(attrs: Attrs) -> int:
     """What identifies a file's content version for the kernel's page cache."""
     return hash((attrs.size, attrs.mtime_ns, attrs.version))
+
+
+def _dirents(
+    batch: list[tuple[bytes, int, int, int]], start: int
+) -> Iterator[tuple[bytes, llfuse.EntryAttributes, int]]:
+    """What readdir hands llfuse. FUSE 2 has no readdirplus: the kernel takes only the inode
+    number and the type from each entry, so nothing else is filled in (full attributes wait
+    in the node cache for the lookups that follow)."""
+    for name, ino, mode, cookie in batch[start:]:
+        e = llfuse.EntryAttributes()
+        e.st_ino = ino
+        e.st_mode = mode
+        yield name, e, cookie
 
 
 class _DirHandle:
@@ -112,7 +107,7 @@ class _DirHandle:
 
     def __init__(self, ino: int) -> None:
         self.ino = ino
-        self.batch: list[tuple[bytes, llfuse.EntryAttributes, int]] = []
+        self.batch: list[tuple[bytes, int, int, int]] = []  # (name, ino, st_mode, cookie)
         self.positions: dict[int, int] = {}
         self.complete = False
 
@@ -146,7 +141,6 @@ class Operations(llfuse.Operations):
         self.kernel = KernelNotifier()
         self._dirs: dict[int, _DirHandle] = {}
         self._next_dir = 1
-        self._blocks: dict[int, tuple[int, int]] = {}  # ino -> (version, st_blocks)
         self._misses: dict[int, tuple[int, float]] = {}  # dir -> (lookup misses, window end)
 
     # --- helpers ---------------------------------------------------------------------------
@@ -184,22 +178,10 @@ class Operations(llfuse.Operations):
             e.attr_timeout = 0
         e.st_blksize = IO_SIZE
         if pending is None and attrs.type == "file":
-            e.st_blocks = self._file_blocks(attrs)
+            e.st_blocks = attrs.blocks  # data chunks, not holes (the coordinator counts)
         else:
             e.st_blocks = -(-e.st_size // BLOCK) * (BLOCK // 512)
         return e
-
-    def _file_blocks(self, attrs: Attrs) -> int:
-        """``st_blocks`` of a committed file: its data chunks, not its holes (as ``du`` expects)."""
-        cached = self._blocks.get(attrs.ino)
-        if cached is not None and cached[0] == attrs.version:
-            return cached[1]
-        doc = attrs.manifest
-        blocks = 0 if not doc else _allocated_blocks(doc)
-        if len(self._blocks) >= 4096:
-            self._blocks.clear()
-        self._blocks[attrs.ino] = (attrs.version, blocks)
-        return blocks
 
     def _learn(self, parent: int, name: str, attrs: Attrs) -> llfuse.EntryAttributes:
         """A new kernel reference to ``attrs.ino`` under ``parent``/``name``."""
@@ -233,41 +215,36 @@ class Operations(llfuse.Operations):
         return entry
 
     def _prefetch(self, parent: int) -> bool:
-        """Lookups missing again and again in one directory (``stat`` of every file after
-        the kernel dropped its dentries): list it once per ttl instead ("readdirplus")."""
-        now = time.monotonic()
+        """Names that exist but were unknown here, again and again in one directory (``stat``
+        of every file after the kernel dropped its dentries): list it once per ttl instead
+        ("readdirplus"). Names that do not exist (a create's lookup) do not count."""
         count, until = self._misses.get(parent, (0, 0.0))
-        if until <= now:
-            count, until = 0, now + self.ttl
-        count += 1
-        self._misses[parent] = (count, until)
-        if count != PREFETCH_AFTER:
+        if count != PREFETCH_AFTER - 1 or until <= time.monotonic():
             return False
-        if len(self._misses) > 4096:
-            self._misses = {parent: (count, until)}
+        self._misses[parent] = (count + 1, until)  # once per window
         offset = 0
         for _ in range(PREFETCH_BATCHES):
             entries = self._wait(self.ns.readdir(parent, offset, READDIR_BATCH))
             for e in entries:
-                if self._cacheable(e.attrs):
-                    self.meta.bind(parent, e.name, self.meta.put(e.attrs).ino)
+                self.meta.bind(parent, e.name, self.meta.put(e.attrs).ino)
             if len(entries) < READDIR_BATCH:
                 break
             offset = entries[-1].offset
         return True
 
-    def _cacheable(self, attrs: Attrs) -> bool:
-        """Listing attrs carry no manifest: a file's ``st_blocks`` must be known otherwise."""
-        if attrs.type != "file" or attrs.manifest is not None or attrs.size == 0:
-            return True
-        cached = self._blocks.get(attrs.ino)
-        return cached is not None and cached[0] == attrs.version
+    def _missed(self, parent: int) -> None:
+        """The coordinator knew a name in ``parent`` that this node did not: count it."""
+        now = time.monotonic()
+        count, until = self._misses.get(parent, (0, 0.0))
+        if until <= now:
+            count, until = 0, now + self.ttl
+            if len(self._misses) > 4096:
+                self._misses.clear()
+        self._misses[parent] = (count + 1, until)
 
     def _committed(self, attrs: Attrs | None) -> None:
         """New content committed by this node: its page cache already holds it."""
         if attrs is not None:
-            if attrs.type == "file":
-                self._file_blocks(attrs)
             self.meta.put(attrs)
             self.meta.data_follows(attrs.ino, _data_key(attrs))
 
@@ -285,6 +262,7 @@ class Operations(llfuse.Operations):
                 attrs = None if ino is None else self.meta.get(ino)
         if attrs is None:
             attrs = self._wait(self.ns.lookup(parent_inode, n))
+            self._missed(parent_inode)
         return self._learn(parent_inode, n, attrs)
 
     @_handler
@@ -416,23 +394,24 @@ class Operations(llfuse.Operations):
         if start is None or (start == len(d.batch) and not d.complete):
             self._fetch_entries(d, off)
             start = 0
-        return iter(d.batch[start:])
+        return _dirents(d.batch, start)
 
     def _fetch_entries(self, d: _DirHandle, off: int) -> None:
-        batch: list[tuple[bytes, llfuse.EntryAttributes, int]] = []
+        batch: list[tuple[bytes, int, int, int]] = []
         if off < 2:
-            me = self._entry(self._attrs(d.ino))
-            batch = [(b".", me, 1), (b"..", me, 2)][off:]
+            me = self._attrs(d.ino)
+            mode = _TYPE_BITS[me.type] | me.mode
+            batch = [(b".", me.ino, mode, 1), (b"..", me.ino, mode, 2)][off:]
         entries = self._wait(self.ns.readdir(d.ino, max(0, off - 2), READDIR_BATCH))
+        put, bind = self.meta.put, self.meta.bind
         for e in entries:
-            attrs = e.attrs
-            if self._cacheable(attrs):  # readdirplus: the lookups that follow stay local
-                attrs = self.meta.put(attrs)
-                self.meta.bind(d.ino, e.name, attrs.ino)
-            batch.append((os.fsencode(e.name), self._entry(attrs), e.offset + 2))
+            attrs = put(e.attrs)  # readdirplus: the lookups that follow stay local
+            bind(d.ino, e.name, attrs.ino)
+            mode = _TYPE_BITS[attrs.type] | attrs.mode
+            batch.append((os.fsencode(e.name), attrs.ino, mode, e.offset + 2))
         d.batch = batch
         d.positions = {off: 0}
-        d.positions.update((next_off, i + 1) for i, (_, _, next_off) in enumerate(batch))
+        d.positions.update((entry[3], i + 1) for i, entry in enumerate(batch))
         d.complete = len(entries) < READDIR_BATCH
 
     @_handler

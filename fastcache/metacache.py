@@ -4,8 +4,10 @@ The kernel caches entries and attributes for ``attr_timeout`` seconds; this cach
 what the coordinator answered for the same time, so a kernel revalidation after a timeout
 (``stat`` in a loop, ``ls -l``) rarely crosses the network while a change made on another
 node is still seen within one timeout. Attributes are keyed by inode and never replaced by
-an older version. Entries map ``(parent, name)`` to an inode so that unlink and rename can
-invalidate the inode they touch.
+an older version. Entries map ``(parent, name)`` to an inode for one ttl too, so lookups
+stay local and unlink and rename can invalidate the inode they touch. Neither is dropped when
+the kernel forgets an inode (``drop_caches``, memory pressure): the next ``stat`` is still
+answered here. Expired items are swept out once the cache has grown past ``SWEEP_AT``.
 
 A directory this node made, and then kept changing itself, is known *completely*: every
 create answer carries the directory's version before and after, and while those chain up
@@ -26,6 +28,7 @@ from typing import Any
 
 # The attribute record the coordinator client returns (fastcache.coordinator.store.InodeAttrs).
 Attrs = Any
+SWEEP_AT = 65536  # cached inodes before expired ones are swept out
 
 
 class MetaCache:
@@ -42,11 +45,11 @@ class MetaCache:
         self.negative_ttl = negative_ttl
         self._clock = clock
         self._attrs: dict[int, tuple[Attrs, float]] = {}
-        self._entries: dict[tuple[int, str], int] = {}
-        self._names: dict[int, set[tuple[int, str]]] = {}
+        self._entries: dict[tuple[int, str], tuple[int, float]] = {}  # -> (ino, expiry)
         self._lookups: dict[int, int] = {}
         self._data_version: dict[int, int] = {}
         self._complete: dict[int, tuple[int, float]] = {}  # dir -> (version, expiry)
+        self._sweep_at = SWEEP_AT
 
     # --- attributes ------------------------------------------------------------------------
     def get(self, ino: int) -> Attrs | None:
@@ -62,10 +65,22 @@ class MetaCache:
     def put(self, attrs: Attrs) -> Attrs:
         """Remember ``attrs`` for one ttl unless a newer version is cached; returns the winner."""
         item = self._attrs.get(attrs.ino)
-        if item is not None and item[0].version > attrs.version and item[1] > self._clock():
+        now = self._clock()
+        if item is not None and item[0].version > attrs.version and item[1] > now:
             return item[0]
-        self._attrs[attrs.ino] = (attrs, self._clock() + self.ttl)
+        self._attrs[attrs.ino] = (attrs, now + self.ttl)
+        if len(self._attrs) > self._sweep_at:
+            self._sweep(now)
         return attrs
+
+    def _sweep(self, now: float) -> None:
+        """Drop expired attributes and entries (the cache would otherwise only grow)."""
+        self._attrs = {ino: item for ino, item in self._attrs.items() if item[1] > now}
+        for key, (_, until) in list(self._entries.items()):
+            if until <= now:
+                del self._entries[key]
+                self._complete.pop(key[0], None)  # its entries are no longer all known
+        self._sweep_at = max(SWEEP_AT, 2 * len(self._attrs))
 
     def timeout(self, ino: int) -> float:
         """Seconds the kernel may keep ``ino``'s attributes: what is left of our own ttl."""
@@ -79,23 +94,22 @@ class MetaCache:
 
     # --- entries ---------------------------------------------------------------------------
     def entry(self, parent: int, name: str) -> int | None:
-        """The inode ``name`` in ``parent`` was last seen to name, if known."""
-        return self._entries.get((parent, name))
+        """The inode ``name`` in ``parent`` named when last seen, if that was within a ttl."""
+        item = self._entries.get((parent, name))
+        if item is None or item[1] <= self._clock():
+            return None
+        return item[0]
 
     def bind(self, parent: int, name: str, ino: int) -> None:
-        old = self._entries.get((parent, name))
-        if old is not None and old != ino:
-            self._names.get(old, set()).discard((parent, name))
-        self._entries[(parent, name)] = ino
-        self._names.setdefault(ino, set()).add((parent, name))
+        self._entries[(parent, name)] = (ino, self._clock() + self.ttl)
 
     def unbind(self, parent: int, name: str) -> int | None:
         """Forget the entry; returns the inode it named (if known) after invalidating it."""
-        ino = self._entries.pop((parent, name), None)
-        if ino is not None:
-            self._names.get(ino, set()).discard((parent, name))
-            self.invalidate(ino)
-        return ino
+        item = self._entries.pop((parent, name), None)
+        if item is None:
+            return None
+        self.invalidate(item[0])
+        return item[0]
 
     # --- complete directories --------------------------------------------------------------
     def complete(self, parent: int, version: int) -> None:
@@ -128,19 +142,17 @@ class MetaCache:
         self._lookups[ino] = self._lookups.get(ino, 0) + 1
 
     def forget(self, ino: int, count: int) -> None:
-        """The kernel dropped ``count`` references; at zero everything about ``ino`` goes."""
+        """The kernel dropped ``count`` references; at zero its page cache of ``ino`` is gone.
+
+        Attributes and entries stay until they expire: a ``stat`` right after the kernel
+        dropped its dentries (memory pressure, ``drop_caches``) is still answered here.
+        """
         left = self._lookups.get(ino, 0) - count
         if left > 0:
             self._lookups[ino] = left
             return
         self._lookups.pop(ino, None)
-        self._attrs.pop(ino, None)
         self._data_version.pop(ino, None)
-        self._complete.pop(ino, None)
-        for key in self._names.pop(ino, ()):
-            if self._entries.get(key) == ino:
-                del self._entries[key]
-                self._complete.pop(key[0], None)  # its listing now misses this name
 
     def lookups(self, ino: int) -> int:
         return self._lookups.get(ino, 0)

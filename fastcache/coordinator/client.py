@@ -8,13 +8,13 @@ connection error. Error answers come back as the domain errors the service raise
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
 
 import aiohttp
+import orjson
 
 from fastcache.coordinator.service import MAX_LOCATION_BATCH
 from fastcache.coordinator.store import Entry, InodeAttrs, PeerInfo
@@ -35,6 +35,7 @@ class CoordinatorClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._json_headers = {**self._headers, "Content-Type": "application/json"}
         self._session = session
         self._owns_session = session is None
         self._timeout = aiohttp.ClientTimeout(total=TOTAL_TIMEOUT, connect=CONNECT_TIMEOUT)
@@ -83,8 +84,8 @@ class CoordinatorClient:
                     method,
                     url,
                     params=query,
-                    json=body,
-                    headers=self._headers,
+                    data=None if body is None else orjson.dumps(body),
+                    headers=self._headers if body is None else self._json_headers,
                     timeout=self._timeout,
                 ) as resp:
                     raw = await resp.read()
@@ -103,7 +104,7 @@ class CoordinatorClient:
                 raise error_from_status(status, f"HTTP {status}")
             return None
         try:
-            doc = json.loads(raw)
+            doc = orjson.loads(raw)
         except ValueError:
             doc = None
         if status >= 400:

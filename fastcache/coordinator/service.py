@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from fastcache.chunks import allocated_blocks
 from fastcache.coordinator.store import (
     INODE_TYPES,
     ROOT_INO,
@@ -384,6 +385,8 @@ class CoordinatorService:
                     raise InvalidArgument(f"inode {ino} is not a regular file")
                 if size != attrs.size:
                     changes["size"] = size
+                    # cut data goes; a longer file is a hole until its writer commits
+                    changes["blocks"] = min(attrs.blocks, -(-size // 4096) * 8)
                     changes.setdefault("mtime_ns", now)
             if changes or size is not None:
                 changes["ctime_ns"] = now
@@ -645,6 +648,7 @@ class CoordinatorService:
             ino,
             version=attrs.version + 1,
             size=manifest["size"],
+            blocks=allocated_blocks(manifest),
             manifest=manifest,
             mtime_ns=now,
             ctime_ns=now,

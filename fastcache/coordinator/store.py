@@ -23,11 +23,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from fastcache.chunks import allocated_blocks
+
 T = TypeVar("T")
 
 ROOT_INO = 1
 INODE_TYPES = ("file", "dir", "symlink", "fifo", "socket", "chr", "blk")
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: inodes.blocks
 
 
 # --- the data model ----------------------------------------------------------------------
@@ -48,13 +50,20 @@ class InodeAttrs:
     rdev: int = 0
     target: str | None = None
     version: int = 0
+    blocks: int = 0  # 512-byte blocks of the file's data chunks (``st_blocks``; holes free)
     manifest: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        # Shallow on purpose: ``asdict`` deep-copies the manifest, on every answer.
+        return {name: getattr(self, name) for name in _INODE_FIELDS}
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> InodeAttrs:
+        if len(doc) == len(_INODE_FIELDS):
+            try:
+                return cls(**doc)  # the common case: exactly our fields (listings: per entry)
+            except TypeError:
+                pass
         return cls(**{name: doc.get(name) for name in _INODE_FIELDS})
 
     @property
@@ -153,6 +162,7 @@ CREATE TABLE IF NOT EXISTS inodes (
     rdev INTEGER NOT NULL DEFAULT 0,
     target TEXT,
     version INTEGER NOT NULL DEFAULT 0,
+    blocks INTEGER NOT NULL DEFAULT 0,
     manifest TEXT
 );
 CREATE TABLE IF NOT EXISTS entries (
@@ -343,6 +353,21 @@ class _SQLiteTxn:
         return int(self._c.execute("SELECT COUNT(*) FROM locations").fetchone()[0])
 
 
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring a store written by an older fastcache up to ``SCHEMA_VERSION``."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(inodes)")}
+    if "blocks" not in columns:  # version 1: compute every file's allocated blocks once
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("ALTER TABLE inodes ADD COLUMN blocks INTEGER NOT NULL DEFAULT 0")
+        rows = conn.execute("SELECT ino, manifest FROM inodes WHERE manifest IS NOT NULL")
+        for ino, doc in rows.fetchall():
+            conn.execute(
+                "UPDATE inodes SET blocks = ? WHERE ino = ?",
+                (allocated_blocks(json.loads(doc)), ino),
+            )
+        conn.execute("COMMIT")
+
+
 class SQLiteStore:
     """SQLite in WAL mode on one dedicated thread. Build it with ``await SQLiteStore.open``."""
 
@@ -375,6 +400,7 @@ class SQLiteStore:
             conn.execute(f"PRAGMA synchronous = {self._synchronous}")
             conn.execute("PRAGMA busy_timeout = 5000")
             conn.executescript(_DDL)
+            _migrate(conn)
             conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             if conn.execute("SELECT 1 FROM inodes WHERE ino = ?", (ROOT_INO,)).fetchone() is None:
                 now = time.time_ns()

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import sqlite3
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 
+from fastcache.chunks import hole_digest
 from fastcache.coordinator.service import (
     MAX_LOCATION_BATCH,
     ROOT_INO,
     CoordinatorService,
     location_key,
 )
-from fastcache.coordinator.store import InodeAttrs, SQLiteStore
+from fastcache.coordinator.store import _DDL, InodeAttrs, SQLiteStore
 from fastcache.errors import (
     BadRequest,
     Conflict,
@@ -588,3 +591,41 @@ def test_commit_records_the_holders_chunks_in_its_transaction(
     assert run(svc.locations(location_key(chunk=D2))) == []
     with pytest.raises(BadRequest):
         run(svc.commit_manifest(f.ino, manifest(4, chunks=[D2]), 2, held=[D2]))
+
+
+# --- allocated blocks ------------------------------------------------------------------------
+def test_commits_count_data_blocks_not_holes(svc: CoordinatorService, run: Run[Any]) -> None:
+    f = run(svc.create(ROOT_INO, "sparse", "file", 0o644, 0, 0))
+    cs = 65536
+    doc = {"size": 2 * cs + 10, "chunk_size": cs, "chunks": [hole_digest(cs), D1, D2]}
+    attrs = run(svc.commit_manifest(f.ino, doc, f.version))
+    assert attrs.blocks == (cs + 4096) // 512  # one whole chunk, the 10-byte tail as 4 KiB
+    listed = {e.name: e.attrs for e in run(svc.readdir(ROOT_INO))}
+    assert listed["sparse"].blocks == attrs.blocks and listed["sparse"].manifest is None
+    cut = run(svc.setattr(f.ino, size=100))
+    assert cut.blocks == 8  # what is left of the data after a truncate
+
+
+def test_a_version_1_store_gets_blocks_computed_on_open(tmp_path: Path, run: Run[Any]) -> None:
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(_DDL.replace("    blocks INTEGER NOT NULL DEFAULT 0,\n", ""))
+    manifest = {"size": 5000, "chunk_size": 65536, "chunks": [D1]}
+    conn.execute(
+        "INSERT INTO inodes (ino, type, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns,"
+        " nlink, version, manifest) VALUES (7, 'file', 420, 0, 0, 5000, 0, 0, 0, 1, 1, ?)",
+        (json.dumps(manifest),),
+    )
+    conn.commit()
+    conn.close()
+
+    async def reopen() -> int:
+        store = await SQLiteStore.open(path)
+        try:
+            attrs = await store.transact(lambda tx: tx.get_inode(7), readonly=True)
+            assert attrs is not None
+            return attrs.blocks
+        finally:
+            await store.close()
+
+    assert run(reopen()) == 16  # 5000 bytes: two 4 KiB blocks

@@ -256,7 +256,7 @@ def test_unlinked_file_stays_readable_through_its_handle(a: Node, d: int) -> Non
         a("release", fh)
 
 
-def test_lookup_counts_and_forget(a: Node, d: int) -> None:
+def test_lookup_counts_and_forget(a: Node, d: int, counted: Counting) -> None:
     ino = write_file(a, d, b"l", b"1")
     a.ops.meta.forget(ino, a.ops.meta.lookups(ino))
     a("lookup", d, b"l", Ctx())
@@ -265,7 +265,11 @@ def test_lookup_counts_and_forget(a: Node, d: int) -> None:
     a("forget", [(ino, 1)])
     assert a.ops.meta.get(ino) is not None
     a("forget", [(ino, 1)])
-    assert a.ops.meta.lookups(ino) == 0 and a.ops.meta.get(ino) is None
+    assert a.ops.meta.lookups(ino) == 0
+    # the kernel forgot it (drop_caches): its next lookup is still answered from the cache
+    counted.calls.clear()
+    assert a("lookup", d, b"l", Ctx()).st_ino == ino
+    assert counted.calls == []
 
 
 def test_readdir_offsets_are_stable(a: Node, d: int) -> None:
@@ -458,3 +462,15 @@ def test_listing_and_repeated_lookup_misses_fill_the_node_cache(
     counted.calls.clear()
     check_all()  # stat of every name: a few lookups, then one listing serves the rest
     assert counted.calls == ["lookup"] * (PREFETCH_AFTER - 1) + ["readdir"]
+
+
+def test_creating_many_files_never_lists_the_directory(a: Node, d: int, counted: Counting) -> None:
+    """A create's lookup finds nothing: that is no reason to prefetch the listing."""
+    sub = a("mkdir", d, b"many", 0o755 | stat.S_IFDIR, Ctx()).st_ino
+    counted.calls.clear()
+    for i in range(3 * PREFETCH_AFTER):
+        name = f"c{i}".encode()
+        assert fuse_errno(a, "lookup", sub, name, Ctx()) == errno.ENOENT
+        a("release", a("create", sub, name, 0o644 | stat.S_IFREG, os.O_WRONLY, Ctx())[0])
+    assert "readdir" not in counted.calls
+    assert counted.calls.count("lookup") == 3 * PREFETCH_AFTER

@@ -55,7 +55,7 @@ def test_a_version_gap_or_a_forgotten_entry_ends_completeness() -> None:
     m.complete(2, version=0)
     m.bind(2, "x", 9)
     m.remember(9)
-    m.forget(9, 1)  # the entry is gone from the cache, not from the directory
+    m.forget(9, 1)  # the kernel forgot the inode: the name is still known to exist
     assert not m.absent(2, "x")
     m.complete(3, version=0)
     m.changed(3, before=0, after=None)  # an answer without versions
@@ -69,3 +69,46 @@ def test_negative_answers_are_off_by_default() -> None:
     m = MetaCache(1.0, Clock())
     m.complete(1, version=0)
     assert not m.absent(1, "x")  # --negative-timeout 0: always ask the coordinator
+
+
+def test_a_forgotten_inode_is_still_answered_until_its_ttl() -> None:
+    """``drop_caches`` makes the kernel forget every inode; a stat right after stays local."""
+    clock = Clock()
+    m = MetaCache(1.0, clock)
+    m.put(A(9, version=3))
+    m.bind(1, "x", 9)
+    m.remember(9)
+    m.forget(9, 1)
+    assert m.lookups(9) == 0
+    assert m.entry(1, "x") == 9
+    assert m.get(9) == A(9, version=3)
+    clock.now += 1.0
+    assert m.entry(1, "x") is None  # entries expire with the attributes
+    assert m.get(9) is None
+
+
+def test_forgotten_page_cache_version_is_dropped() -> None:
+    m = MetaCache(1.0, Clock())
+    m.remember(9)
+    m.data_changed(9, 1)
+    m.forget(9, 1)
+    assert not m.data_changed(9, 2)  # the kernel has no pages of it any more
+
+
+def test_expired_items_are_swept_once_the_cache_grows() -> None:
+    import fastcache.metacache as metacache
+
+    clock = Clock()
+    m = MetaCache(1.0, clock, negative_ttl=10.0)
+    m.complete(1, version=0)
+    for ino in range(10, 20):
+        m.put(A(ino))
+        m.bind(1, f"n{ino}", ino)
+    clock.now += 2.0
+    assert m.absent(1, "other")
+    m._sweep_at = 0  # as if SWEEP_AT were reached
+    m.put(A(99))
+    assert len(m) == 1
+    assert m._entries == {}
+    assert not m.absent(1, "other")  # entries swept: the directory is no longer known whole
+    assert m._sweep_at == metacache.SWEEP_AT
