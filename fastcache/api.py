@@ -13,6 +13,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Awaitable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,7 @@ from fastcache.http import (
     auth_middleware,
     error_middleware,
     read_json,
+    send_file,
 )
 from fastcache.paths import is_digest, normalize_path
 from fastcache.tiers.base import verify
@@ -70,6 +72,9 @@ class NodeState:
 
 
 STATE = web.AppKey("state", NodeState)
+# Threads that open chunk files and push them into peer sockets (``send_file``): their own,
+# so that a peer slow to read cannot hold up the default executor's hashing.
+SEND_POOL = web.AppKey("send_pool", ThreadPoolExecutor)
 
 # --- schemas -----------------------------------------------------------------------------
 PATH = Param("path", "path", {"type": "string"}, description="file path in the namespace")
@@ -446,6 +451,14 @@ async def get_chunk(request: web.Request) -> web.StreamResponse:
         except DataUnavailable as exc:  # a miss for the asker (who then tries S3 itself),
             raise ChunkNotFound(str(exc)) from None  # not a failure of this node
     else:
+        # Straight from the chunk file to the socket (not verified here: the asker verifies
+        # every chunk it receives, so this would only hash it a second time).
+        path_for = getattr(state.nvme, "path_for", None)
+        size = state.nvme.chunk_size(d) if path_for is not None else None
+        if size is not None:
+            sent = await send_file(request, path_for(d), size, request.app[SEND_POOL])
+            if sent is not None:
+                return sent
         data = await state.nvme.read(d)
     return web.Response(body=data, content_type="application/octet-stream")
 
@@ -475,6 +488,12 @@ def make_app(state: NodeState) -> web.Application:
         ],
     )
     app[STATE] = state
+    app[SEND_POOL] = ThreadPoolExecutor(max_workers=16, thread_name_prefix="send")
+
+    async def stop_pool(app: web.Application) -> None:
+        app[SEND_POOL].shutdown(wait=False)
+
+    app.on_cleanup.append(stop_pool)
     api = OpenAPI(title="fastcache client", version=__version__, bearer=config.token is not None)
     r = app.router
     octet = None  # a binary body: documented without a JSON schema

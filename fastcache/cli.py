@@ -91,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="FUSE worker threads (default 4, or $FASTCACHE_FUSE_WORKERS)",
     )
     n.add_argument("--fuse-options", default=None, help="extra comma-separated FUSE mount options")
-    n.add_argument("--readahead", type=int, default=4, help="chunks read ahead (default 4)")
+    n.add_argument(
+        "--readahead",
+        type=int,
+        default=4,
+        help="chunks read ahead at first (default 4); sequential reads double it up to 16",
+    )
     n.add_argument(
         "--replication",
         type=int,

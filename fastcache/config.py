@@ -96,7 +96,7 @@ class CacheConfig:
     chunking: str = "fixed"  # or "cdc" (FastCDC, average = chunk_size)
     verify_cache: bool = False  # hash every NVMe read, not only whole-chunk reads
     upload_concurrency: int = 8  # parallel write-back uploads
-    fetch_concurrency: int = 8  # parallel chunk fetches of one read
+    fetch_concurrency: int = 16  # parallel chunk fetches of one read (and read-ahead depth)
     replication: int = 3  # peer replicas per chunk
     writeback_retry_max: float = 30.0  # seconds between write-back retries, at most
 
@@ -147,7 +147,8 @@ class ClientConfig:
     negative_timeout: float = 0.0
     fuse_workers: int = 4  # llfuse worker threads: 4 beat 16 and 8 on 2 cores (fio_mount.py)
     fuse_options: str = ""  # extra comma-separated FUSE mount options
-    readahead_chunks: int = 4
+    readahead_chunks: int = 4  # a reader's first window; a sequential one doubles it up to
+    # CacheConfig.fetch_concurrency (DefaultCacheManager.prefetch)
     max_body: int = DEFAULT_MAX_BODY
     peer_connect_timeout: float = 0.5
     peer_read_timeout: float = 10.0

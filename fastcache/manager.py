@@ -24,7 +24,7 @@ import logging
 import random
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -61,6 +61,8 @@ _LATENCY_SAMPLES = 2048
 _LOCAL_SAMPLE_EVERY = 16  # NVMe hits: time one in this many
 _RETRY_BASE = 0.1  # first write-back retry delay, seconds (doubles up to writeback_retry_max)
 _RETRY_LOUD_AFTER = 60.0  # seconds of failing uploads before retries are logged as warnings
+_MIN_WINDOW = 4  # read-ahead chunks a sequential stream may always reach
+_STREAMS = 64  # read-ahead windows remembered (sequential streams)
 
 
 class CacheManager(Protocol):
@@ -145,6 +147,57 @@ class _Latency:
             else:
                 out[f"{name}_ms"] = 0.0
         return out
+
+
+class _RecentChunks:
+    """Verified chunk bytes fetched from the lower tiers, at most ``budget`` bytes.
+
+    A cold sequential reader reaches a chunk moments after its fetch: serving it from here
+    (on the FUSE thread, no event-loop hop) spares reading back what promotion just wrote to
+    NVMe (O_DIRECT, so from the disk). First in, first out, not LRU: the chunks fetched
+    ahead of a reader are older than the ones it just read, and must outlive them.
+    Thread-safe: FUSE threads read, the loop inserts.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self._lock = threading.Lock()
+        self._chunks: OrderedDict[str, bytes] = OrderedDict()
+        self._bytes = 0
+        self._budget = budget
+        self.hits = 0
+
+    def put(self, digest: str, data: bytes) -> None:
+        if len(data) > self._budget:
+            return
+        with self._lock:
+            if digest in self._chunks:
+                return
+            self._chunks[digest] = data
+            self._bytes += len(data)
+            while self._bytes > self._budget:
+                _, dropped = self._chunks.popitem(last=False)
+                self._bytes -= len(dropped)
+
+    def __contains__(self, digest: object) -> bool:
+        with self._lock:
+            return digest in self._chunks
+
+    def get(self, digest: str) -> bytes | None:
+        with self._lock:
+            data = self._chunks.get(digest)
+            if data is not None:
+                self.hits += 1
+            return data
+
+    def read_into(self, digest: str, offset: int, out: memoryview) -> int | None:
+        """Like ``NvmeTier.read_into``: bytes copied into ``out``, ``None`` if not here."""
+        data = self.get(digest)
+        if data is None:
+            return None
+        n = max(0, min(len(out), len(data) - offset))
+        if n:
+            out[:n] = memoryview(data)[offset : offset + n]
+        return n
 
 
 # --- the streaming writer ----------------------------------------------------------------------
@@ -314,6 +367,13 @@ class DefaultCacheManager:
         # fetched, verified, being written to NVMe: served from memory until it is there
         self._promoting: dict[str, bytes] = {}
         self._prefetch_room = asyncio.Semaphore(config.fetch_concurrency)
+        # Read-ahead windows of the sequential streams: id(manifest) → [manifest, last first
+        # index, window]. A stream that keeps going gets a deeper window (up to
+        # ``fetch_concurrency`` chunks), so that many fetches stay in flight.
+        self._streams: OrderedDict[int, list[Any]] = OrderedDict()
+        self._recent = _RecentChunks(
+            (max(config.fetch_concurrency, _MIN_WINDOW) + 8) * config.chunk_size
+        )
         # write path
         self._writes: dict[str, asyncio.Future[None]] = {}
         self._uploads: dict[str, asyncio.Future[None]] = {}  # digest → in S3
@@ -409,7 +469,11 @@ class DefaultCacheManager:
 
         Synchronous and loop-free: FUSE threads call it directly for the hit path. An NVMe
         I/O error is a miss too (counted as an error): the caller then asks ``read_chunk``.
+        A chunk fetched moments ago is copied from memory (``_RecentChunks``).
         """
+        n = self._recent.read_into(digest, offset, out)
+        if n is not None:
+            return n
         counters = self._tiers["nvme"]
         # One hit in _LOCAL_SAMPLE_EVERY is timed: two timer reads and a sample on every hit
         # cost several percent of a 4 KiB read.
@@ -448,19 +512,48 @@ class DefaultCacheManager:
         return b"".join(parts)
 
     def prefetch(self, manifest: Manifest, first_index: int, count: int) -> None:
-        """Fetch and promote, in the background, the chunks not on NVMe. Loop thread only."""
+        """Fetch and promote, in the background, the chunks not on NVMe. Loop thread only.
+
+        ``count`` is where a stream's window starts: called again for the next chunks of the
+        same manifest, the window doubles up to ``fetch_concurrency`` chunks (a cold
+        sequential read is bound by the fetches in flight, most of all on a far S3).
+        """
         loop = asyncio.get_running_loop()
-        if self._closed:
+        if self._closed or count <= 0:
             return
-        for index in range(max(0, first_index), min(first_index + count, len(manifest.chunks))):
+        window = self._window(manifest, first_index, count)
+        for index in range(max(0, first_index), min(first_index + window, len(manifest.chunks))):
             name = manifest.chunks[index]
             if name in self._prefetches or name in self._fetches or name in self._through:
+                continue
+            if name in self._promoting or name in self._recent:
                 continue
             task = loop.create_task(self._prefetch_one(name))
             self._prefetches[name] = task
             task.add_done_callback(lambda t, n=name: self._forget(self._prefetches, n, t))
 
+    def _window(self, manifest: Manifest, first_index: int, count: int) -> int:
+        """The read-ahead window of the stream reading ``manifest`` now at ``first_index``."""
+        key = id(manifest)
+        state = self._streams.get(key)
+        if state is None or state[0] is not manifest:
+            state = self._streams[key] = [manifest, first_index, count]
+            while len(self._streams) > _STREAMS:
+                self._streams.popitem(last=False)
+            return count
+        self._streams.move_to_end(key)
+        _, last, window = state
+        if last < first_index <= last + 2:  # the stream went on: deeper
+            window = min(2 * window, max(count, self.config.fetch_concurrency))
+        elif first_index != last:  # a seek: start again
+            window = count
+        state[1], state[2] = first_index, max(window, count)
+        return int(state[2])
+
     async def _read_chunk(self, digest: str, try_nvme: bool, through: bool = True) -> bytes:
+        recent = self._recent.get(digest)
+        if recent is not None:
+            return recent
         if try_nvme:
             nvme = self._tiers["nvme"]
             try:
@@ -515,9 +608,16 @@ class DefaultCacheManager:
 
     async def _fetch_lower(self, digest: str, through: bool) -> bytes:
         """Peer (``through``: the owner fetches it for us), then S3; verified; promoted to
-        NVMe in the background."""
+        NVMe in the background. A node that knows no other live node asks S3 first: the
+        peer tier could only find the chunk through a coordinator request per chunk."""
         errors: list[str] = []
-        for role, tier in (("peer", self._peer), ("s3", self.cloud)):
+        order: tuple[tuple[str, TierStorage | None], ...] = (
+            ("peer", self._peer),
+            ("s3", self.cloud),
+        )
+        if getattr(self._peer, "alone", False):
+            order = order[::-1]
+        for role, tier in order:
             if tier is None:
                 continue
             counters = self._tiers[role]
@@ -552,7 +652,7 @@ class DefaultCacheManager:
         if off == 0 and length == manifest.chunk_length(index):
             return await self.read_chunk(name)
         # Fetched a moment ago (still being promoted) or being fetched: no NVMe round trip.
-        promoting = self._promoting.get(name)
+        promoting = self._recent.get(name) or self._promoting.get(name)
         if promoting is not None:
             return memoryview(promoting)[off : off + length]
         inflight = self._fetches.get(name) or self._through.get(name)
@@ -574,7 +674,7 @@ class DefaultCacheManager:
     async def _prefetch_one(self, digest: str) -> None:
         async with self._prefetch_room:
             try:
-                if await self.nvme.exists(digest):
+                if digest in self._promoting or await self.nvme.exists(digest):
                     return
                 self._counts["prefetches"] += 1
                 await self._read_chunk(digest, try_nvme=False)
@@ -582,6 +682,7 @@ class DefaultCacheManager:
                 log.info("prefetch of %s failed: %s", digest, exc)
 
     def _promote_later(self, digest: str, data: bytes) -> None:
+        self._recent.put(digest, data)
         if digest in self._promoting or self._closed:
             return
         self._promoting[digest] = data
@@ -971,6 +1072,7 @@ class DefaultCacheManager:
             "promotions_full": counts["promotions_full"],
             "promotions_failed": counts["promotions_failed"],
             "prefetches": counts["prefetches"],
+            "memory_hits": self._recent.hits,
             "fetch_through_served": counts["fetch_through_served"],
             "corrupt_chunks": counts["corrupt_chunks"],
         }

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from aiohttp import web
+
 T = TypeVar("T")
 
 
@@ -62,3 +64,13 @@ def tree_rss_bytes(pid: int) -> int:
         except (OSError, RuntimeError):
             pass
     return total
+
+
+async def serve_app(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Serve ``app`` on a free loopback port; the runner (clean it up) and its base URL."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return runner, f"http://127.0.0.1:{port}"

@@ -35,6 +35,7 @@ from botocore.exceptions import (
 from fastcache.chunks import Buffer, is_digest
 from fastcache.config import S3Config
 from fastcache.errors import BadRequest, ChunkNotFound, FastcacheError, TierUnavailable
+from fastcache.tiers.base import verify
 
 log = logging.getLogger("fastcache.client.s3")
 T = TypeVar("T")
@@ -72,6 +73,10 @@ class CloudTier:
     """Chunks in one S3 bucket. Build with ``await CloudTier.open(config)``."""
 
     name = "s3"
+    # ``read`` hashes what it got on the pool thread that fetched it (no second thread hop,
+    # nothing on the loop) and raises ``ChunkCorrupt`` on a mismatch: the manager does not
+    # hash it again.
+    verifies_reads = True
 
     def __init__(
         self,
@@ -167,6 +172,7 @@ class CloudTier:
             body.close()
         with self._lock:
             self._bytes_down += len(data)
+        verify(key[len(PREFIX) :], data, f"S3 bucket {self.bucket}")
         return data
 
     async def write(self, digest: str, data: Buffer) -> None:

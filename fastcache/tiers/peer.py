@@ -7,8 +7,13 @@ peers the coordinator's ``chunk:<digest>`` location record names (chunks written
 peer set changed). Everything that arrives is verified against its digest.
 
 A dead or frozen peer must never stall a read: connects are short, replies must start
-quickly, every candidate is asked at once (first verified answer wins), and a per-peer
-circuit breaker skips a peer for a cool-down after a few consecutive failures.
+quickly, the next candidate is asked as soon as one misses or fails, or has not started
+answering after a short hedge delay (first verified answer wins), and a per-peer circuit
+breaker skips a peer for a cool-down after a few consecutive failures. Candidates are not
+all asked at once: on a busy node every extra copy is a 4 MiB transfer for nothing.
+
+Chunk GETs go through ``fastget`` (received straight into one buffer); writes and HEADs
+through the aiohttp session.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import aiohttp
 from fastcache.chunks import Buffer, xxh64
 from fastcache.errors import ChunkCorrupt, ChunkNotFound, FastcacheError, TierUnavailable
 from fastcache.tiers.base import verify
+from fastcache.tiers.fastget import FastGet
 
 log = logging.getLogger("fastcache.client.peer")
 
@@ -193,6 +199,7 @@ class PeerTier:
         breaker_cooldown: float = 5.0,
         clock: Clock = time.monotonic,
         own_session: bool = False,
+        hedge_delay: float = 0.05,
     ) -> None:
         self.self_id = self_id
         self.replication = replication
@@ -204,6 +211,9 @@ class PeerTier:
         self._connect_timeout = connect_timeout
         # Reply headers must come quickly: a peer serves from its NVMe or says 404.
         self._first_byte_timeout = max(4 * connect_timeout, 1.0)
+        self._hedge_delay = hedge_delay
+        self._read_timeout = read_timeout
+        self._fast = FastGet()  # chunk GETs; aiohttp for the rest
         self._timeout = aiohttp.ClientTimeout(
             total=None, sock_connect=connect_timeout, sock_read=read_timeout
         )
@@ -320,6 +330,11 @@ class PeerTier:
             return None
         return rank_peers(digest, self._peers)[0]
 
+    @property
+    def alone(self) -> bool:
+        """Whether the peer list names no node but this one (nobody to ask but S3)."""
+        return all(p == self.self_id for p in self._peers)
+
     def replicas(self, digest: str) -> list[str]:
         """The peers that should hold ``digest`` under the current peer list."""
         return replicas_for(digest, self._peers, self.self_id, self.replication)
@@ -372,6 +387,7 @@ class PeerTier:
         digest: str,
         data: Buffer | None = None,
         fetch: bool = False,
+        answering: set[str] | None = None,
     ) -> tuple[int, bytes, int]:
         """One call; returns (status, body, content length). Raises on transport failure.
 
@@ -387,6 +403,22 @@ class PeerTier:
         first_byte = None if data is not None else self._first_byte_timeout
         if fetch:
             first_byte = self._timeout.sock_read
+        base = self._peers[peer_id]
+        if method == "GET" and FastGet.supports(base):
+            try:
+                status, body = await self._fast.get(
+                    base,
+                    url[len(base) :],
+                    self._headers,
+                    connect_timeout=self._connect_timeout,
+                    first_byte_timeout=first_byte,
+                    read_timeout=self._read_timeout,
+                    on_headers=None if answering is None else lambda _: answering.add(peer_id),
+                )
+            except asyncio.CancelledError:  # another peer answered first
+                self.breaker(peer_id).release()
+                raise
+            return status, body, len(body)
         try:
             async with asyncio.timeout(first_byte):
                 resp = await self._session.request(
@@ -395,6 +427,8 @@ class PeerTier:
             async with resp:
                 length = resp.content_length or 0
                 if method == "GET" and resp.status == 200:
+                    if answering is not None:
+                        answering.add(peer_id)
                     return resp.status, await resp.read(), length
                 await resp.release()
                 return resp.status, b"", length
@@ -402,9 +436,14 @@ class PeerTier:
             self.breaker(peer_id).release()
             raise
 
-    async def _get_from(self, peer_id: str, digest: str, fetch: bool = False) -> bytes:
+    async def _get_from(
+        self, peer_id: str, digest: str, fetch: bool = False, answering: set[str] | None = None
+    ) -> bytes:
+        """``answering``: ``peer_id`` joins it once the peer's 200 headers arrive."""
         try:
-            status, body, _ = await self._request("GET", peer_id, digest, fetch=fetch)
+            status, body, _ = await self._request(
+                "GET", peer_id, digest, fetch=fetch, answering=answering
+            )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self._failed(peer_id, exc)
             raise
@@ -426,49 +465,74 @@ class PeerTier:
 
     # --- TierStorage ---------------------------------------------------------------------
     async def read(self, digest: str, fetch_through: bool = False) -> bytes:
-        """Ask the replica holders and the recorded holders at once; first verified wins.
+        """The chunk from the first peer that sends a verified copy.
 
-        ``fetch_through``: the chunk's owner (``owner``), if another live node, is asked to
-        read it through its own tiers (S3 included) rather than only its NVMe, so that the
-        nodes missing a chunk at the same time cost S3 one read between them."""
+        Candidates, best first: the owner (``fetch_through``: asked to read it through its
+        own tiers, S3 included, so that nodes missing a chunk at the same time cost S3 one
+        read between them), the replica holders, then the holders the coordinator records
+        (asked only once those run out: it costs a coordinator request). One candidate at a
+        time: every copy asked for is a 4 MiB transfer, and a second one is waste. The next
+        is asked at once when one misses or fails, or when none has started answering after
+        ``hedge_delay`` (a slow or frozen peer delays a read by that much, no more).
+        """
         await self.live_peers()
         asked: set[str] = set()
-        pending: set[asyncio.Task[bytes]] = set()
+        queue: list[tuple[str, bool]] = []  # (peer id, fetch-through), not yet asked
         if fetch_through:
             owner = self.owner(digest)
-            if owner is not None and self._usable(owner):
-                asked.add(owner)
-                pending.add(asyncio.ensure_future(self._get_from(owner, digest, fetch=True)))
+            if owner is not None:
+                queue.append((owner, True))
+        queue += [(p, False) for p in self.replicas(digest)]
+        pending: dict[asyncio.Task[bytes], str] = {}  # → the peer asked
+        answering: set[str] = set()  # peers whose 200 headers arrived
+        holders: asyncio.Task[list[PeerAddr]] | None = None
+        looked_up = False
 
-        def ask(peer_ids: Iterable[str]) -> None:
-            for peer_id in peer_ids:
-                if peer_id not in asked and self._usable(peer_id):
-                    asked.add(peer_id)
-                    pending.add(asyncio.ensure_future(self._get_from(peer_id, digest)))
+        def ask_next() -> bool:
+            """Ask the next usable candidate, else the coordinator; False if none is left."""
+            nonlocal holders, looked_up
+            while queue:
+                peer_id, fetch = queue.pop(0)
+                if peer_id in asked or not self._usable(peer_id):
+                    continue
+                asked.add(peer_id)
+                get = self._get_from(peer_id, digest, fetch=fetch, answering=answering)
+                pending[asyncio.ensure_future(get)] = peer_id
+                return True
+            if not looked_up:
+                looked_up = True
+                holders = asyncio.ensure_future(self._directory.chunk_holders(digest))
+                return True
+            return False
 
-        ask(self.replicas(digest))
-        holders: asyncio.Task[list[PeerAddr]] | None = asyncio.ensure_future(
-            self._directory.chunk_holders(digest)
-        )
+        ask_next()
         try:
             while pending or holders is not None:
                 waiting: set[asyncio.Future[Any]] = set(pending)
                 if holders is not None:
                     waiting.add(holders)
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                hedge = None if answering or (not queue and looked_up) else self._hedge_delay
+                done, _ = await asyncio.wait(
+                    waiting, timeout=hedge, return_when=asyncio.FIRST_COMPLETED
+                )
+                if not done:  # nobody has started answering: ask one more
+                    ask_next()
+                    continue
                 for task in done:
                     if task is holders:
                         holders = None
                         if not task.cancelled() and task.exception() is None:
-                            ask(self._learn(task.result()))
+                            queue.extend((p, False) for p in self._learn(task.result()))
                         continue
-                    pending.discard(task)  # type: ignore[arg-type]
+                    answering.discard(pending.pop(task))  # type: ignore[call-overload]
                     if task.cancelled() or task.exception() is not None:
                         continue
                     data = task.result()
                     self._counters["hits"] += 1
                     self._counters["bytes_read"] += len(data)
                     return data
+                if not pending and (queue or holders is None):
+                    ask_next()
         finally:
             for task in pending:
                 task.cancel()
@@ -593,6 +657,7 @@ class PeerTier:
         return out
 
     async def close(self) -> None:
+        self._fast.close()
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()

@@ -354,3 +354,29 @@ def test_schemathesis_finds_no_server_errors(node: Proc, tmp_path: Path) -> None
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]
     assert call(node, "GET", "/api/health", token=None).status == 200
+
+
+def test_chunk_gets_on_one_kept_alive_connection(node: Proc) -> None:
+    """The chunk endpoint sends bodies with ``sendfile``: whole chunks, back to back on one
+    connection (a miss in between), each exactly its Content-Length."""
+    chunks = [os.urandom(CHUNK), os.urandom(CHUNK - 7)]
+    names = [digest(c) for c in chunks]
+    for name, data in zip(names, chunks, strict=True):
+        assert call(node, "PUT", f"/api/chunks/{name}", data).status == 201
+    conn = HTTPConnection(*urlsplit(node.url).netloc.split(":"), timeout=30)
+    try:
+        first_sock = None
+        for i in [0, 1, None, 0, 1]:
+            name = names[i] if i is not None else digest(b"never stored")
+            conn.request("GET", f"/api/chunks/{name}", headers={"Authorization": f"Bearer {TOKEN}"})
+            resp = conn.getresponse()
+            body = resp.read()
+            first_sock = first_sock or conn.sock
+            if i is None:
+                assert resp.status == 404
+            else:
+                assert resp.status == 200 and body == chunks[i]
+                assert resp.getheader("Content-Length") == str(len(chunks[i]))
+        assert conn.sock is first_sock  # http.client reconnects silently: it did not
+    finally:
+        conn.close()

@@ -13,7 +13,7 @@ import pytest
 
 from fastcache.chunks import digest
 from fastcache.config import S3Config
-from fastcache.errors import BadRequest, ChunkNotFound, TierUnavailable
+from fastcache.errors import BadRequest, ChunkCorrupt, ChunkNotFound, TierUnavailable
 from fastcache.seaweed import SeaweedServer
 from fastcache.tiers.cloud import CloudTier
 from tests.conftest import S3Fixture
@@ -54,6 +54,27 @@ def test_round_trip(s3: S3Fixture, size: int) -> None:
     # the object is where every tool expects it
     obj = raw_client(s3).get_object(Bucket=config.bucket, Key=f"chunks/{d}")
     assert obj["Body"].read() == data
+
+
+def test_a_corrupt_object_is_refused_by_read(s3: S3Fixture) -> None:
+    """``read`` verifies on the thread that fetched it (``verifies_reads``)."""
+    data = os.urandom(MiB)
+    d = digest(data)
+    config = s3.s3_config()
+
+    async def main() -> None:
+        tier = await CloudTier.open(config)  # creates the bucket
+        try:
+            raw_client(s3).put_object(Bucket=config.bucket, Key=f"chunks/{d}", Body=b"x" + data[1:])
+            assert tier.verifies_reads
+            with pytest.raises(ChunkCorrupt):
+                await tier.read(d)
+            await tier.write(d, data)
+            assert await tier.read(d) == data
+        finally:
+            await tier.close()
+
+    asyncio.run(main())
 
 
 def test_exists_size_delete_missing_and_listing(s3: S3Fixture) -> None:

@@ -1039,3 +1039,103 @@ def test_unpublished_without_peer_tier_is_empty(tmp_path: Path) -> None:
             await m.close()
 
     run(main())
+
+
+# --- cold sequential reads ---------------------------------------------------------------------
+def test_a_sequential_stream_reads_further_ahead(tmp_path: Path) -> None:
+    """Each step of the same stream doubles its window, up to ``fetch_concurrency``; a seek
+    starts it again from the window asked for."""
+
+    async def main() -> None:
+        rig = Rig(tmp_path, fetch_concurrency=8)
+        src = _source(40 * CHUNK, seed=5)
+        m = await rig.open(with_peer=False)
+        try:
+            manifest = await m.write_bytes(src)
+            await m.sync()
+            rig.nvme.data.clear()
+            rig.s3.block = gate = asyncio.Event()  # fetches stay in flight
+            chunks = manifest.chunks
+            m.prefetch(manifest, 1, 2)  # a new stream
+            assert set(m._prefetches) == set(chunks[1:3])
+            m.prefetch(manifest, 2, 2)  # it went on: window 4
+            assert set(m._prefetches) == set(chunks[1:6])
+            m.prefetch(manifest, 3, 2)  # window 8
+            assert set(m._prefetches) == set(chunks[1:11])
+            m.prefetch(manifest, 4, 2)  # capped at fetch_concurrency
+            assert set(m._prefetches) == set(chunks[1:12])
+            m.prefetch(manifest, 30, 2)  # a seek: back to 2
+            assert set(m._prefetches) == set(chunks[1:12]) | set(chunks[30:32])
+            gate.set()
+            await until(lambda: not m._prefetches)
+            await until(lambda: m.stats()["promotions"] == 13)
+        finally:
+            await m.close()
+
+    run(main())
+
+
+def test_a_fetched_chunk_is_served_from_memory(tmp_path: Path) -> None:
+    """Even when promotion to NVMe fails, the chunk just fetched (and verified) serves the
+    hit path and the next reads without another fetch."""
+
+    async def main() -> None:
+        rig = Rig(tmp_path)
+        data = chunk_bytes("memory")
+        d = digest(data)
+        rig.s3.data[d] = data
+        rig.nvme.fail_writes = TierUnavailable("disk gone")
+        m = await rig.open(with_peer=False)
+        try:
+            assert await m.read_chunk(d) == data
+            await until(lambda: m.stats()["promotions_failed"] == 1)
+            out = bytearray(100)
+            assert m.read_local(d, 10, memoryview(out)) == 100
+            assert out == data[10:110]
+            assert await m.read_chunk(d) == data
+            assert rig.s3.calls["read"] == 1
+            assert m.stats()["memory_hits"] == 2
+        finally:
+            await m.close()
+
+    run(main())
+
+
+def test_recent_chunks_drop_the_oldest_fetched_first() -> None:
+    """FIFO, not LRU: a reader re-reading the chunk it is on must not push out the chunks
+    fetched ahead of it."""
+    from fastcache.manager import _RecentChunks
+
+    recent = _RecentChunks(budget=2 * CHUNK)
+    a, b, c = (chunk_bytes(t) for t in "abc")
+    recent.put("a", a)
+    recent.put("b", b)
+    assert recent.get("a") == a  # read, but still the oldest fetched
+    recent.put("c", c)
+    assert "a" not in recent and recent.get("b") == b and recent.get("c") == c
+    out = bytearray(10)
+    assert recent.read_into("c", CHUNK - 4, memoryview(out)) == 4
+    assert out[:4] == c[-4:]
+    assert recent.read_into("a", 0, memoryview(out)) is None
+
+
+def test_a_node_alone_asks_s3_before_the_peer_tier(tmp_path: Path) -> None:
+    """With no other live node, the peer tier could only ask the coordinator: S3 first, the
+    peer tier only for what S3 lacks."""
+
+    async def main() -> None:
+        rig = Rig(tmp_path)
+        rig.peer.alone = True  # type: ignore[attr-defined]
+        a, b = chunk_bytes("alone-a"), chunk_bytes("alone-b")
+        rig.s3.data[digest(a)] = rig.peer.data[digest(a)] = a
+        rig.peer.data[digest(b)] = b
+        m = await rig.open()
+        try:
+            assert await m.read_chunk(digest(a)) == a
+            assert (rig.s3.calls["read"], rig.peer.calls["read"]) == (1, 0)
+            assert await m.read_chunk(digest(b)) == b
+            assert (rig.s3.calls["read"], rig.peer.calls["read"]) == (2, 1)
+        finally:
+            await m.close()
+
+    run(main())

@@ -22,6 +22,7 @@ from fastcache.tiers.peer import (
     rank_peers,
     replicas_for,
 )
+from tests.helpers import serve_app
 
 DIGESTS = [digest(i.to_bytes(4, "little")) for i in range(6000)]
 
@@ -179,22 +180,13 @@ def closed_port() -> int:
     return port
 
 
-async def serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    return runner, f"http://127.0.0.1:{port}"
-
-
 async def _with_peers(apps: dict[str, web.Application | None], body) -> None:  # type: ignore[no-untyped-def]
     runners, addrs = [], []
     for peer_id, app in apps.items():
         if app is None:  # a dead peer: nothing listens on its port
             addrs.append(PeerAddr(peer_id, f"http://127.0.0.1:{closed_port()}"))
             continue
-        runner, url = await serve(app)
+        runner, url = await serve_app(app)
         runners.append(runner)
         addrs.append(PeerAddr(peer_id, url))
     directory = Directory([PeerAddr("me", "http://127.0.0.1:1"), *addrs])
@@ -238,8 +230,12 @@ def test_write_replicates_and_read_skips_corrupt_and_dead_peers() -> None:
 
 
 def test_corrupt_answer_is_ignored_and_counted() -> None:
-    data = os.urandom(50_000)
-    d = digest(data)
+    """The first choice sends a corrupt copy: it is counted, and the next one is asked."""
+    while True:  # a chunk whose first rendezvous choice is the corrupt peer
+        data = os.urandom(50_000)
+        d = digest(data)
+        if rank_peers(d, ["bad", "good"])[0] == "bad":
+            break
     good, bad = {d: data}, {d: data}
 
     async def body(tier: PeerTier, directory: Directory) -> None:
@@ -302,7 +298,7 @@ def test_a_holder_newer_than_the_cached_peer_list_is_still_asked() -> None:
     d = digest(data)
 
     async def body(tier: PeerTier, directory: Directory) -> None:
-        runner, url = await serve(chunk_app({d: data}))
+        runner, url = await serve_app(chunk_app({d: data}))
         try:
             await tier.live_peers()  # cached without the newcomer
             directory.peers.append(PeerAddr("newcomer", url))
@@ -440,3 +436,63 @@ def test_a_call_from_an_unknown_peer_refreshes_the_list_before_the_next_read() -
                 await tier.close()
 
     asyncio.run(main())
+
+
+def test_one_copy_is_transferred_when_several_peers_hold_it() -> None:
+    """Every holder has the chunk: only the first choice is asked (a second 4 MiB transfer
+    would be waste), and no coordinator lookup is made."""
+    data = os.urandom(60_000)
+    d = digest(data)
+    served: list[str] = []
+
+    def counting_app(peer_id: str) -> web.Application:
+        async def get(request: web.Request) -> web.StreamResponse:
+            served.append(peer_id)
+            return web.Response(body=data)
+
+        app = web.Application()
+        app.router.add_get("/api/chunks/{digest}", get)
+        return app
+
+    async def body(tier: PeerTier, directory: Directory) -> None:
+        tier._hedge_delay = 3600.0  # no hedging: only a miss or a failure asks the next
+        looked_up: list[str] = []
+        lookup = directory.chunk_holders
+
+        async def chunk_holders(digest: str) -> list[PeerAddr]:
+            looked_up.append(digest)
+            return await lookup(digest)
+
+        directory.chunk_holders = chunk_holders  # type: ignore[method-assign]
+        for _ in range(3):
+            assert await tier.read(d) == data
+        assert served == [tier.replicas(d)[0]] * 3
+        assert looked_up == []
+
+    asyncio.run(_with_peers({p: counting_app(p) for p in ("a", "b", "c")}, body))
+
+
+def test_a_slow_first_choice_is_hedged() -> None:
+    """The first choice has not answered after ``hedge_delay``: the next one is asked too."""
+    data = os.urandom(5000)
+    d = digest(data)
+    release = asyncio.Event()
+    first = rank_peers(d, ["p", "q"])[0]
+
+    async def hang(request: web.Request) -> web.StreamResponse:
+        await release.wait()
+        return web.Response(body=data)
+
+    slow = web.Application()
+    slow.router.add_get("/api/chunks/{digest}", hang)
+    apps = {first: slow, ({"p", "q"} - {first}).pop(): chunk_app({d: data})}
+
+    async def body(tier: PeerTier, directory: Directory) -> None:
+        tier._first_byte_timeout = 3600.0
+        tier._hedge_delay = 0.01
+        try:  # without the hedge this waits for the slow peer, i.e. forever
+            assert await asyncio.wait_for(tier.read(d), 60) == data
+        finally:
+            release.set()
+
+    asyncio.run(_with_peers(apps, body))
