@@ -164,6 +164,16 @@ class S3Admin:
         ):
             pass
 
+    def delete_bucket(self, bucket: str) -> None:
+        """Drop a bucket and everything in it (SeaweedFS drops the collection's volumes):
+        one system's data must not fill the disk, or the volume slots, for the next."""
+        import botocore.exceptions
+
+        try:
+            self._client.delete_bucket(Bucket=bucket)
+        except botocore.exceptions.ClientError:
+            pass
+
     def object_size(self, bucket: str, key: str) -> int | None:
         import botocore.exceptions
 
@@ -350,6 +360,8 @@ class System:
         if self._shared_up:
             self.stop_shared()
             self._shared_up = False
+            if self.needs_s3:
+                self.ctx.admin.delete_bucket(self.bucket)
         if errors:
             raise errors[0]
 
