@@ -48,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="seconds of silence after which a peer is dropped (default 60)",
     )
+    c.add_argument(
+        "--sync-interval",
+        type=float,
+        default=0.1,
+        help="seconds from a namespace change to its fsync at the latest (default 0.1; "
+        "a change survives a coordinator crash at once, power loss after this or a sync)",
+    )
     _add_common(c)
 
     n = sub.add_parser("client", help="run a client node: API, peer cache, optional mount")
@@ -114,6 +121,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="seconds a graceful stop waits for pending uploads to reach S3 (default 10)",
     )
+    n.add_argument(
+        "--commit-timeout",
+        type=float,
+        default=10.0,
+        help="seconds close() waits for the coordinator before EIO; the commit is kept and "
+        "retried until it lands (default 10)",
+    )
+    n.add_argument(
+        "--fsync-timeout",
+        type=float,
+        default=120.0,
+        help="seconds fsync() waits for S3 and the coordinator's sync before EIO (default 120)",
+    )
     _add_common(n)
 
     d = sub.add_parser("dev-start", help="start S3, a coordinator and 3 mounted clients")
@@ -146,6 +166,7 @@ def coordinator_config(args: argparse.Namespace) -> CoordinatorConfig:
         state_dir=args.state_dir,
         token=args.token or token_from_env(),
         peer_timeout=args.peer_timeout,
+        sync_interval=args.sync_interval,
     )
 
 
@@ -175,6 +196,8 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
         **_fuse_tuning(args),
         readahead_chunks=args.readahead,
         shutdown_sync_timeout=args.shutdown_sync_timeout,
+        commit_timeout=args.commit_timeout,
+        fsync_timeout=args.fsync_timeout,
         max_file_size=parse_size(args.max_file_size),
     )
 

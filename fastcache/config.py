@@ -120,12 +120,18 @@ class CoordinatorConfig:
     peer_timeout: float = 60.0  # a peer silent this long is dropped
     cleanup_interval: float = 10.0
     max_body: int = DEFAULT_MAX_BODY
+    # A namespace change is committed (survives SIGKILL of the coordinator) when it is
+    # acknowledged, and on disk (survives power loss) at the latest this many seconds later,
+    # or at once on a sync barrier (a client's fsync). 0: sync right after every commit.
+    sync_interval: float = 0.1
 
     def __post_init__(self) -> None:
         if self.peer_timeout <= 0:
             raise ConfigError("peer timeout must be positive")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port out of range: {self.port}")
+        if not 0 <= self.sync_interval <= 3600:  # also refuses NaN
+            raise ConfigError(f"sync interval must be in [0, 3600] seconds: {self.sync_interval}")
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,8 @@ class ClientConfig:
     peer_connect_timeout: float = 0.5
     peer_read_timeout: float = 10.0
     shutdown_sync_timeout: float = 10.0  # seconds a graceful stop waits for uploads to S3
+    commit_timeout: float = 10.0  # seconds close() waits for the coordinator, then EIO (kept)
+    fsync_timeout: float = 120.0  # seconds fsync() waits for S3 and the coordinator's sync
     max_file_size: int = DEFAULT_MAX_FILE_SIZE  # largest file the client API accepts
 
     def __post_init__(self) -> None:
@@ -160,6 +168,8 @@ class ClientConfig:
             raise ConfigError("heartbeat interval must be positive")
         if self.shutdown_sync_timeout < 0:
             raise ConfigError("shutdown sync timeout must not be negative")
+        if self.commit_timeout <= 0 or self.fsync_timeout <= 0:
+            raise ConfigError("commit and fsync timeouts must be positive")
         if self.max_file_size <= 0:
             raise ConfigError("max file size must be positive")
         if not 0 <= self.port <= 65535:

@@ -2,6 +2,12 @@
 
 Every route is declared once through ``OpenAPI.add`` with the JSON schemas its input is
 validated against, so ``/api/openapi.json`` describes exactly what the server accepts.
+
+Durability as the API sees it: a change is committed when its answer is sent (it survives the
+coordinator being killed and restarted), and on disk when a later ``POST /api/sync`` has
+answered, or ``--sync-interval`` seconds after it at the latest. ``GET /api/stats`` counts
+commits, syncs and grouped transactions under ``store``. A graceful stop (SIGTERM, SIGINT)
+syncs before it exits.
 """
 
 from __future__ import annotations
@@ -300,6 +306,10 @@ class _Views:
     async def stats(self, request: web.Request) -> web.Response:
         return _json(await self.svc.stats())
 
+    async def sync(self, request: web.Request) -> web.Response:
+        await self.svc.sync()
+        return web.Response(status=_NO_CONTENT)
+
     async def health(self, request: web.Request) -> web.Response:
         return _json({"status": "ok", "service": "coordinator", "version": __version__})
 
@@ -457,6 +467,14 @@ def _routes(app: web.Application, api: OpenAPI, v: _Views) -> None:
         responses={204: None, **nf},
     )
     add(r, "GET", "/api/stats", v.stats, summary="Counters", responses={200: ANY_OBJECT})
+    add(
+        r,
+        "POST",
+        "/api/sync",
+        v.sync,
+        summary="Barrier: answers once every change acknowledged before it is on disk",
+        responses={204: None},
+    )
     add(
         r,
         "GET",
@@ -631,7 +649,9 @@ def make_app(
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         owned = service is None
-        svc = service or await CoordinatorService.open(config.state_dir, config.peer_timeout)
+        svc = service or await CoordinatorService.open(
+            config.state_dir, config.peer_timeout, sync_interval=config.sync_interval
+        )
         try:
             await svc.grant_grace()
             app[SERVICE] = svc
@@ -641,9 +661,17 @@ def make_app(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            await svc.sync()  # a graceful stop leaves everything acknowledged on disk
+            store = svc.store.counters()
+            log.info(
+                "synced on stop (%d transactions in %d commits, %d syncs)",
+                store["transactions"],
+                store["commits"],
+                store["syncs"],
+            )
         finally:
             if owned:
-                await svc.close()
+                await svc.close()  # syncs too
 
     app.cleanup_ctx.append(lifecycle)
     return app
@@ -666,10 +694,11 @@ async def serve(config: CoordinatorConfig) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         log.info(
-            "listening on %s (state in %s, peer timeout %.1fs, token %s)",
+            "listening on %s (state in %s, peer timeout %.1fs, sync interval %.3gs, token %s)",
             ", ".join(f"http://{h}:{p}" for h, p, *_ in runner.addresses),
             config.state_dir,
             config.peer_timeout,
+            config.sync_interval,
             "required" if config.token else "off",
         )
         await stop.wait()

@@ -4,6 +4,10 @@ One kept-alive ``ClientSession``, short timeouts, idempotent GETs retried once o
 connection error. Error answers come back as the domain errors the service raised
 (``NotFound``, ``Exists``, ``Conflict``…); a coordinator that cannot be reached raises
 ``TierUnavailable``.
+
+A call that returned has been committed by the coordinator (it survives the coordinator's
+crash); ``sync()`` returns once everything acknowledged before it is on the coordinator's
+disk (it survives power loss): what a node's ``fsync``/``syncfs`` waits for.
 """
 
 from __future__ import annotations
@@ -73,11 +77,12 @@ class CoordinatorClient:
         *,
         params: dict[str, Any] | None = None,
         body: Any = None,
+        idempotent: bool = False,
     ) -> Any:
         """One call; the decoded JSON answer (``None`` for 204), or the domain error."""
         url = self.base_url + path
         query = {k: str(v) for k, v in (params or {}).items() if v is not None}
-        attempts = 2 if method == "GET" else 1
+        attempts = 2 if idempotent or method == "GET" else 1
         for attempt in range(attempts):
             try:
                 async with self._get_session().request(
@@ -195,6 +200,11 @@ class CoordinatorClient:
 
     async def health(self) -> dict[str, Any]:
         return dict(await self._request("GET", "/api/health"))
+
+    async def sync(self) -> None:
+        """Barrier: returns once every change the coordinator acknowledged before it (to any
+        client) is on its disk. Retried once on a dropped connection, like a GET."""
+        await self._request("POST", "/api/sync", idempotent=True)
 
     # --- namespace -----------------------------------------------------------------------
     async def lookup(self, parent: int, name: str) -> InodeAttrs:

@@ -1,8 +1,11 @@
 """The coordinator's logic: peers, chunk/file locations and the inode-based namespace.
 
 No HTTP here (``app.py`` adapts it). Every operation is one store transaction: the rules below
-run inside ``Store.transact`` on the store's thread, so each call is atomic and durable when
-it returns.
+run inside ``Store.transact`` on the store's thread, so each call is atomic, and committed when
+it returns: it survives the coordinator being killed (SIGKILL) and restarted. It is on disk
+(survives power loss) after ``sync()`` returns, the barrier a client sends for its ``fsync``,
+and at the latest ``sync_interval`` seconds after the call anyway (see ``store.py``).
+Concurrent operations share one commit (group commit); each still succeeds or fails alone.
 
 Namespace rules, as POSIX and ext4 have them:
 - a directory's nlink is 2 + its subdirectories; a file's is its number of entries, and the
@@ -23,6 +26,7 @@ from typing import Any
 
 from fastcache.chunks import allocated_blocks
 from fastcache.coordinator.store import (
+    DEFAULT_SYNC_INTERVAL,
     INODE_TYPES,
     ROOT_INO,
     Entry,
@@ -184,13 +188,22 @@ class CoordinatorService:
 
     @classmethod
     async def open(
-        cls, state_dir: Path, peer_timeout: float = 60.0, synchronous: str = "FULL"
+        cls,
+        state_dir: Path,
+        peer_timeout: float = 60.0,
+        synchronous: str = "NORMAL",
+        sync_interval: float = DEFAULT_SYNC_INTERVAL,
     ) -> CoordinatorService:
-        store = await SQLiteStore.open(Path(state_dir) / DB_NAME, synchronous)
+        store = await SQLiteStore.open(Path(state_dir) / DB_NAME, synchronous, sync_interval)
         return cls(store, peer_timeout)
 
     async def close(self) -> None:
+        """Sync and close the store: a graceful stop leaves everything acknowledged on disk."""
         await self.store.close()
+
+    async def sync(self) -> None:
+        """The barrier: returns once every change acknowledged before the call is on disk."""
+        await self.store.sync()
 
     # --- peers ---------------------------------------------------------------------------
     def _live(self, peer: PeerInfo, now: float) -> bool:
@@ -772,7 +785,9 @@ class CoordinatorService:
                 "locations": tx.location_count(),
             }
 
-        return await self.store.transact(op, readonly=True)
+        stats = await self.store.transact(op, readonly=True)
+        stats["store"] = self.store.counters()  # commits, syncs, grouped transactions
+        return stats
 
     async def statfs(self) -> dict[str, int]:
         def op(tx: Txn) -> dict[str, int]:

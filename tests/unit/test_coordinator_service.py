@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
+import threading
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -515,7 +516,10 @@ def test_restart_keeps_everything(tmp_path: Path, run: Run[Any], clock: Clock) -
 
     svc = run(_open(tmp_path, clock))
     try:
-        assert run(svc.stats()) == before
+        after = run(svc.stats())
+        assert after.pop("store")["commits"] == 0  # the store's counters start again
+        before.pop("store")
+        assert after == before
         assert run(svc.resolve("/d/f")) == run(svc.getattr(f.ino))
         assert run(svc.getattr(f.ino)).nlink == 2
         assert run(svc.getattr(f.ino)).manifest == manifest(6)
@@ -629,3 +633,178 @@ def test_a_version_1_store_gets_blocks_computed_on_open(tmp_path: Path, run: Run
             await store.close()
 
     assert run(reopen()) == 16  # 5000 bytes: two 4 KiB blocks
+
+
+# --- group commit and the sync barrier ---------------------------------------------------
+class Saboteur(Exception):
+    pass
+
+
+async def _queued_behind_a_blocker(
+    store: SQLiteStore, calls: list[Coroutine[Any, Any, Any]]
+) -> list[Any]:
+    """Hold the store's thread in one transaction while ``calls`` queue up behind it, then
+    let it go: the thread finds them all queued at once. Their results or exceptions."""
+    started, release = threading.Event(), threading.Event()
+
+    def blocker(tx: Any) -> None:
+        started.set()
+        assert release.wait(30), "never released"
+
+    blocked = asyncio.ensure_future(store.transact(blocker))
+    assert await asyncio.to_thread(started.wait, 30)
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    # Tasks take their first step (which queues their transaction) in creation order, and
+    # this callback was scheduled after all of them: every call is queued when it runs.
+    asyncio.get_running_loop().call_soon(release.set)
+    await blocked
+    return await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def test_concurrent_transactions_share_one_commit(svc: CoordinatorService, run: Run[Any]) -> None:
+    store = svc.store
+    assert isinstance(store, SQLiteStore)
+    d = run(svc.mkdir(ROOT_INO, "group"))
+    before = store.counters()
+
+    def call(i: int) -> Coroutine[Any, Any, Any]:
+        if i == 7:
+            return svc.create(987654, "x")  # NotFound: rolls back alone
+        if i == 9:
+            return svc.create(d.ino, "f3")  # Exists: sees f3, made earlier in the same group
+        if i == 20:  # writes (a directory), then fails: the directory goes with it
+            return svc.put_file("/group-new/f", manifest(1), expected_version=5)
+        if i == 30:
+            return svc.getattr(d.ino)  # a read among the writes
+        return svc.create(d.ino, f"f{i}")
+
+    calls = [call(i) for i in range(40)]
+    results = run(_queued_behind_a_blocker(store, calls))
+
+    assert isinstance(results[7], NotFound)
+    assert isinstance(results[9], Exists)
+    assert isinstance(results[20], Conflict)
+    assert results[30].ino == d.ino
+    failed = {7, 9, 20, 30}
+    made = {i: r for i, r in enumerate(results) if i not in failed}
+    assert all(isinstance(r, InodeAttrs) and r.type == "file" for r in made.values())
+    assert len({r.ino for r in made.values()}) == len(made)  # each its own inode
+    listed = {e.name: e.attrs.ino for e in run(svc.readdir(d.ino))}
+    assert listed == {f"f{i}": r.ino for i, r in made.items()}
+    assert run(svc.getattr(d.ino)).version == len(made)  # every create bumped it once
+    with pytest.raises(NotFound):
+        run(svc.resolve("/group-new"))
+
+    after = store.counters()
+    calls_made = len(calls) + 1  # and the blocker
+    commits = after["commits"] - before["commits"]
+    assert commits < calls_made
+    assert commits == 2  # the blocker alone, then the 36 successful writes together
+    assert after["transactions"] - before["transactions"] == len(made) + 1
+    assert after["grouped"] - before["grouped"] == len(made)
+    assert after["rolled_back"] - before["rolled_back"] == 3
+    assert after["max_group"] == len(made)
+
+
+def test_a_group_aborted_as_a_whole_runs_the_rest_alone(
+    svc: CoordinatorService, run: Run[Any]
+) -> None:
+    """If SQLite throws the whole transaction away (here: a function rolls it back), the
+    functions that had succeeded are not reported done: they run again, alone."""
+    store = svc.store
+    assert isinstance(store, SQLiteStore)
+
+    def sabotage(tx: Any) -> None:
+        tx._c.execute("ROLLBACK")  # what SQLite does itself on a full disk or an I/O error
+        raise Saboteur
+
+    calls = [svc.mkdir(ROOT_INO, "a1"), store.transact(sabotage), svc.mkdir(ROOT_INO, "a2")]
+    a1, sabotaged, a2 = run(_queued_behind_a_blocker(store, calls))
+    assert isinstance(sabotaged, Saboteur)
+    assert run(svc.lookup(ROOT_INO, "a1")).ino == a1.ino
+    assert run(svc.lookup(ROOT_INO, "a2")).ino == a2.ino
+    assert run(svc.getattr(ROOT_INO)).nlink == 4
+
+
+def test_sync_barriers_share_one_fsync(tmp_path: Path, run: Run[Any]) -> None:
+    async def body() -> None:
+        store = await SQLiteStore.open(tmp_path / "c.db", sync_interval=3600)  # no timer
+        svc = CoordinatorService(store)
+        try:
+            await svc.sync()  # nothing committed yet: nothing to do
+            assert store.counters()["syncs"] == 0
+            await svc.mkdir(ROOT_INO, "d")
+            assert store.counters()["unsynced_commits"] == 1
+            await asyncio.gather(*(svc.sync() for _ in range(10)))
+            counters = store.counters()
+            assert (counters["syncs"], counters["barriers"], counters["unsynced_commits"]) == (
+                1,
+                11,
+                0,
+            )
+            await svc.sync()  # nothing new since: no fsync
+            assert store.counters()["syncs"] == 1
+            await svc.mkdir(ROOT_INO, "e")
+        finally:
+            await svc.close()
+        assert store.counters()["unsynced_commits"] == 0  # close synced
+        assert store.counters()["syncs"] == 2
+        with pytest.raises(RuntimeError):
+            await store.transact(lambda tx: tx.get_inode(ROOT_INO), readonly=True)
+
+    run(body())
+
+
+def test_a_commit_is_synced_within_the_interval(tmp_path: Path, run: Run[Any]) -> None:
+    async def body() -> None:
+        store = await SQLiteStore.open(tmp_path / "c.db", sync_interval=0)
+        svc = CoordinatorService(store)
+        loop = asyncio.get_running_loop()
+        synced = loop.create_future()
+        real = store._sync_wal
+
+        def watched() -> None:  # the fsync, on the syncer thread: tell the test
+            real()
+            loop.call_soon_threadsafe(lambda: synced.done() or synced.set_result(None))
+
+        store._sync_wal = watched  # type: ignore[method-assign]
+        try:
+            await svc.mkdir(ROOT_INO, "d")
+            await asyncio.wait_for(synced, 30)  # no barrier asked for: the timer did it
+            assert store.counters()["barriers"] == 0
+            await svc.sync()  # joins that fsync, or finds it done: no second one
+            assert (store.counters()["syncs"], store.counters()["unsynced_commits"]) == (1, 0)
+        finally:
+            await svc.close()
+
+    run(body())
+
+
+def test_cancelled_transaction_that_has_not_run_is_skipped(
+    svc: CoordinatorService, run: Run[Any]
+) -> None:
+    store = svc.store
+    assert isinstance(store, SQLiteStore)
+
+    async def body() -> None:
+        started, release = threading.Event(), threading.Event()
+
+        def blocker(tx: Any) -> None:
+            started.set()
+            assert release.wait(30)
+
+        blocked = asyncio.ensure_future(store.transact(blocker))
+        assert await asyncio.to_thread(started.wait, 30)
+        doomed = asyncio.ensure_future(svc.mkdir(ROOT_INO, "never"))
+        kept = asyncio.ensure_future(svc.mkdir(ROOT_INO, "kept"))
+        asyncio.get_running_loop().call_soon(doomed.cancel)
+        asyncio.get_running_loop().call_soon(release.set)
+        await blocked
+        await kept
+        with pytest.raises(asyncio.CancelledError):
+            await doomed
+
+    run(body())
+    assert run(svc.lookup(ROOT_INO, "kept")).type == "dir"
+    with pytest.raises(NotFound):
+        run(svc.lookup(ROOT_INO, "never"))
