@@ -1,6 +1,11 @@
 # cython: boundscheck=False, wraparound=False, cdivision=True
 """Chunk-file I/O for the NVMe tier: atomic (O_DIRECT) writes, pread, whole-file reads, mmap.
 
+An atomic write is a temp file beside the target and a rename: a reader never sees half a
+file. It is not synced unless asked (``sync=True``): a renamed file in the page cache
+survives the death of the process, which is all a chunk on NVMe promises (S3 is the copy
+that survives a power cut).
+
 Every system call runs with the GIL released; a failure becomes ``OSError(errno, …)`` with
 the path as ``filename`` (so ``ENOSPC`` reaches the tier as ``OSError(ENOSPC)``).
 """
@@ -195,6 +200,7 @@ cdef int _write_atomic(
     const unsigned char *src,
     size_t n,
     bint direct,
+    bint sync,
     unsigned char *scratch,
     size_t scap,
 ) noexcept nogil:
@@ -223,7 +229,7 @@ cdef int _write_atomic(
                     err = errno
     else:
         err = _pwrite_all(fd, src, n, 0)
-    if err == 0 and fdatasync(fd) != 0:
+    if sync and err == 0 and fdatasync(fd) != 0:
         err = errno
     if close(fd) != 0 and err == 0 and errno != EINTR:
         err = errno
@@ -232,7 +238,9 @@ cdef int _write_atomic(
     if err:
         unlink(tmp)
         return err
-    return _sync_dir(directory)
+    if sync:
+        return _sync_dir(directory)
+    return 0
 
 
 # --- public functions ------------------------------------------------------------------------
@@ -275,9 +283,12 @@ def probe_direct(directory) -> bool:
     return done == BLOCK
 
 
-def write_file_atomic(path, const unsigned char[::1] buf, bint direct) -> None:
-    """Write ``buf`` to ``path`` atomically: a temp file beside it, (O_DIRECT), fdatasync,
-    rename, fsync of the directory. On failure the temp file is removed and ``OSError`` raised.
+def write_file_atomic(path, const unsigned char[::1] buf, bint direct, bint sync=False) -> None:
+    """Write ``buf`` to ``path`` atomically: a temp file beside it, (O_DIRECT), rename.
+
+    With ``sync`` the temp file is fdatasynced before the rename and the directory fsynced
+    after it, so the file also survives a power cut. On failure the temp file is removed
+    and ``OSError`` raised.
     """
     cdef bytes bpath = os.fsencode(path)
     cdef bytes btmp = bpath + b".tmp.%d.%d" % (os.getpid(), next(_counter))
@@ -299,7 +310,7 @@ def write_file_atomic(path, const unsigned char[::1] buf, bint direct) -> None:
         sp = scratch.ptr
         scap = <size_t>scratch.size
     with nogil:
-        err = _write_atomic(ctmp, cpath, cdir, src, n, direct, sp, scap)
+        err = _write_atomic(ctmp, cpath, cdir, src, n, direct, sync, sp, scap)
     if err:
         raise _oserror(err, bpath)
 

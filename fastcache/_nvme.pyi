@@ -44,8 +44,11 @@ class MappedFile:
 def probe_direct(directory: _Path) -> bool:
     """Whether O_DIRECT writes work in ``directory`` (False on EINVAL and on tmpfs/ramfs)."""
 
-def write_file_atomic(path: _Path, buf: Buffer, direct: bool) -> None:
-    """Temp file, (O_DIRECT) write, fdatasync, rename over ``path``; temp removed on failure."""
+def write_file_atomic(path: _Path, buf: Buffer, direct: bool, sync: bool = False) -> None:
+    """Temp file, (O_DIRECT) write, rename over ``path``; temp removed on failure.
+
+    ``sync`` adds fdatasync before the rename and a directory fsync after it.
+    """
 
 def pread_into(path: _Path, offset: int, out: Buffer) -> int:
     """Read into the writable ``out`` at ``offset``; bytes read, short only at EOF."""

@@ -419,7 +419,7 @@ def probe_direct(directory: str) -> bool:
     return False
 
 
-def _write_chunk_file_py(path: str, data: Buffer) -> None:
+def _write_chunk_file_py(path: str, data: Buffer, sync: bool = False) -> None:
     tmp = f"{path}.tmp.{os.getpid()}.{next(_tmp_counter)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
@@ -427,7 +427,8 @@ def _write_chunk_file_py(path: str, data: Buffer) -> None:
             view = memoryview(data).cast("B")
             while view:
                 view = view[os.write(fd, view) :]
-            os.fdatasync(fd)
+            if sync:
+                os.fdatasync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, path)
@@ -435,6 +436,8 @@ def _write_chunk_file_py(path: str, data: Buffer) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    if not sync:
+        return
     dfd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_CLOEXEC)
     try:
         os.fsync(dfd)  # the rename itself survives a power cut
@@ -442,16 +445,18 @@ def _write_chunk_file_py(path: str, data: Buffer) -> None:
         os.close(dfd)
 
 
-def write_chunk_file(path: str, data: Buffer, direct: bool) -> None:
-    """Write ``data`` to ``path`` atomically: temp file, (O_DIRECT), fdatasync, rename, dir fsync.
+def write_chunk_file(path: str, data: Buffer, direct: bool, sync: bool = False) -> None:
+    """Write ``data`` to ``path`` atomically: a temp file beside it, (O_DIRECT), rename.
 
-    On failure the temp file is removed. ``direct`` on a filesystem that refuses O_DIRECT
-    falls back to buffered writes.
+    A reader never sees a partial file. Not synced by default: the renamed file survives
+    SIGKILL of the process (the page cache outlives it), not a power cut; ``sync=True`` adds
+    fdatasync before the rename and a directory fsync after it. On failure the temp file
+    is removed. ``direct`` on a filesystem that refuses O_DIRECT falls back to buffered.
     """
     if _nvme is not None:
-        _nvme.write_file_atomic(path, data, direct)
+        _nvme.write_file_atomic(path, data, direct, sync)
         return
-    _write_chunk_file_py(path, data)
+    _write_chunk_file_py(path, data, sync)
 
 
 def _pread_fd_py(fd: int, offset: int, out: bytearray | memoryview) -> int:

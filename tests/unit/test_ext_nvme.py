@@ -319,3 +319,69 @@ def test_failure_mid_write_raises_errno_and_cleans_up(tmp_path: Path, direct: bo
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     assert info.value.errno == errno.EFBIG
     assert list(tmp_path.iterdir()) == []
+
+
+# --- syncing is opt-in ----------------------------------------------------------------------
+def _syncs_of(code: str) -> list[str]:
+    """The fsync-family system calls a fresh interpreter makes running ``code``."""
+    import shutil
+    import sys
+
+    if shutil.which("strace") is None:
+        pytest.skip("strace is not installed")
+    traced = subprocess.run(
+        [
+            "strace",
+            "-f",
+            "-qq",
+            "-e",
+            "trace=fsync,fdatasync,syncfs,sync",
+            sys.executable,
+            "-c",
+            code,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [line for line in traced.stderr.splitlines() if "sync(" in line]
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_write_file_atomic_syncs_only_when_asked(tmp_path: Path, direct: bool) -> None:
+    code = (
+        "from fastcache import _nvme\n"
+        f"_nvme.write_file_atomic({str(tmp_path / 'a')!r}, b'x' * 5000, {direct})\n"
+        f"_nvme.write_file_atomic({str(tmp_path / 'b')!r}, b'x' * 5000, {direct}, False)\n"
+    )
+    assert _syncs_of(code) == []
+    code = (
+        "from fastcache import _nvme\n"
+        f"_nvme.write_file_atomic({str(tmp_path / 'c')!r}, b'x' * 5000, {direct}, True)\n"
+    )
+    syncs = _syncs_of(code)
+    assert any("fdatasync(" in s for s in syncs) and any("fsync(" in s for s in syncs)
+    for name in "abc":
+        assert (tmp_path / name).read_bytes() == b"x" * 5000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_fallback_write_syncs_only_when_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sync: bool
+) -> None:
+    calls: list[str] = []
+    real_fdatasync, real_fsync = os.fdatasync, os.fsync
+    monkeypatch.setattr(os, "fdatasync", lambda fd: (calls.append("fdatasync"), real_fdatasync(fd)))
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd)))
+    monkeypatch.setattr(chunks, "_nvme", None)
+    chunks.write_chunk_file(str(tmp_path / "c"), b"data", False, sync=sync)
+    assert (tmp_path / "c").read_bytes() == b"data"
+    assert calls == (["fdatasync", "fsync"] if sync else [])
+    assert [p.name for p in tmp_path.iterdir()] == ["c"]
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_public_write_passes_sync_to_the_extension(tmp_path: Path, sync: bool) -> None:
+    chunks.write_chunk_file(str(tmp_path / "c"), payload(4097), True, sync=sync)
+    assert (tmp_path / "c").read_bytes() == payload(4097)

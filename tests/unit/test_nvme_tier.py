@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import os
 import subprocess
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -122,9 +123,10 @@ def test_blocking_io_runs_in_the_tier_pool(tmp_path: Path, monkeypatch: pytest.M
     threads: list[str] = []
     real = chunks.write_chunk_file
 
-    def spy(path: str, data: chunks.Buffer, direct: bool) -> None:
-        threads.append(threading.current_thread().name)
-        real(path, data, direct)
+    def spy(path: str, data: chunks.Buffer, direct: bool, sync: bool = False) -> None:
+        if "/chunks/" in path:  # not the state file, written after the pool stops at close
+            threads.append(threading.current_thread().name)
+        real(path, data, direct, sync)
 
     monkeypatch.setattr(chunks, "write_chunk_file", spy)
 
@@ -323,7 +325,11 @@ def test_unusable_directory_is_unavailable(tmp_path: Path) -> None:
 def test_os_errors_are_translated(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code: int, expected: type[Exception]
 ) -> None:
-    def failing(path: str, data: chunks.Buffer, direct: bool) -> None:
+    real = chunks.write_chunk_file
+
+    def failing(path: str, data: chunks.Buffer, direct: bool, sync: bool = False) -> None:
+        if "/chunks/" not in path:
+            return real(path, data, direct, sync)  # the state file
         raise OSError(code, os.strerror(code), path)
 
     monkeypatch.setattr(chunks, "write_chunk_file", failing)
@@ -336,27 +342,161 @@ def test_os_errors_are_translated(
     run(tmp_path, body)
 
 
-def test_real_enospc_on_a_tiny_tmpfs(tmp_path: Path) -> None:
-    mnt = tmp_path / "tiny"
+# --- capacity clamped to the disk (a real 64 MiB tmpfs) -----------------------------------
+MiB = 1 << 20
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
+    """A fresh 64 MiB tmpfs (we are root in the test environment), unmounted afterwards."""
+    mnt = tmp_path / "tmpfs"
     mnt.mkdir()
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mnt)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], capture_output=True
     )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
     try:
-
-        async def body(tier: NvmeTier) -> None:
-            assert not tier.direct  # tmpfs has no O_DIRECT
-            datas = [blob(i, CS) for i in range(32)]  # 128 KiB into 64 KiB
-            with pytest.raises(TierFull):
-                for x in datas:
-                    await tier.write(digest(x), x)
-            assert tier.stats()["chunks"] < 32
-
-        run(mnt, body, capacity=1024 * CS)
+        yield mnt
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def big_config(root: Path, **kw: Any) -> CacheConfig:
+    """The defaults: 4 MiB chunks, 10G capacity (far more than the tmpfs holds)."""
+    return CacheConfig(nvme_dir=root, **kw)
+
+
+def temp_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if ".tmp." in p.name]
+
+
+def test_capacity_is_clamped_and_a_small_disk_evicts(small_tmpfs: Path) -> None:
+    datas = [blob(i, 4 * MiB) for i in range(24)]  # 96 MiB through a 64 MiB disk
+
+    async def main() -> None:
+        tier = await NvmeTier.open(big_config(small_tmpfs))
+        try:
+            assert not tier.direct  # tmpfs: buffered
+            assert tier.configured_capacity == 10 << 30
+            assert 48 * MiB <= tier.capacity < 64 * MiB
+            for x in datas:
+                await tier.write(digest(x), x)  # never ENOSPC: LRU eviction instead
+            st = tier.stats()
+            assert st["evictions"] > 0 and st["errors"] == 0
+            assert st["used"] <= tier.capacity
+            assert tier.digests()[-1] == digest(datas[-1])
+            assert await tier.read(digest(datas[-1])) == datas[-1]
+            assert tier.usage()["capacity"] == tier.capacity
+        finally:
+            await tier.close()
+        assert not temp_files(small_tmpfs)
+        assert (small_tmpfs / "nvme-state.json").exists()
+
+    asyncio.run(main())
+
+
+def test_pinned_chunks_fill_a_small_disk_to_tier_full(small_tmpfs: Path) -> None:
+    async def main() -> None:
+        tier = await NvmeTier.open(big_config(small_tmpfs))
+        written: list[bytes] = []
+        try:
+            with pytest.raises(TierFull):
+                for i in range(20):
+                    x = blob(i, 4 * MiB)
+                    tier.pin(digest(x))
+                    await tier.write(digest(x), x)
+                    written.append(x)
+            assert 10 <= len(written) < 16
+            assert tier.stats()["evictions"] == 0
+            assert not temp_files(small_tmpfs)  # never a partial file
+            for x in written:
+                assert read_all(tier, digest(x), len(x)) == x
+            files = [p for p in (small_tmpfs / "chunks").rglob("*") if p.is_file()]
+            assert sorted(p.name for p in files) == sorted(digest(x) for x in written)
+        finally:
+            await tier.close()
+
+    asyncio.run(main())
+
+
+def fill_disk(root: Path, leave: int) -> Path:
+    """Take all but ``leave`` bytes of the filesystem's free space with a ballast file."""
+    ballast = root / "ballast"
+    fd = os.open(ballast, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        os.posix_fallocate(fd, 0, os.statvfs(root).f_bavail * os.statvfs(root).f_frsize - leave)
+    finally:
+        os.close(fd)
+    return ballast
+
+
+def test_enospc_reclamps_evicts_and_retries(small_tmpfs: Path) -> None:
+    """Something else fills the disk after open: the first ENOSPC shrinks the capacity to
+    what the disk holds now, evicts unpinned LRU chunks and the write succeeds."""
+    datas = [blob(i, 4 * MiB) for i in range(8)]
+
+    async def main() -> None:
+        tier = await NvmeTier.open(big_config(small_tmpfs))
+        try:
+            before = tier.capacity
+            for x in datas[:4]:
+                await tier.write(digest(x), x)
+            fill_disk(small_tmpfs, 2 * MiB)  # not even room for one more chunk
+            for x in datas[4:]:
+                await tier.write(digest(x), x)
+            assert tier.capacity < before
+            st = tier.stats()
+            assert st["evictions"] >= 4 and st["errors"] == 0
+            assert await tier.read(digest(datas[-1])) == datas[-1]
+            assert not temp_files(small_tmpfs)
+        finally:
+            await tier.close()
+
+    asyncio.run(main())
+
+
+def test_enospc_with_everything_pinned_is_tier_full(small_tmpfs: Path) -> None:
+    async def main() -> None:
+        tier = await NvmeTier.open(big_config(small_tmpfs))
+        try:
+            kept = [blob(i, 4 * MiB) for i in range(2)]
+            for x in kept:
+                tier.pin(digest(x))
+                await tier.write(digest(x), x)
+            fill_disk(small_tmpfs, MiB)
+            x = blob(99, 4 * MiB)
+            with pytest.raises(TierFull):
+                await tier.write(digest(x), x)
+            assert not temp_files(small_tmpfs)
+            assert tier.digests() == [digest(k) for k in kept]
+            assert tier.usage()["used"] == 8 * MiB  # the reservation was released
+            for k in kept:
+                assert await tier.read(digest(k)) == k
+        finally:
+            await tier.close()
+
+    asyncio.run(main())
+
+
+def test_clamp_is_logged_once_at_info(small_tmpfs: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="fastcache.client.nvme")
+
+    async def main() -> None:
+        tier = await NvmeTier.open(big_config(small_tmpfs))
+        await tier.close()
+
+    asyncio.run(main())
+    clamps = [r for r in caplog.records if "clamped" in r.getMessage()]
+    assert len(clamps) == 1 and clamps[0].levelname == "INFO"
+
+
+def test_capacity_not_clamped_when_the_disk_has_room(tmp_path: Path) -> None:
+    async def body(tier: NvmeTier) -> None:
+        assert tier.capacity == tier.configured_capacity == 64 * CS
+
+    run(tmp_path, body)
 
 
 # --- O_DIRECT ----------------------------------------------------------------------------
@@ -568,3 +708,183 @@ def test_eviction_during_a_read_does_not_break_the_reader(
         assert tier.read_into(d1, 0, memoryview(out)) is None
 
     run(tmp_path, body, capacity=2 * CS)
+
+
+# --- power cuts: the boot id and lazy verification ----------------------------------------
+def state(root: Path) -> dict[str, Any]:
+    return json.loads((root / "nvme-state.json").read_text())
+
+
+def simulate_power_cut(root: Path, *, clean: bool = False, boot_id: str = "another-boot") -> None:
+    """What the disk holds after the machine rebooted: the record of the last open."""
+    doc = {"version": 1, "boot_id": boot_id, "clean": clean, "verify": False}
+    (root / "nvme-state.json").write_text(json.dumps(doc))
+
+
+def chunk_path(root: Path, d: str) -> Path:
+    return root / "chunks" / d[:2] / d[2:4] / d
+
+
+def test_state_records_the_boot_and_a_clean_close(tmp_path: Path) -> None:
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+    async def body(tier: NvmeTier) -> None:
+        assert state(tmp_path) == {"version": 1, "boot_id": boot, "clean": False, "verify": False}
+        await tier.write(digest(b"a"), b"a")
+
+    run(tmp_path, body)
+    assert state(tmp_path) == {"version": 1, "boot_id": boot, "clean": True, "verify": False}
+
+
+def test_after_an_unclean_reboot_chunks_are_verified_lazily(tmp_path: Path) -> None:
+    datas = [blob(i) for i in range(4)]
+    a, b, c, d = (digest(x) for x in datas)
+
+    async def write_all(tier: NvmeTier) -> None:
+        for x in datas:
+            await tier.write(digest(x), x)
+
+    run(tmp_path, write_all)
+    simulate_power_cut(tmp_path)
+    chunk_path(tmp_path, b).write_bytes(bytes(CS))  # zeros where the data never landed
+    with open(chunk_path(tmp_path, c), "r+b") as f:
+        f.truncate(100)  # a short file
+
+    async def check(tier: NvmeTier) -> None:
+        assert tier.stats()["unverified"] == 4  # nothing hashed at open
+        assert state(tmp_path)["verify"] is True
+        assert tier.chunk_size(a) is None  # not trusted for sendfile yet
+        assert read_all(tier, a) == datas[0]  # verified on first read, then trusted
+        assert tier.chunk_size(a) == CS
+        assert read_all(tier, b) is None  # zeros: dropped, a miss
+        assert not chunk_path(tmp_path, b).exists() and b not in tier
+        with pytest.raises(ChunkCorrupt):  # short: dropped by read() too
+            await tier.read(c)
+        assert c not in tier
+        assert await tier.size(d) == CS  # size() verifies an unverified chunk
+        st = tier.stats()
+        assert st["unverified"] == 0 and st["corrupt"] == 2
+        assert st["used"] == 2 * CS
+        corrupt(tier.path_for(a))  # verified chunks are trusted: one pread, no hashing
+        assert read_all(tier, a) != datas[0]
+
+    run(tmp_path, check)
+    assert state(tmp_path)["verify"] is False and state(tmp_path)["clean"] is True
+
+
+def test_same_boot_or_clean_close_is_trusted(tmp_path: Path) -> None:
+    data = blob(1)
+    d = digest(data)
+    run(tmp_path, lambda tier: tier.write(d, data))
+    boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+
+    async def trusted(tier: NvmeTier) -> None:
+        assert tier.stats()["unverified"] == 0
+        assert tier.chunk_size(d) == CS
+
+    simulate_power_cut(tmp_path, clean=False, boot_id=boot)  # SIGKILL: page cache survived
+    run(tmp_path, trusted)
+    simulate_power_cut(tmp_path, clean=True)  # a reboot after a clean (synced) close
+    run(tmp_path, trusted)
+
+
+def test_verification_is_sticky_until_every_chunk_was_checked(tmp_path: Path) -> None:
+    datas = [blob(i) for i in range(3)]
+    names = [digest(x) for x in datas]
+
+    async def write_all(tier: NvmeTier) -> None:
+        for n, x in zip(names, datas, strict=True):
+            await tier.write(n, x)
+
+    run(tmp_path, write_all)
+    simulate_power_cut(tmp_path)
+
+    async def read_one(tier: NvmeTier) -> None:
+        assert tier.stats()["unverified"] == 3
+        assert read_all(tier, names[0]) == datas[0]
+
+    run(tmp_path, read_one)  # closes cleanly, but two chunks are still unchecked
+    assert state(tmp_path)["verify"] is True
+
+    async def read_rest(tier: NvmeTier) -> None:
+        assert tier.stats()["unverified"] == 3  # same boot, but the record says verify
+        for n, x in zip(names, datas, strict=True):
+            assert await tier.read(n) == x
+
+    run(tmp_path, read_rest)
+    assert state(tmp_path)["verify"] is False
+
+    async def trusted(tier: NvmeTier) -> None:
+        assert tier.stats()["unverified"] == 0
+
+    run(tmp_path, trusted)
+
+
+def test_missing_or_garbled_state_means_verify(tmp_path: Path) -> None:
+    data = blob(2)
+    d = digest(data)
+    run(tmp_path, lambda tier: tier.write(d, data))
+
+    async def unverified(tier: NvmeTier) -> None:
+        assert tier.stats()["unverified"] == 1
+        assert read_all(tier, d) == data
+        assert tier.stats()["unverified"] == 0
+
+    (tmp_path / "nvme-state.json").unlink()
+    run(tmp_path, unverified)
+    (tmp_path / "nvme-state.json").write_bytes(b'{"boot_id": "x", "cle')  # torn
+    run(tmp_path, unverified)
+
+
+def test_an_empty_cache_needs_no_verification(tmp_path: Path) -> None:
+    async def body(tier: NvmeTier) -> None:
+        assert tier.stats()["unverified"] == 0
+
+    run(tmp_path, body)
+
+
+def test_writing_an_unverified_chunk_replaces_the_file(tmp_path: Path) -> None:
+    data = blob(3)
+    d = digest(data)
+    run(tmp_path, lambda tier: tier.write(d, data))
+    simulate_power_cut(tmp_path)
+    chunk_path(tmp_path, d).write_bytes(b"torn")
+
+    async def body(tier: NvmeTier) -> None:
+        assert tier.stats()["unverified"] == 1 and tier.stats()["used"] == 4
+        await tier.write(d, data)  # a refetch: the caller's bytes replace the torn file
+        assert tier.stats()["unverified"] == 0 and tier.stats()["used"] == CS
+        assert chunk_path(tmp_path, d).read_bytes() == data
+        assert read_all(tier, d) == data and tier.stats()["corrupt"] == 0
+
+    run(tmp_path, body)
+
+
+# --- listing -----------------------------------------------------------------------------
+def test_entries_pages_in_digest_order(tmp_path: Path) -> None:
+    datas = [blob(i, 100 + i) for i in range(10)]
+    names = [digest(x) for x in datas]
+    sizes = {digest(x): len(x) for x in datas}
+
+    async def body(tier: NvmeTier) -> None:
+        assert tier.entries(None, 5) == []
+        for x in datas:
+            await tier.write(digest(x), x)
+        tier.pin(names[3])
+        tier.pin(names[7])
+        expected = [(n, sizes[n], n in (names[3], names[7])) for n in sorted(names)]
+        assert tier.entries(None, 100) == expected
+        got: list[tuple[str, int, bool]] = []
+        after = None
+        while page := tier.entries(after, 3):
+            assert len(page) <= 3
+            got += page
+            after = page[-1][0]
+        assert got == expected
+        assert tier.entries(None, 0) == []
+        assert tier.entries(sorted(names)[-1], 10) == []
+        assert tier.entries("", 2) == expected[:2]
+        read_all(tier, names[0])  # the LRU order does not change the listing
+        assert tier.entries(None, 100) == expected
+
+    run(tmp_path, body)
