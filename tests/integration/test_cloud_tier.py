@@ -1,19 +1,30 @@
 """The S3 tier against a real SeaweedFS: round trips, errors, bucket creation, an S3 that
-hangs or dies and comes back, and concurrent uploads."""
+hangs or dies and comes back, concurrent uploads, and what an upload guarantees (a checksum
+the server verifies, never an empty, short or consumed body, retries that re-send the
+caller's buffer)."""
 
 from __future__ import annotations
 
 import asyncio
+import io
+import mmap
 import os
 from pathlib import Path
 from typing import Any
 
 import botocore.session
 import pytest
+from botocore.exceptions import ConnectionClosedError
 
 from fastcache.chunks import digest
 from fastcache.config import S3Config
-from fastcache.errors import BadRequest, ChunkCorrupt, ChunkNotFound, TierUnavailable
+from fastcache.errors import (
+    BadRequest,
+    ChunkCorrupt,
+    ChunkNotFound,
+    FastcacheError,
+    TierUnavailable,
+)
 from fastcache.seaweed import SeaweedServer
 from fastcache.tiers.cloud import CloudTier
 from tests.conftest import S3Fixture
@@ -219,3 +230,207 @@ def test_s3_hanging_or_down_is_unavailable_and_recovers(tmp_path: Path) -> None:
     assert not server.running
     with pytest.raises(ProcessLookupError):  # no orphan left in weed's process group
         os.killpg(pgid, 0)
+
+
+# --- uploads: checksums the server verifies, bodies that are never empty or consumed ---------
+def _headers(request: Any) -> dict[str, str]:
+    """A prepared request's headers, lower-case names, str values (botocore mixes bytes)."""
+    return {
+        k.lower(): v.decode() if isinstance(v, bytes) else str(v)
+        for k, v in request.headers.items()
+    }
+
+
+def _checksum_header(headers: Any) -> str:
+    names = [k for k in headers if k.lower().startswith("x-amz-checksum-")]
+    assert len(names) == 1, names
+    return str(names[0]).lower()
+
+
+@pytest.mark.parametrize("damage", ["flipped", "truncated", "emptied"])
+def test_the_server_refuses_a_body_that_does_not_match_its_checksum(
+    s3: S3Fixture, damage: str
+) -> None:
+    """A body damaged between our checksum and the server (here: swapped in the request, with
+    a consistent Content-Length) is refused by the server (400 BadDigest) and becomes a
+    ``FastcacheError``; nothing is stored under the digest name. The same write then works."""
+    data = os.urandom(MiB)
+    d = digest(data)
+    config = s3.s3_config(max_attempts=1)
+    seen: list[dict[str, str]] = []
+
+    def corrupt(request: Any, **_: Any) -> None:
+        # before signing, so the request stays well-formed and signed (Content-Length is a
+        # signed header): only the checksum, computed from ``data``, no longer matches
+        if damage == "flipped":
+            request.data = bytes([data[0] ^ 1]) + data[1:]
+        elif damage == "truncated":
+            request.data = data[: len(data) // 2]
+        else:
+            request.data = b""
+        del request.headers["Content-Length"]  # setting a header adds one more
+        request.headers["Content-Length"] = str(len(request.data))
+
+    def record(request: Any, **_: Any) -> None:
+        seen.append(_headers(request))
+
+    async def main() -> None:
+        tier = await CloudTier.open(config)
+        try:
+            tier._client.meta.events.register("before-sign.s3.PutObject", corrupt)
+            tier._client.meta.events.register("before-send.s3.PutObject", record)
+            with pytest.raises(FastcacheError, match="checksum"):
+                await tier.write(d, data)
+            tier._client.meta.events.unregister("before-sign.s3.PutObject", corrupt)
+            assert not await tier.exists(d)
+            assert tier.stats()["errors_by_kind"] == {"BadDigest": 1}
+            await tier.write(d, data)
+            assert await tier.read(d) == data
+        finally:
+            await tier.close()
+
+    asyncio.run(main())
+    headers = seen[0]
+    assert int(headers["content-length"]) < len(data) or damage == "flipped"
+    assert headers[_checksum_header(headers)]  # a CRC the server checks …
+    assert headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"  # … instead of a SHA-256
+    assert "expect" not in headers  # the body is a buffer, sent at once, not a stream
+
+
+@pytest.mark.parametrize("max_attempts", [1, 3])  # our retry, then botocore's own
+@pytest.mark.parametrize("kind", ["bytes", "bytearray", "slice", "mmap"])
+def test_a_retry_resends_the_whole_buffer(s3: S3Fixture, kind: str, max_attempts: int) -> None:
+    """The connection drops after the first attempt has looked at (consumed, were it a
+    stream) the body: the retry sends the same buffer, full length, same checksum."""
+    data = os.urandom(MiB + 7)
+    d = digest(data)
+    config = s3.s3_config(max_attempts=max_attempts)
+    attempts: list[tuple[int, str, str, bool]] = []
+    holder = bytearray(b"head" + data + b"tail")
+    mapped = mmap.mmap(-1, len(data))
+    mapped.write(data)
+    mapped.seek(0)
+    given: Any = {
+        "bytes": data,
+        "bytearray": bytearray(data),
+        "slice": memoryview(holder)[4:-4],
+        "mmap": mapped,
+    }[kind]
+
+    def drop_first(request: Any, **_: Any) -> None:
+        body = request.body
+        if hasattr(body, "read"):
+            body.read()  # what sending a stream does to it
+        headers = _headers(request)
+        checksum = _checksum_header(headers)
+        attempts.append(
+            (
+                len(memoryview(body)),
+                headers["content-length"],
+                f"{checksum}: {headers[checksum]}",
+                hasattr(body, "read"),
+            )
+        )
+        if len(attempts) == 1:
+            raise ConnectionClosedError(endpoint_url=request.url)
+
+    async def main() -> None:
+        tier = await CloudTier.open(config, retries=1, backoff=0)
+        try:
+            tier._client.meta.events.register("before-send.s3.PutObject", drop_first)
+            await tier.write(d, given)
+            assert await tier.read(d) == data
+            assert tier.stats()["bytes_up"] == len(data)
+        finally:
+            await tier.close()
+
+    asyncio.run(main())
+    mapped.close()
+    assert len(attempts) == 2
+    assert attempts[0] == attempts[1] == (len(data), str(len(data)), attempts[0][2], False)
+
+
+@pytest.mark.parametrize("max_attempts", [1, 3])  # our retry, then botocore's own
+def test_a_buffer_emptied_during_a_retry_is_still_sent_whole(
+    s3: S3Fixture, max_attempts: int
+) -> None:
+    """A caller that empties its bytearray while the upload waits for a retry: every attempt
+    sends what the buffer held when ``write`` was called, so no empty (or short) object can
+    land under the digest name. (botocore builds a new request for each of its retries: from
+    the caller's bytearray, that was a 0-byte body.)"""
+    data = os.urandom(MiB)
+    d = digest(data)
+    buf = bytearray(data)
+    config = s3.s3_config(max_attempts=max_attempts)
+    attempts: list[int] = []
+
+    def drop_and_empty(request: Any, **_: Any) -> None:
+        attempts.append(len(request.body or b""))
+        if len(attempts) == 1:
+            del buf[:]
+            raise ConnectionClosedError(endpoint_url=request.url)
+
+    async def main() -> None:
+        tier = await CloudTier.open(config, retries=1, backoff=0)
+        try:
+            tier._client.meta.events.register("before-send.s3.PutObject", drop_and_empty)
+            await tier.write(d, buf)
+            assert await tier.read(d) == data
+        finally:
+            await tier.close()
+
+    asyncio.run(main())
+    assert attempts == [len(data), len(data)]
+
+
+def test_only_what_hashes_to_its_name_is_uploaded(s3: S3Fixture) -> None:
+    """Empty or truncated buffers under a digest name, and streams, never reach S3; a chunk
+    that really is empty does."""
+    data = os.urandom(MiB)
+    d = digest(data)
+    config = s3.s3_config()
+    sent: list[int] = []
+
+    def count(request: Any, **_: Any) -> None:
+        sent.append(len(request.body or b""))
+
+    async def main() -> None:
+        tier = await CloudTier.open(config)
+        try:
+            tier._client.meta.events.register("before-send.s3.PutObject", count)
+            for wrong in (b"", data[:-1], bytearray(len(data)), memoryview(data)[1:]):
+                with pytest.raises(ChunkCorrupt):
+                    await tier.write(d, wrong)
+            with pytest.raises(BadRequest, match="buffer"):
+                await tier.write(d, io.BytesIO(data))  # type: ignore[arg-type]
+            assert sent == []
+            assert not await tier.exists(d)
+            await tier.write(digest(b""), b"")
+            assert await tier.size(digest(b"")) == 0
+            assert sent == [0]
+        finally:
+            await tier.close()
+
+    asyncio.run(main())
+
+
+def test_exists_is_one_head_request(s3: S3Fixture) -> None:
+    data = b"present"
+    config = s3.s3_config()
+    methods: list[str] = []
+
+    async def main() -> None:
+        tier = await CloudTier.open(config)
+        try:
+            await tier.write(digest(data), data)
+            tier._client.meta.events.register(
+                "before-send.s3", lambda request, **_: methods.append(request.method)
+            )
+            assert await tier.exists(digest(data))
+            assert not await tier.exists(digest(b"absent"))
+            assert tier.stats()["errors"] == 0
+        finally:
+            await tier.close()
+
+    asyncio.run(main())
+    assert methods == ["HEAD", "HEAD"]
