@@ -24,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -33,6 +34,7 @@ from typing import Any
 
 from bench import report
 from bench.proxy import ProxyProcess, parse_rate
+from bench.s3_ceiling import make_client, put_ceiling
 from bench.systems import (
     SYSTEMS,
     Backend,
@@ -47,6 +49,9 @@ from bench.systems import (
 )
 from bench.workloads import (
     MULTI_NODE,
+    PUT_JOBS,
+    PUT_SIZE,
+    REFERENCE,
     RUNNERS,
     SEQ_FILE,
     SINGLE_NODE,
@@ -55,6 +60,7 @@ from bench.workloads import (
     Run,
     Values,
     make_small_files,
+    source_tarball,
     write_seq_file,
 )
 
@@ -67,6 +73,17 @@ PIP_PACKAGES = {  # system -> (binary or module it needs, PyPI package)
 }
 APT_PACKAGES = {"fio": "fio", "s3fs": "s3fs"}
 READS_FILE = ("seq_read_warm", "seq_read_cold", "rand_read")  # need seq_write's file
+TREE_CACHE = Path("/var/tmp/fcbench-cache")  # the source-tree tarball, made once per machine
+MIN_PUT_BYTES = 256 * 2**20  # the S3 PUT ceiling moves at least this much per run
+QUICK = {  # --quick: a smoke run of a few minutes (explicit flags still win)
+    "file_size": 64 * 2**20,
+    "small_files": 200,
+    "dirs": 100,
+    "repeat": 1,
+    "rand_runtime": 5.0,
+    "profiles": ["local"],
+    "tree_files": 500,
+}
 
 
 class Interrupted(KeyboardInterrupt):
@@ -145,6 +162,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=_size("64M"),
         help="remote profile, bytes/s per connection (default 64M; 0: no cap)",
     )
+    p.add_argument(
+        "--tree-source",
+        type=Path,
+        default=Path(sysconfig.get_paths()["stdlib"]),
+        help="source tree for workload 5b, tarred once (default: Python's stdlib)",
+    )
+    p.add_argument(
+        "--tree-files", type=int, default=3000, help="at most this many files of it (3000)"
+    )
     p.add_argument("--cache-size-mb", type=int, default=10240, help="each system's cache size")
     p.add_argument("--workdir", type=Path, help="scratch dir (default: a new dir in /var/tmp)")
     p.add_argument("--keep", action="store_true", help="keep the scratch dir and logs")
@@ -155,7 +181,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--from-json", type=Path, help="no run: render table/chart/README from a results file"
     )
     p.add_argument("--no-install", action="store_true", help="do not pip/apt install anything")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run (a few minutes): --file-size 64M --small-files 200 --dirs 100 "
+        "--repeat 1 --rand-runtime 5 --profiles local --tree-files 500, unless given",
+    )
     return p
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quick:  # the quick sizes become the defaults; explicit flags still win
+        parser.set_defaults(**QUICK)
+        args = parser.parse_args(argv)
+    return args
 
 
 # --- dependencies --------------------------------------------------------------------------
@@ -311,6 +352,7 @@ class Bench:
                 "cache_size_mb": args.cache_size_mb,
                 "systems": args.systems,
                 "workloads": args.workloads,
+                "s3_put": {"jobs": PUT_JOBS, "body_bytes": PUT_SIZE},
             },
             "machine": machine_info(self.workdir),
             "page_cache": self.drop_mode,
@@ -361,6 +403,8 @@ class Bench:
         server.start()
         ports = server.ports
         admin = S3Admin(server.endpoint, server.access_key, server.secret_key)
+        if "src_tree" in args.workloads:
+            self._make_tree()
         raw_done: dict[str, Any] | None = None
         for profile in args.profiles:
             self.progress.where = profile
@@ -374,6 +418,8 @@ class Bench:
                 admin=admin,
                 cache_capacity_mb=args.cache_size_mb,
             )
+            if "seq_write" in args.workloads and any(SYSTEMS[s].needs_s3 for s in args.systems):
+                self._s3_ceiling(backend, admin, prof)
             for name in args.systems:
                 if name == "raw" and raw_done is not None:
                     self._copy_raw(prof, raw_done)
@@ -387,6 +433,52 @@ class Bench:
                 self.proxy = None
             self.progress.where = ""
         self.results["complete"] = True
+
+    def _make_tree(self) -> None:
+        """Workload 5b's tarball: made once per machine (cached), described in the results."""
+        try:
+            tree = source_tarball(self.args.tree_source, self.args.tree_files, TREE_CACHE)
+        except OSError as exc:  # the workload then fails with "no tarball", the rest runs
+            self.progress(f"source tree: {exc}")
+            return
+        self.params.tree = tree
+        self.results["params"]["tree"] = tree.describe()
+        self.progress(
+            f"source tree: {tree.files} files, {tree.dirs} dirs, {tree.bytes / 2**20:.1f} MiB "
+            f"from {tree.source} ({tree.tarball})"
+        )
+
+    def _s3_ceiling(self, backend: Backend, admin: S3Admin, prof: dict[str, Any]) -> None:
+        """The bare PUT loop against this profile's S3 endpoint (through the proxy in the
+        remote profile), ``--repeat`` times, in a bucket of its own dropped afterwards."""
+        self.progress.where = f"{backend.profile}/S3 PUT ceiling"
+        bucket = f"bench-s3put-{backend.profile}"
+        total = max(self.params.file_size, MIN_PUT_BYTES)
+        values: Values = {"s3_put": [], "s3_put_cpu": []}
+        try:
+            admin.create_bucket(bucket)
+            client = make_client(
+                backend.s3_endpoint, backend.access_key, backend.secret_key, backend.region
+            )
+            for r in range(self.params.repeat):
+                got = put_ceiling(
+                    client, bucket, total, time_limit=self.params.time_limit, prefix=f"r{r}"
+                )
+                values["s3_put"].append(got.mib_s)
+                values["s3_put_cpu"].append(got.cpu_per_gib)
+                self.progress(
+                    f"rep {r + 1}/{self.params.repeat}: {got.mib_s:.1f} MiB/s "
+                    f"({PUT_JOBS} x {PUT_SIZE >> 20} MiB PUTs in flight, "
+                    f"{got.bytes >> 20} MiB), loop {got.cpu_per_gib:.2f} CPU-s/GiB"
+                )
+            self._record(prof, REFERENCE, values)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            self._fail(prof, REFERENCE, "s3_put", exc)
+        finally:
+            with contextlib.suppress(Exception):
+                admin.delete_bucket(bucket)
 
     def _backend(self, profile: str, server: Any, ports: dict[str, int]) -> Backend:
         direct = server.endpoint
@@ -601,7 +693,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--"]:  # `fastcache bench -- --flags`: the CLI's REMAINDER keeps the "--"
         argv = argv[1:]
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     args.argv = argv
     progress = Progress()
     if args.from_json:

@@ -9,9 +9,13 @@ The results dict (what ``bench/results/<date>.json`` holds)::
          "figures": {metric: {system: {"median": x | None, "runs": [...]}}},
          "errors": {system: {workload: message}}, "notes": [...]}}}
 
+Reference figures (the S3 PUT ceiling) sit under the pseudo-system ``"s3"``: no column
+of their own, they are shown in the column of every S3-backed system (the server each of
+them writes to); derived rows (seq write / S3 PUT ceiling) are computed here, per system.
+
 Ratios are "fastcache against the best other system" (raw disk is the ceiling, not a
 competitor), oriented so that above 1 means fastcache is ahead: fastcache / best for
-rates, best / fastcache for latencies and bytes.
+rates, best / fastcache for latencies and bytes. Reference rows have no ratio.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.workloads import METRICS, Metric
+from bench.workloads import METRICS, REFERENCE, Metric
 
 SUBJECT = "fastcache"
 CEILING = "raw"
@@ -48,11 +52,13 @@ def _median(fig: dict[str, Any] | None) -> float | None:
 
 
 def systems_in(results: Results) -> list[str]:
+    """The table's columns: every system with a figure or an error (not the reference)."""
     seen: set[str] = set()
     for prof in results.get("profiles", {}).values():
         for per_system in prof.get("figures", {}).values():
             seen.update(per_system)
         seen.update(prof.get("errors", {}))
+    seen.discard(REFERENCE)
     known = [s for s in SYSTEM_ORDER if s in seen]
     return known + sorted(seen - set(known))
 
@@ -70,6 +76,25 @@ def best_other(metric: Metric, per_system: dict[str, Any]) -> tuple[str, float] 
     return pick(candidates, key=lambda c: c[1])
 
 
+def with_derived(figures: dict[str, Any]) -> dict[str, Any]:
+    """``figures`` plus the derived metrics: per system (not the raw disk), its figure of
+    ``of[0]`` over the reference figure of ``of[1]``."""
+    out = dict(figures)
+    for m in METRICS:
+        if m.kind != "derived" or m.of is None:
+            continue
+        ref = _median(figures.get(m.of[1], {}).get(REFERENCE))
+        per_system: dict[str, Any] = {}
+        for name, fig in figures.get(m.of[0], {}).items():
+            value = _median(fig)
+            if name in (CEILING, REFERENCE) or value is None or not ref:
+                continue
+            per_system[name] = {"median": value / ref, "runs": []}
+        if per_system:
+            out[m.key] = per_system
+    return out
+
+
 def ratio(metric: Metric, subject: float | None, other: float | None) -> float | None:
     """Above 1: fastcache ahead."""
     if subject is None or other is None:
@@ -83,9 +108,11 @@ def ratios(results: Results) -> dict[str, dict[str, float | None]]:
     """profile → metric → fastcache vs best other."""
     out: dict[str, dict[str, float | None]] = {}
     for profile, prof in results.get("profiles", {}).items():
-        figures = prof.get("figures", {})
+        figures = with_derived(prof.get("figures", {}))
         row: dict[str, float | None] = {}
         for m in METRICS:
+            if m.kind == "reference":
+                continue
             per_system = figures.get(m.key, {})
             best = best_other(m, per_system)
             row[m.key] = ratio(m, _median(per_system.get(SUBJECT)), best[1] if best else None)
@@ -111,6 +138,13 @@ def _fmt_size(n: int) -> str:
     return f"{n} B"
 
 
+def _tree_text(params: dict[str, Any]) -> str:
+    tree = params.get("tree")
+    if not isinstance(tree, dict):
+        return ""
+    return f"source tree {tree.get('files', '?')} files in {tree.get('dirs', '?')} dirs, "
+
+
 def markdown(results: Results) -> str:
     """The tables (one per S3 profile), with the conditions they were measured under."""
     params = results.get("params", {})
@@ -124,7 +158,8 @@ def markdown(results: Results) -> str:
         f"{machine.get('ram_gib', '?')} GiB RAM, {machine.get('disk', '?')}: "
         f"file {_fmt_size(int(params.get('file_size', 0)))}, "
         f"{params.get('small_files', '?')} small files, "
-        f"median of {params.get('repeat', '?')} run(s). "
+        + _tree_text(params)
+        + f"median of {params.get('repeat', '?')} run(s). "
         f"Page cache dropped by {results.get('page_cache', '?')}."
     )
     lines.append("")
@@ -141,10 +176,15 @@ def markdown(results: Results) -> str:
         header = ["workload", "metric", "unit", *systems, "fastcache vs best other"]
         lines.append("| " + " | ".join(header) + " |")
         lines.append("|" + "|".join(["---"] * 3 + ["---:"] * (len(systems) + 1)) + "|")
-        figures = prof.get("figures", {})
+        figures = with_derived(prof.get("figures", {}))
         errors = prof.get("errors", {})
         for m in METRICS:
             per_system = figures.get(m.key, {})
+            if m.kind == "reference":
+                if not per_system and m.runner not in errors.get(REFERENCE, {}):
+                    continue
+                lines.append("| " + " | ".join(_reference_cells(m, per_system, systems)) + " |")
+                continue
             if not per_system:
                 continue
             cells = [m.workload, m.label, m.unit]
@@ -160,6 +200,7 @@ def markdown(results: Results) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
         for s, errs in sorted(errors.items()):
+            s = "S3 server" if s == REFERENCE else s
             for w, msg in errs.items():
                 first = str(msg).strip().splitlines()[0] if str(msg).strip() else "?"
                 lines.append(f"- {profile} / {s} / {w}: failed: {first[:200]}")
@@ -175,10 +216,23 @@ def markdown(results: Results) -> str:
         lines.append("Versions: " + "; ".join(versions) + ".")
         lines.append("")
     lines.append(
-        "Ratios above 1 mean fastcache is ahead (rates: fastcache / best; latency and S3 bytes: "
-        "best / fastcache); raw disk is the ceiling, not counted as a competitor."
+        "Ratios above 1 mean fastcache is ahead (rates: fastcache / best; latency, CPU and S3 "
+        "bytes: best / fastcache); raw disk is the ceiling, not counted as a competitor. "
+        "The S3 PUT ceiling is the server alone (bare parallel PUTs from the harness, through "
+        "the proxy in the remote profile), shown in every S3-backed system's column. Client "
+        "CPU is the mount process's (utime + stime) from before the write until the file is "
+        "durable."
     )
     return "\n".join(lines) + "\n"
+
+
+def _reference_cells(metric: Metric, per_system: dict[str, Any], systems: list[str]) -> list[str]:
+    """A reference row: the one figure in every S3-backed system's column, no ratio."""
+    value = _median(per_system.get(REFERENCE))
+    shown = fmt(value) if value is not None else "err"
+    cells = [metric.workload, metric.label, metric.unit]
+    cells += ["—" if s == CEILING else shown for s in systems]
+    return [*cells, "—"]
 
 
 def plot(results: Results, path: Path) -> bool:
@@ -191,7 +245,9 @@ def plot(results: Results, path: Path) -> bool:
     except ImportError:
         return False
     table = ratios(results)
-    keys = [m.key for m in METRICS if any(table[p].get(m.key) for p in table)]
+    keys = [
+        m.key for m in METRICS if m.kind == "system" and any(table[p].get(m.key) for p in table)
+    ]
     if not keys:
         return False
     labels = [k.replace("_", " ") for k in keys]

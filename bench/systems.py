@@ -83,6 +83,31 @@ def wipe_dir(path: Path) -> None:
             child.unlink()
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def session_cpu_seconds(sid: int) -> float | None:
+    """CPU time (user + system, plus that of waited-for children) of every process in the
+    session ``sid``: a mount started in its own session, wrapper scripts and helpers
+    included. None if no such process is left."""
+    total = 0
+    found = False
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:  # gone meanwhile
+            continue
+        fields = data[data.rfind(b")") + 2 :].split()  # fields[0] is field 3 (state)
+        if len(fields) < 15 or int(fields[3]) != sid:  # field 6: session
+            continue
+        found = True
+        total += sum(int(x) for x in fields[11:15])  # fields 14-17: utime stime cutime cstime
+    return total / CLOCK_TICKS if found else None
+
+
 def first_line(cmd: Sequence[str]) -> str:
     try:
         out = subprocess.run(list(cmd), capture_output=True, text=True, timeout=30, check=False)
@@ -209,6 +234,11 @@ class MountProcess:
     @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """The process id (also its session id: ``start_new_session``), None if stopped."""
+        return self._proc.pid if self.running and self._proc is not None else None
 
     def start(self, timeout: float = 60.0) -> None:
         if self.mountpoint is not None:
@@ -378,6 +408,12 @@ class System:
 
     def wipe_cache(self, i: int) -> None:
         wipe_dir(self.caches[i])
+
+    def cpu_seconds(self, i: int = 0) -> float | None:
+        """CPU time so far of node ``i``'s mount process(es); None if none runs (raw disk)."""
+        proc = self._procs[i]
+        pid = proc.pid if proc is not None else None
+        return None if pid is None else session_cpu_seconds(pid)
 
     def settle(self, mount_index: int, relpath: str, size: int, timeout: float = 900.0) -> None:
         """Wait until a file written through the mount is durable in the backend."""

@@ -8,10 +8,13 @@ a run cut short reports the rate of what it did.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import struct
 import subprocess
+import tarfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,22 +23,87 @@ from pathlib import Path
 from bench.systems import System
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 BENCH_DIR = "fcbench"  # every workload works under <mount>/fcbench
 SEQ_FILE = f"{BENCH_DIR}/seq.dat"
 
 
+REFERENCE = "s3"  # the pseudo-system of the reference figures (the bare S3 server)
+PUT_JOBS = 16  # the S3 PUT ceiling: PUTs in flight ...
+PUT_SIZE = 4 * MiB  # ... of this size (fastcache's chunk size)
+
+
 @dataclass(frozen=True)
 class Metric:
+    """One row of the table.
+
+    ``kind``: "system" (measured per system), "reference" (measured once per profile,
+    with no filesystem, under the pseudo-system ``REFERENCE``; shown in the column of
+    every S3-backed system) or "derived" (``of[0]``'s figure over the reference ``of[1]``,
+    per system; computed by the report, never stored).
+    """
+
     key: str
     runner: str  # the workload function that measures it (a key of RUNNERS)
     workload: str
     label: str
     unit: str
     higher_is_better: bool = True
+    kind: str = "system"
+    of: tuple[str, str] | None = None
 
 
 METRICS: list[Metric] = [
     Metric("seq_write", "seq_write", "1 seq write", "1 MiB blocks, fsync at end", "MiB/s"),
+    Metric(
+        "seq_write_close",
+        "seq_write",
+        "1 seq write",
+        "1 MiB blocks, acknowledged at close (no fsync)",
+        "MiB/s",
+    ),
+    Metric(
+        "s3_put",
+        "s3_put",
+        "1 seq write",
+        f"S3 PUT ceiling ({PUT_JOBS} x {PUT_SIZE // MiB} MiB PUTs in parallel, no filesystem)",
+        "MiB/s",
+        kind="reference",
+    ),
+    Metric(
+        "seq_write_vs_s3",
+        "seq_write",
+        "1 seq write",
+        "fsync at end / S3 PUT ceiling",
+        "x",
+        kind="derived",
+        of=("seq_write", "s3_put"),
+    ),
+    Metric(
+        "seq_write_cpu",
+        "seq_write",
+        "1 seq write",
+        "client CPU, fsync at end",
+        "CPU-s/GiB",
+        False,
+    ),
+    Metric(
+        "seq_write_close_cpu",
+        "seq_write",
+        "1 seq write",
+        "client CPU, close (until durable)",
+        "CPU-s/GiB",
+        False,
+    ),
+    Metric(
+        "s3_put_cpu",
+        "s3_put",
+        "1 seq write",
+        "CPU of the bare PUT loop (botocore)",
+        "CPU-s/GiB",
+        False,
+        kind="reference",
+    ),
     Metric("seq_read_warm", "seq_read_warm", "2 warm read", "local cache warm", "MiB/s"),
     Metric("seq_read_cold", "seq_read_cold", "3 cold read", "cache wiped, remounted", "MiB/s"),
     Metric(
@@ -46,6 +114,8 @@ METRICS: list[Metric] = [
     Metric("small_create", "small_files", "5 small files", "create 4 KiB files", "files/s"),
     Metric("small_list", "small_files", "5 small files", "list", "files/s"),
     Metric("small_read", "small_files", "5 small files", "read back", "files/s"),
+    Metric("tree_extract", "src_tree", "5b source tree", "tar -x (files/s)", "files/s"),
+    Metric("tree_rm", "src_tree", "5b source tree", "rm -rf (files/s)", "files/s"),
     Metric("meta_stat", "metadata", "6 metadata", "stat", "ops/s"),
     Metric("meta_mkdir", "metadata", "6 metadata", "mkdir", "ops/s"),
     Metric("meta_rmdir", "metadata", "6 metadata", "rmdir", "ops/s"),
@@ -61,10 +131,87 @@ SINGLE_NODE = (
     "rand_read",
     "seq_read_cold",
     "small_files",
+    "src_tree",
     "metadata",
 )
 MULTI_NODE = ("seq_read_peer", "multi_read")
 WORKLOADS = SINGLE_NODE + MULTI_NODE
+
+
+@dataclass(frozen=True)
+class SourceTree:
+    """Workload 5b's input: an uncompressed tarball of a real source tree."""
+
+    tarball: Path
+    source: str
+    files: int
+    dirs: int
+    bytes: int
+
+    def describe(self) -> dict[str, object]:
+        return {
+            "tarball": str(self.tarball),
+            "source": self.source,
+            "files": self.files,
+            "dirs": self.dirs,
+            "bytes": self.bytes,
+        }
+
+
+SKIP_DIRS = frozenset({"__pycache__", "site-packages", ".git"})
+MAX_TREE_FILE = MiB  # a source tree: bigger files (wheels, shared objects) are left out
+
+
+def source_tarball(source: Path, max_files: int, cache_dir: Path) -> SourceTree:
+    """The tarball of ``source`` (sorted walk, no ``__pycache__``/``site-packages``,
+    no symlinks, no file over 1 MiB, the first ``max_files`` files), made once and kept
+    in ``cache_dir`` (its name says what it holds: same tree, same tarball)."""
+    source = source.resolve()
+    if not source.is_dir():
+        raise FileNotFoundError(f"source tree {source} is not a directory")
+    members: list[tuple[Path, bool]] = []  # (path, is_dir)
+    files = total = 0
+    for dirpath, dirnames, filenames in os.walk(source):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS)
+        here = Path(dirpath)
+        picked: list[Path] = []
+        for name in sorted(filenames):
+            path = here / name
+            try:
+                st = path.lstat()
+            except OSError:
+                continue
+            if not path.is_symlink() and path.is_file() and st.st_size <= MAX_TREE_FILE:
+                picked.append(path)
+                total += st.st_size
+                if files + len(picked) >= max_files:
+                    break
+        members.append((here, True))
+        members += [(f, False) for f in picked]
+        files += len(picked)
+        if files >= max_files:
+            break
+    dirs = sum(1 for _, is_dir in members if is_dir)
+    digest = hashlib.sha256(
+        "\n".join(str(m) for m, _ in members).encode() + str(total).encode()
+    ).hexdigest()[:12]
+    tarball = cache_dir / f"srctree-{source.name}-{files}f-{digest}.tar"
+    if not tarball.exists():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tmp = tarball.with_suffix(".tar.tmp")
+        root = Path(source.name)
+
+        def clean(info: tarfile.TarInfo) -> tarfile.TarInfo:
+            info.uid = info.gid = 0
+            info.uname = info.gname = "root"
+            return info
+
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            for path, _ in members:
+                arcname = str(root / path.relative_to(source))
+                tar.add(path, arcname=arcname, recursive=False, filter=clean)
+        os.replace(tmp, tarball)
+    return SourceTree(tarball, str(source), files, dirs, total)
 
 
 @dataclass
@@ -77,6 +224,7 @@ class Params:
     rand_runtime: float = 20.0
     time_limit: float = 300.0  # per measured run
     repeat: int = 3
+    tree: SourceTree | None = None  # workload 5b's tarball (the harness makes it once)
 
 
 @dataclass
@@ -159,18 +307,73 @@ def _timed(p: Params) -> float:
 
 
 # --- workload 1 ----------------------------------------------------------------------------
+def _cpu_per_gib(before: float | None, after: float | None, written: int) -> float | None:
+    if before is None or after is None or written <= 0:
+        return None
+    return (after - before) / (written / GiB)
+
+
+def write_close(path: Path, size: int, deadline: float) -> tuple[int, float]:
+    """Write ``size`` bytes in 1 MiB blocks and close, no fsync: (bytes written, seconds
+    from open until close returned). Every 64 KiB carries its own 16-byte stamp, so no
+    two chunks of any size are alike (as fio's ``scramble_buffers``): no deduplication.
+    Stops early past ``deadline`` (time.monotonic())."""
+    block = bytearray(os.urandom(MiB))
+    nonce = os.urandom(8)
+    view = memoryview(block)
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    written = 0
+    try:
+        i = 0
+        while written < size:
+            for off in range(0, MiB, 64 * 1024):
+                struct.pack_into("<8sQ", block, off, nonce, i)
+                i += 1
+            chunk = view[: min(MiB, size - written)]
+            while chunk:
+                n = os.write(fd, chunk)
+                chunk = chunk[n:]
+                written += n
+            if i % 1024 == 0 and time.monotonic() > deadline:  # every 64 MiB
+                break
+    finally:
+        os.close(fd)  # an error here (the system refused the data) propagates
+    return written, time.perf_counter() - t0
+
+
+def _make_durable(run: Run, rel: str, size: int) -> None:
+    """After a measured close: fsync (data in S3 for the systems that do so on fsync),
+    then the system's own wait (rclone uploads after close). Not measured."""
+    fd = os.open(run.mount() / rel, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    run.system.settle(0, rel, size)
+
+
 def seq_write(run: Run) -> Values:
-    """One file per repetition; the first one stays as the read target (``seq.dat``)."""
+    """One file per repetition, fsync at end (fio); the first one stays as the read target
+    (``seq.dat``). Then per repetition one file written and closed without fsync (timed
+    until close returns), made durable (fsync, settle: unmeasured) and removed. Client CPU
+    is the mount process's, from before the write until the file is durable."""
     p = run.params
     base = run.mount() / BENCH_DIR
     base.mkdir(exist_ok=True)
-    values: list[float | None] = []
+    out: Values = {
+        "seq_write": [],
+        "seq_write_cpu": [],
+        "seq_write_close": [],
+        "seq_write_close_cpu": [],
+    }
     for r in range(p.repeat):
-        target = base / f"seq-w{r}.dat"
+        rel = f"{BENCH_DIR}/seq-w{r}.dat"
+        cpu0 = run.system.cpu_seconds()
         report = fio(
             [
                 "--name=seqwrite",
-                f"--filename={target}",
+                f"--filename={run.mount() / rel}",
                 "--rw=write",
                 "--bs=1M",
                 f"--size={p.file_size}",
@@ -179,13 +382,33 @@ def seq_write(run: Run) -> Values:
             ],
             _timed(p),
         )
-        values.append(_mib_s(report, "write"))
-        run.progress(f"seq_write rep {r + 1}/{p.repeat}: {values[-1]:.1f} MiB/s")
+        run.system.settle(0, rel, p.file_size)
+        cpu = _cpu_per_gib(cpu0, run.system.cpu_seconds(), p.file_size)
+        out["seq_write"].append(_mib_s(report, "write"))
+        out["seq_write_cpu"].append(cpu)
+        if r:
+            (run.mount() / rel).unlink()
+        run.progress(
+            f"seq_write rep {r + 1}/{p.repeat}: {out['seq_write'][-1]:.1f} MiB/s"
+            + ("" if cpu is None else f", client {cpu:.2f} CPU-s/GiB")
+        )
+    for r in range(p.repeat):
+        rel = f"{BENCH_DIR}/seq-c{r}.dat"
+        cpu0 = run.system.cpu_seconds()
+        written, seconds = write_close(run.mount() / rel, p.file_size, _deadline(p))
+        _make_durable(run, rel, written)
+        cpu = _cpu_per_gib(cpu0, run.system.cpu_seconds(), written)
+        out["seq_write_close"].append(written / MiB / max(seconds, 1e-6))
+        out["seq_write_close_cpu"].append(cpu)
+        (run.mount() / rel).unlink()
+        run.progress(
+            f"seq_write (close, no fsync) rep {r + 1}/{p.repeat}: "
+            f"{out['seq_write_close'][-1]:.1f} MiB/s"
+            + ("" if cpu is None else f", client {cpu:.2f} CPU-s/GiB")
+        )
     os.rename(base / "seq-w0.dat", run.mount() / SEQ_FILE)
-    for r in range(1, p.repeat):
-        (base / f"seq-w{r}.dat").unlink()
     run.system.settle(0, SEQ_FILE, p.file_size)
-    return {"seq_write": values}
+    return out
 
 
 # --- workload 2 ----------------------------------------------------------------------------
@@ -364,6 +587,56 @@ def small_files(run: Run) -> Values:
     return out
 
 
+# --- workload 5b ---------------------------------------------------------------------------
+def _count_files(d: Path) -> int:
+    return sum(len(files) for _, _, files in os.walk(d))
+
+
+def _run_bounded(cmd: list[str], limit: float) -> tuple[float, bool]:
+    """Run ``cmd`` (our own child); (seconds, finished). Past ``limit`` it is killed
+    (by its pid) and reported unfinished; a failure raises with its stderr."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        _, err = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        return time.perf_counter() - t0, False
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}): {err.decode()[-1500:]}")
+    return elapsed, True
+
+
+def src_tree(run: Run) -> Values:
+    """``tar -x`` of a real source tree (regular files/s), then ``rm -rf`` of it."""
+    p = run.params
+    tree = p.tree
+    if tree is None:
+        raise RuntimeError("no source-tree tarball (the harness makes it before the run)")
+    out: Values = {"tree_extract": [], "tree_rm": []}
+    for r in range(p.repeat):
+        d = run.mount() / BENCH_DIR / f"tree-{r}"
+        d.mkdir(parents=True, exist_ok=True)
+        cmd = ["tar", "-x", "--no-same-owner", "-f", str(tree.tarball), "-C", str(d)]
+        seconds, finished = _run_bounded(cmd, p.time_limit)
+        made = tree.files if finished else _count_files(d)
+        out["tree_extract"].append(made / max(seconds, 1e-6))
+        if finished and _count_files(d) != tree.files:
+            raise RuntimeError(f"{d}: {_count_files(d)} files extracted, {tree.files} expected")
+        seconds, finished = _run_bounded(["rm", "-rf", "--", str(d)], p.time_limit)
+        removed = made if finished else made - _count_files(d)
+        out["tree_rm"].append(removed / max(seconds, 1e-6))
+        if not finished:
+            shutil.rmtree(d, ignore_errors=True)  # the tree must be left clean
+        run.progress(
+            f"src_tree rep {r + 1}/{p.repeat} ({tree.files} files, {tree.dirs} dirs): "
+            f"tar -x {out['tree_extract'][-1]:.0f}, rm -rf {out['tree_rm'][-1]:.0f} files/s"
+        )
+    return out
+
+
 # --- workload 6 ----------------------------------------------------------------------------
 def metadata(run: Run) -> Values:
     """stat the small files of workload 5 (cold dentry cache), mkdir/rmdir ``dirs`` dirs."""
@@ -450,6 +723,7 @@ RUNNERS: dict[str, Callable[[Run], Values]] = {
     "rand_read": rand_read,
     "seq_read_cold": seq_read_cold,
     "small_files": small_files,
+    "src_tree": src_tree,
     "metadata": metadata,
     "seq_read_peer": seq_read_peer,
     "multi_read": multi_read,
