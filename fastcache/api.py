@@ -85,6 +85,12 @@ PEER_ID = Param("peerID", "path", {"type": "string", "minLength": 1})
 LIMIT = Param(
     "limit", "query", {"type": "integer", "minimum": 0, "maximum": 100_000, "default": 1000}
 )
+AFTER = Param(
+    "after",
+    "query",
+    {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+    description="list chunks after this digest (the previous page's next_after)",
+)
 EXPECTED_VERSION = Param(
     "expected_version",
     "query",
@@ -391,8 +397,8 @@ async def cache_info(request: web.Request) -> web.Response:
     state = _state(request)
     limit = LIMIT.get(request)
     entries = [
-        {"path": path, "size": m.size, "version": m.version, "chunks": len(m.chunks)}
-        for path, m in sorted(state.manager.entries().items())[:limit]
+        {"digest": d, "size": n, "pinned": pinned}
+        for d, n, pinned in state.nvme.entries(AFTER.get(request), limit)
     ]
     nvme = state.nvme.stats()
     return web.json_response(
@@ -405,6 +411,7 @@ async def cache_info(request: web.Request) -> web.Response:
             "pinned": nvme.get("pinned"),
             "pending_uploads": state.manager.pending_uploads(),
             "entries": entries,
+            "next_after": entries[-1]["digest"] if limit and len(entries) == limit else None,
         }
     )
 
@@ -464,7 +471,9 @@ async def get_chunk(request: web.Request) -> web.StreamResponse:
 
 
 async def put_chunk(request: web.Request) -> web.Response:
-    """Store a replica a peer sends us: verified, cached, neither pinned nor written back."""
+    """Store a chunk a peer sends us, verified. A replica is only cached; with ``?pending=1``
+    (the sender could not keep it: its NVMe failed) it is stored like our own write: pinned
+    and journaled until this node has uploaded it to S3."""
     state = _state(request)
     d = _digest(request)
     data = await request.read()
@@ -472,7 +481,10 @@ async def put_chunk(request: web.Request) -> web.Response:
         verify(d, data, "the request body")
     except FastcacheError as exc:
         raise BadRequest(str(exc)) from None
-    await state.nvme.write(d, data)
+    if request.query.get("pending") == "1":
+        await state.manager.write_chunk(d, data)
+    else:
+        await state.nvme.write(d, data)
     return web.json_response({"digest": d, "size": len(data)}, status=201)
 
 
@@ -569,8 +581,8 @@ def make_app(state: NodeState) -> web.Application:
         "GET",
         "/api/cache",
         cache_info,
-        summary="Cache contents",
-        params=[LIMIT],
+        summary="The chunks this node caches (digest order, paginated with after)",
+        params=[LIMIT, AFTER],
         responses={200: OBJECT},
     )
     api.add(

@@ -33,6 +33,7 @@ import llfuse
 from fastcache.config import ClientConfig
 from fastcache.errors import Exists, NameTooLong, NotFound, errno_for
 from fastcache.handles import STAGING_PREFIX, FileTable, LoopCaller
+from fastcache.journal import PendingCommits
 from fastcache.metacache import MetaCache
 
 log = logging.getLogger("fastcache.fuse")
@@ -136,6 +137,9 @@ class Operations(llfuse.Operations):
             config.cache.chunk_size,
             config.readahead_chunks,
             manager.nvme.staging_dir,
+            PendingCommits(manager.nvme.journal_dir),
+            commit_timeout=config.commit_timeout,
+            fsync_timeout=config.fsync_timeout,
         )
         self.mounted = False  # set by mount(): kernel notifications need a live session
         self.kernel = KernelNotifier()
@@ -420,7 +424,9 @@ class Operations(llfuse.Operations):
 
     @_handler
     def fsyncdir(self, fh: int, datasync: bool) -> None:
-        """Namespace changes are durable once the coordinator acknowledged them."""
+        """The directory's changes on the coordinator's disk: its sync barrier."""
+        with llfuse.lock_released:
+            self.files.sync_namespace()
 
     # --- files -----------------------------------------------------------------------------
     @_handler
@@ -644,6 +650,8 @@ class MountHandle:
                 return
             self._unmounted = True
             self.ops.files.flush_all()
+            self.ops.files.close()
+            self.ops.call.cancel_all()  # requests still waiting on the loop fail now
             if self._thread.is_alive() and not _fusermount(self.mountpoint, lazy=False):
                 _fusermount(self.mountpoint, lazy=True)
             self._thread.join(timeout)
@@ -714,6 +722,7 @@ def mount(
     _clean_staging(staging)
     _keep_sigusr1()
     ops = Operations(manager, coordinator_client, config, loop)
+    ops.files.replay()  # commits a previous run still owed the coordinator
     options = mount_options(_may_allow_other(), config.fuse_options)
     llfuse.init(ops, str(mountpoint), options)
     ops.mounted = True

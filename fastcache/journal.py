@@ -1,39 +1,46 @@
-"""The write-back journal: which chunks are on NVMe but not yet in S3.
+"""The write-back journal: which chunks this node acknowledged that are not yet in S3, and
+which manifest commits the coordinator has not yet acknowledged.
 
-One append-only file, ``<journal_dir>/pending.log``, of text records::
+Chunks: one append-only file, ``<journal_dir>/pending.log``, of text records::
 
     add <digest> <xxh64 of "add <digest>", 16 hex>\\n
     done <digest> <xxh64 of "done <digest>", 16 hex>\\n
 
 Replaying it in order (``add`` inserts, ``done`` removes) gives the pending set. A record whose
 checksum does not match, or the last line when it has no newline, is a write torn by a crash
-and is ignored: such a record was never acknowledged, because an ``add`` is acknowledged only
-after the fsync that covers it.
+and is ignored.
 
-Writes run on one dedicated thread, never on the event loop. Concurrent ``add`` calls share
-one fsync (group commit): while one batch is being written and synced, new records collect
-into the next batch. ``done`` records are not fsynced on their own (losing one only means an
-idempotent re-upload after a crash); they ride along with the next sync.
+Durability (DESIGN §1): a record is one ``write()`` into the page cache, which outlives a
+SIGKILL of the process; it is not fsynced, because power loss is covered elsewhere: ``fsync``
+returns only once the chunks are in S3, and after an unclean reboot the NVMe tier verifies
+its chunks before trusting them. ``sync()`` forces the file to disk for callers that want it.
 
-When the file holds many ``done`` records, it is compacted: the pending set is written to a
-new file, fsynced, and renamed over the old one (then the directory is fsynced). Opening a
-journal always compacts, which also drops a torn tail before anything is appended after it.
+Every method is thread-safe (FUSE threads and the event loop both record chunks) and cheap:
+one short ``write`` under a lock. When the file holds many ``done`` records it is compacted:
+the pending set is written to a new file and renamed over the old one. Opening a journal
+always compacts, which also drops a torn tail before anything is appended after it.
+
+Manifests: ``PendingCommits`` keeps, per inode, the manifest a ``close`` could not commit
+(coordinator unreachable) in ``<journal_dir>/commits/<ino>.json`` until the coordinator has
+it, so a restart commits it again (see ``handles.FileTable``).
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import logging
 import os
+import threading
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from fastcache.chunks import is_digest, xxh64
 
 log = logging.getLogger("fastcache.journal")
 
 JOURNAL_NAME = "pending.log"
+COMMITS_DIR = "commits"
 _OPS = (b"add", b"done")
 
 
@@ -91,51 +98,60 @@ def replay_file(path: Path) -> tuple[set[str], int]:
     return set(pending), damaged
 
 
-class Journal:
-    """The pending-upload journal of one NVMe directory. Use from one event loop.
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
-    ``await Journal.open(dir)`` replays the file; ``pending`` is the replayed set, kept up to
-    date by ``add``/``done``.
+
+def _fsync_dir(directory: Path) -> None:
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+class Journal:
+    """The pending-upload journal of one NVMe directory (see the module docstring).
+
+    ``Journal.open(dir)`` replays the file (blocking: call it off the event loop);
+    ``pending`` is the replayed set, kept up to date by ``add``/``done``.
     """
 
     def __init__(self, directory: Path, compact_after: int) -> None:
         self.directory = directory
         self.path = directory / JOURNAL_NAME
         self.compact_after = compact_after
-        self._pending: dict[str, asyncio.Future[None] | None] = {}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastcache-journal")
+        self._lock = threading.Lock()
+        self._pending: set[str] = set()
         self._fd = -1
         self._done_records = 0  # done records in the file since the last compaction
-        self._batch: list[bytes] = []
-        self._batch_waiters: list[asyncio.Future[None]] = []
-        self._batch_sync = False
-        self._flusher: asyncio.Task[None] | None = None
-        self._closed = False
+        self.writes = 0
         self.fsyncs = 0
         self.compactions = 0
         self.damaged_records = 0
 
     @classmethod
-    async def open(cls, directory: Path, *, compact_after: int = 4096) -> Journal:
+    def open(cls, directory: Path, *, compact_after: int = 4096) -> Journal:
         """Replay ``directory``'s journal (creating it if needed) and compact it."""
         journal = cls(Path(directory), compact_after)
-        loop = asyncio.get_running_loop()
-        try:
-            pending, damaged = await loop.run_in_executor(journal._executor, journal._start)
-        except BaseException:
-            journal._executor.shutdown(wait=False)
-            raise
+        journal.directory.mkdir(parents=True, exist_ok=True)
+        pending, damaged = replay_file(journal.path)
         journal.damaged_records = damaged
         if damaged:
             log.info("journal %s: ignored %d damaged record(s)", journal.path, damaged)
-        journal._pending = dict.fromkeys(pending)
+        journal._pending = pending
+        with journal._lock:
+            journal._compact_locked()
         return journal
 
     # --- the public surface ----------------------------------------------------------------
     @property
     def pending(self) -> frozenset[str]:
         """Digests added and not yet marked done."""
-        return frozenset(self._pending)
+        with self._lock:
+            return frozenset(self._pending)
 
     def __contains__(self, digest: object) -> bool:
         return digest in self._pending
@@ -143,131 +159,114 @@ class Journal:
     def __len__(self) -> int:
         return len(self._pending)
 
-    async def add(self, digest: str) -> None:
-        """Record ``digest`` as pending; returns once the record is on disk (fsynced).
+    def add(self, digest: str) -> bool:
+        """Record ``digest`` as pending (one ``write``); ``False`` if it already was."""
+        return bool(self.add_many((digest,)))
 
-        Adding a digest that is already pending waits for its first record to be durable.
-        """
-        if digest in self._pending:
-            durable = self._pending[digest]
-            if durable is not None:
-                await asyncio.shield(durable)
-            return
-        fut = self._append(encode_record("add", digest), sync=True)
-        self._pending[digest] = fut
-        try:
-            await asyncio.shield(fut)
-        except BaseException:
-            if fut.done() and fut.exception() is not None and self._pending.get(digest) is fut:
-                del self._pending[digest]
-            raise
-        if self._pending.get(digest) is fut:
-            self._pending[digest] = None
+    def add_many(self, digests: Iterable[str]) -> list[str]:
+        """Record every digest not yet pending with one ``write``; the ones added."""
+        with self._lock:
+            new = [d for d in dict.fromkeys(digests) if d not in self._pending]
+            if not new:
+                return []
+            self._append_locked(b"".join(encode_record("add", d) for d in new))
+            self._pending.update(new)
+            return new
 
-    async def add_many(self, digests: Iterable[str]) -> None:
-        """``add`` each digest; one group commit covers them all."""
-        await asyncio.gather(*(self.add(d) for d in dict.fromkeys(digests)))
-
-    async def done(self, digest: str) -> None:
-        """Record that ``digest`` is in S3. Not fsynced by itself (a lost ``done`` is harmless)."""
-        if digest not in self._pending:
-            return
-        # If its add is still being written, the done lands after it: batches keep order.
-        del self._pending[digest]
-        await asyncio.shield(self._append(encode_record("done", digest), sync=False))
-
-    async def close(self) -> None:
-        """Write and sync what is queued, then close the file. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._flusher is not None:
-            await asyncio.shield(self._flusher)
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._close_fd)
-        self._executor.shutdown(wait=True)
-
-    # --- batching ----------------------------------------------------------------------------
-    def _append(self, record: bytes, sync: bool) -> asyncio.Future[None]:
-        if self._closed:
-            raise RuntimeError("journal is closed")
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        self._batch.append(record)
-        self._batch_waiters.append(fut)
-        self._batch_sync = self._batch_sync or sync
-        if self._flusher is None:
-            self._flusher = loop.create_task(self._flush_loop(), name="fastcache-journal-flush")
-        return fut
-
-    async def _flush_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            while self._batch:
-                data = b"".join(self._batch)
-                waiters, sync = self._batch_waiters, self._batch_sync
-                dones = data.count(b"\ndone ") + data.startswith(b"done ")
-                self._batch, self._batch_waiters, self._batch_sync = [], [], False
+    def done(self, digest: str) -> None:
+        """Record that ``digest`` is in S3 (a lost ``done`` only costs an idempotent upload)."""
+        with self._lock:
+            if digest not in self._pending:
+                return
+            self._append_locked(encode_record("done", digest))
+            self._pending.discard(digest)
+            self._done_records += 1
+            if self._done_records >= self.compact_after:
                 try:
-                    await loop.run_in_executor(self._executor, self._write, data, sync)
-                except Exception as exc:
-                    log.error("journal %s: write failed: %s", self.path, exc)
-                    for fut in waiters:
-                        if not fut.done():
-                            fut.set_exception(exc)
-                            fut.exception()  # retrieved here; awaiting callers re-raise it
-                    continue
-                for fut in waiters:
-                    if not fut.done():
-                        fut.set_result(None)
-                self._done_records += dones
-                if self._done_records >= self.compact_after and not self._batch:
-                    snapshot = list(self._pending)
-                    try:
-                        await loop.run_in_executor(self._executor, self._compact, snapshot)
-                    except OSError as exc:
-                        log.error("journal %s: compaction failed: %s", self.path, exc)
-        finally:
-            self._flusher = None
+                    self._compact_locked()
+                except OSError as exc:
+                    log.error("journal %s: compaction failed: %s", self.path, exc)
 
-    # --- on the journal thread ---------------------------------------------------------------
-    def _start(self) -> tuple[set[str], int]:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        pending, damaged = replay_file(self.path)
-        self._compact(sorted(pending))
-        return pending, damaged
+    def sync(self) -> None:
+        """Force what was recorded to disk."""
+        with self._lock:
+            if self._fd >= 0:
+                os.fsync(self._fd)
+                self.fsyncs += 1
 
-    def _write(self, data: bytes, sync: bool) -> None:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(self._fd, view) :]
-        if sync:
-            os.fsync(self._fd)
-            self.fsyncs += 1
+    def close(self) -> None:
+        """Close the file. Idempotent; later calls raise."""
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
-    def _compact(self, pending: list[str]) -> None:
+    # --- under the lock ----------------------------------------------------------------------
+    def _append_locked(self, data: bytes) -> None:
+        if self._fd < 0:
+            raise RuntimeError("journal is closed")
+        _write_all(self._fd, data)
+        self.writes += 1
+
+    def _compact_locked(self) -> None:
         tmp = self.path.with_name(JOURNAL_NAME + ".new")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
-            data = b"".join(encode_record("add", d) for d in pending)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            _write_all(fd, b"".join(encode_record("add", d) for d in sorted(self._pending)))
+            os.fsync(fd)  # rare (start, every compact_after uploads): a clean base to append to
         finally:
             os.close(fd)
         os.rename(tmp, self.path)
-        dfd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-        self._close_fd()
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        _fsync_dir(self.directory)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
         self._done_records = 0
         self.compactions += 1
 
-    def _close_fd(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+
+class PendingCommits:
+    """Manifests acknowledged to a ``close`` but not yet to the coordinator, one file each.
+
+    A record is a JSON object (``handles.FileTable`` decides its fields) written to a temp
+    file and renamed into place: a reader sees the old record or the new one, never a mix.
+    Thread-safe: one lock around the renames.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory) / COMMITS_DIR
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def _path(self, ino: int) -> Path:
+        return self.directory / f"{int(ino)}.json"
+
+    def put(self, ino: int, record: dict[str, Any]) -> None:
+        data = json.dumps(record, separators=(",", ":")).encode()
+        path = self._path(ino)
+        tmp = path.with_suffix(".tmp")
+        with self._lock:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
+            os.rename(tmp, path)
+
+    def remove(self, ino: int) -> None:
+        with self._lock:
+            try:
+                self._path(ino).unlink()
+            except FileNotFoundError:
+                pass
+
+    def load(self) -> dict[int, dict[str, Any]]:
+        """Every record; damaged ones are logged and kept on disk for an operator."""
+        out: dict[int, dict[str, Any]] = {}
+        for path in sorted(self.directory.glob("*.json")):
+            try:
+                record = json.loads(path.read_bytes())
+                out[int(path.stem)] = record
+            except (OSError, ValueError) as exc:
+                log.error("pending commit %s cannot be read (kept): %s", path, exc)
+        return out

@@ -36,6 +36,7 @@ from fastcache.chunks import (
     Manifest,
     digest,
     digest_chunks,
+    hole_digest,
     split_cdc,
     split_fixed,
 )
@@ -86,10 +87,6 @@ class CacheManager(Protocol):
     def peer_id(self) -> str | None: ...
     async def flush(self, digests: Iterable[str], timeout: float | None = None) -> None: ...
     async def sync(self, timeout: float | None = None) -> None: ...
-    def put_entry(self, path: str, manifest: Manifest) -> None: ...
-    def get_entry(self, path: str) -> Manifest | None: ...
-    def remove_entry(self, path: str) -> None: ...
-    def entries(self) -> dict[str, Manifest]: ...
     def stats(self) -> dict[str, Any]: ...
     def pending_uploads(self) -> int: ...
     async def close(self) -> None: ...
@@ -381,7 +378,7 @@ class DefaultCacheManager:
         # one chunk per upload worker in all): write-back then does not read them back from
         # NVMe (written O_DIRECT, so that would be a disk read and a hash). Past that
         # budget, the upload reads NVMe as before.
-        self._upload_data: dict[str, bytes] = {}
+        self._upload_data: dict[str, bytes | bytearray] = {}
         self._upload_bytes = 0
         self._upload_memory = config.upload_concurrency * config.chunk_size
         self._queue: asyncio.Queue[str] = asyncio.Queue()
@@ -389,9 +386,6 @@ class DefaultCacheManager:
         self._kick: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._background: set[asyncio.Task[Any]] = set()
         self._closed = False
-        # entries (ORIGIN.md: path → manifest behind a lock)
-        self._entries: dict[str, Manifest] = {}
-        self._entries_lock = threading.RLock()
         # stats
         self._tiers = {"nvme": _TierCounters(), "peer": _TierCounters(), "s3": _TierCounters()}
         self._read_latency = _Latency()
@@ -411,6 +405,9 @@ class DefaultCacheManager:
             "writes_peer": 0,
             "writes_s3": 0,
             "lost_chunks": 0,
+            "holes": 0,
+            "writes_deduplicated": 0,
+            "recovered": 0,
             "prefetches": 0,
             "fetch_through_served": 0,
             "published": 0,
@@ -427,12 +424,13 @@ class DefaultCacheManager:
         peer: TierStorage | None = None,
     ) -> DefaultCacheManager:
         """Replay the journal (re-pin and re-queue pending chunks), start write-back workers."""
-        journal = await Journal.open(nvme.journal_dir)
+        loop = asyncio.get_running_loop()
+        journal = await loop.run_in_executor(None, Journal.open, nvme.journal_dir)
         manager = cls(config, nvme, cloud, peer, journal)
         try:
             await manager._replay()
         except BaseException:
-            await journal.close()
+            journal.close()
             raise
         manager._workers = [
             asyncio.get_running_loop().create_task(
@@ -444,6 +442,11 @@ class DefaultCacheManager:
 
     def set_peer_tier(self, peer: TierStorage | None) -> None:
         self._peer = peer
+
+    @property
+    def cdc_params(self) -> CdcParams | None:
+        """The FastCDC parameters when this node chunks by content, else ``None``."""
+        return self._cdc_params
 
     @property
     def peer(self) -> TierStorage | None:
@@ -525,6 +528,8 @@ class DefaultCacheManager:
         for index in range(max(0, first_index), min(first_index + window, len(manifest.chunks))):
             name = manifest.chunks[index]
             if name in self._prefetches or name in self._fetches or name in self._through:
+                continue
+            if name == hole_digest(manifest.chunk_length(index)):
                 continue
             if name in self._promoting or name in self._recent:
                 continue
@@ -649,6 +654,8 @@ class DefaultCacheManager:
 
     async def _read_span(self, manifest: Manifest, index: int, off: int, length: int) -> Buffer:
         name = manifest.chunks[index]
+        if name == hole_digest(manifest.chunk_length(index)):
+            return bytes(length)  # a hole: zeros, stored nowhere
         if off == 0 and length == manifest.chunk_length(index):
             return await self.read_chunk(name)
         # Fetched a moment ago (still being promoted) or being fetched: no NVMe round trip.
@@ -707,6 +714,14 @@ class DefaultCacheManager:
             raise TierUnavailable("cache manager is closed")
         if digest in self._uploads:
             return  # already stored and on its way to S3
+        if digest == hole_digest(len(data)):
+            self._counts["holes"] += 1
+            return  # zeros: a hole, read back as zeros without a chunk anywhere
+        if self._on_nvme(digest) and digest not in self.journal:
+            # On NVMe and not pending here: it came from S3 or a peer, or was uploaded
+            # already (content addressing): nothing to store, nothing to upload again.
+            self._counts["writes_deduplicated"] += 1
+            return
         same = self._writes.get(digest)
         if same is not None:
             await asyncio.shield(same)
@@ -734,7 +749,7 @@ class DefaultCacheManager:
             self.nvme.pin(digest)  # before the file exists: eviction can never see it unpinned
             try:
                 await self.nvme.write(digest, data)
-                await self.journal.add(digest)
+                self.journal.add(digest)
             except BaseException:
                 self.nvme.unpin(digest)
                 raise
@@ -742,25 +757,39 @@ class DefaultCacheManager:
             self._counts["nvme_write_failures"] += 1
             await self._write_lower(digest, data, exc)
             return
-        except OSError as exc:  # the journal's fsync failed: the chunk is not durable locally
+        except OSError as exc:  # the journal's write failed: the chunk is not durable locally
             self._counts["nvme_write_failures"] += 1
             await self._write_lower(digest, data, TierUnavailable(f"journal: {exc}"))
             return
         self._counts["writes_nvme"] += 1
         if digest not in self._uploads and self._upload_bytes + len(data) <= self._upload_memory:
-            kept = data if isinstance(data, bytes) else bytes(data)
+            # bytes and bytearrays are handed over by their writers (never reused): keep them
+            kept = data if isinstance(data, (bytes, bytearray)) else bytes(data)
             self._upload_data[digest] = kept
             self._upload_bytes += len(kept)
         self._enqueue(digest)
 
     async def _write_lower(self, digest: str, data: Buffer, nvme_error: Exception) -> None:
-        """NVMe failed: race the peer tier and S3; the first success returns."""
+        """NVMe failed: race the peer tier and S3; the first success returns.
+
+        The chunk is journaled first like any pending chunk, so a restart finds it: a peer
+        that wins keeps it pinned and journaled itself until it is in S3 (a ``pending``
+        write), and this node keeps uploading it from memory meanwhile; after a restart the
+        replay finds it on that peer or in S3 (``_recover``)."""
         if not isinstance(data, bytes):
             data = bytes(data)  # may outlive the caller's buffer in a background upload
+        try:
+            self.journal.add(digest)
+        except (OSError, RuntimeError) as exc:
+            raise TierUnavailable(f"journal: {exc}") from exc
         loop = asyncio.get_running_loop()
         s3 = loop.create_task(self.cloud.write(digest, data))
-        peer = self._peer
-        peer_task = loop.create_task(peer.write(digest, data)) if peer is not None else None
+        peer = self._peer if self._peer is not None and not self._alone() else None
+        peer_task = (
+            loop.create_task(peer.write(digest, data, pending=True))  # type: ignore[call-arg]
+            if peer is not None
+            else None
+        )
         racing: set[asyncio.Task[None]] = {s3} if peer_task is None else {s3, peer_task}
         errors: dict[str, BaseException] = {}
         try:
@@ -776,6 +805,7 @@ class DefaultCacheManager:
                     if task is s3:
                         if peer_task is not None:
                             peer_task.cancel()
+                        self._in_s3(digest)
                         return
                     # The peer won: S3 keeps going in the background until it has the chunk.
                     self._track_upload(digest, self._s3_after_peer(digest, data, s3))
@@ -784,7 +814,9 @@ class DefaultCacheManager:
             s3.cancel()
             if peer_task is not None:
                 peer_task.cancel()
+            self.journal.done(digest)  # never acknowledged
             raise
+        self.journal.done(digest)  # never acknowledged: nothing to recover
         s3_error = errors["s3"]
         detail = "; ".join(f"{k}: {v}" for k, v in (("nvme", nvme_error), *errors.items()))
         log.error("write of chunk %s failed in every tier: %s", digest, detail)
@@ -938,19 +970,28 @@ class DefaultCacheManager:
                 fut.set_exception(DataUnavailable(f"pending chunk {digest} lost on NVMe: {exc}"))
                 fut.exception()
             return
-        if self._peer is not None:
+        if self._peer is not None and self.config.replication > 0 and not self._alone():
             self._spawn(self._replicate(self._peer, digest, data))
         await self._retry_upload(digest, data)
-        await self.journal.done(digest)
+        self._in_s3(digest)
         self.nvme.unpin(digest)
         self._uploaded(digest)
+
+    def _alone(self) -> bool:
+        """Whether the peer tier knows no other live node (nothing to replicate to)."""
+        return bool(getattr(self._peer, "alone", False))
 
     async def _s3_after_peer(self, digest: str, data: bytes, first: asyncio.Task[None]) -> None:
         try:
             await first
         except FastcacheError:
             await self._retry_upload(digest, data)
+        self._in_s3(digest)
         self._uploaded(digest)
+
+    def _in_s3(self, digest: str) -> None:
+        """``digest`` reached S3: done in the journal (nothing left to recover)."""
+        self.journal.done(digest)
 
     async def _retry_upload(self, digest: str, data: Buffer) -> None:
         """Put ``digest`` in S3, retrying with capped exponential backoff until it succeeds."""
@@ -996,45 +1037,54 @@ class DefaultCacheManager:
             log.info("replication of %s to peers failed: %s", digest, exc)
 
     async def _replay(self) -> None:
-        """Re-pin and re-queue every chunk the journal says is not yet in S3."""
+        """Re-pin and re-queue every chunk the journal says is not yet in S3; the ones not on
+        NVMe (written to a peer or S3 when NVMe was full) are recovered in the background."""
         pending = sorted(self.journal.pending)
         if not pending:
             return
-        room = asyncio.Semaphore(64)
-
-        async def check(name: str) -> bool:
-            async with room:
-                return await self.nvme.exists(name)
-
-        present = await asyncio.gather(*(check(n) for n in pending))
-        lost = 0
-        for name, ok in zip(pending, present, strict=True):
-            if ok:
+        elsewhere = []
+        for name in pending:
+            if self._on_nvme(name):
                 self.nvme.pin(name)
                 self._enqueue(name)
             else:
-                lost += 1
-                log.error("journaled chunk %s is missing from NVMe: it cannot reach S3", name)
-                await self.journal.done(name)
-        self._counts["lost_chunks"] += lost
-        log.info("journal replay: %d chunk(s) queued for upload", len(pending) - lost)
+                elsewhere.append(name)
+        for name in elsewhere:
+            self._track_upload(name, self._recover(name))
+        log.info(
+            "journal replay: %d chunk(s) queued for upload, %d to recover from peers or S3",
+            len(pending) - len(elsewhere),
+            len(elsewhere),
+        )
 
-    # --- entries -----------------------------------------------------------------------------
-    def put_entry(self, path: str, manifest: Manifest) -> None:
-        with self._entries_lock:
-            self._entries[path] = manifest
-
-    def get_entry(self, path: str) -> Manifest | None:
-        with self._entries_lock:
-            return self._entries.get(path)
-
-    def remove_entry(self, path: str) -> None:
-        with self._entries_lock:
-            self._entries.pop(path, None)
-
-    def entries(self) -> dict[str, Manifest]:
-        with self._entries_lock:
-            return dict(self._entries)
+    async def _recover(self, digest: str) -> None:
+        """A journaled chunk that is not on our NVMe: find it in S3 (done) or on a peer (then
+        upload it); retried with backoff until one of them answers. Never dropped."""
+        attempt = 0
+        while True:
+            try:
+                if await self.cloud.exists(digest):
+                    break
+                if self._peer is None:
+                    raise ChunkNotFound(f"chunk {digest} is not in S3 and there are no peers")
+                data = await self._peer.read(digest)
+                await self._verify(digest, data, "peer")
+                await self._retry_upload(digest, data)
+                break
+            except FastcacheError as exc:
+                attempt += 1
+                delay = min(self.config.writeback_retry_max, _RETRY_BASE * 2 ** (attempt - 1))
+                log.log(
+                    logging.ERROR if attempt % 10 == 1 else logging.INFO,
+                    "journaled chunk %s not on NVMe, recovery attempt %d failed: %s",
+                    digest,
+                    attempt,
+                    exc,
+                )
+                await asyncio.wait({self._kick}, timeout=delay)
+        self._counts["recovered"] += 1
+        self._in_s3(digest)
+        self._uploaded(digest)
 
     # --- observability -----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -1091,11 +1141,11 @@ class DefaultCacheManager:
             await asyncio.wait(tasks)
         in_memory = [d for d in self._uploads if d not in self.journal]
         if in_memory:
-            log.error("closing with %d chunk(s) held only by peers, not yet in S3", len(in_memory))
+            log.error("closing with %d chunk(s) not journaled and not in S3", len(in_memory))
         for fut in self._uploads.values():
             if not fut.done():
                 fut.cancel()
-        await self.journal.close()
+        self.journal.close()
 
     # --- helpers -----------------------------------------------------------------------------
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:

@@ -157,7 +157,7 @@ class Node:
         await self.state.coordinator.register_peer(
             self.config.peer_id,
             self.url,
-            capacity=self.config.cache.nvme_capacity,
+            capacity=self.state.nvme.capacity,
             used=self._used_bytes(),
         )
         self.state.registered = True

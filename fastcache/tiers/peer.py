@@ -388,6 +388,7 @@ class PeerTier:
         data: Buffer | None = None,
         fetch: bool = False,
         answering: set[str] | None = None,
+        pending: bool = False,
     ) -> tuple[int, bytes, int]:
         """One call; returns (status, body, content length). Raises on transport failure.
 
@@ -397,6 +398,8 @@ class PeerTier:
         if fetch:
             url += "?fetch=1"
             self._counters["fetch_through"] += 1
+        elif pending:
+            url += "?pending=1"
         self._counters["requests"] += 1
         # A GET or HEAD must be answered quickly (the peer serves from its NVMe or says 404);
         # a PUT first sends a whole chunk, so it gets only the socket timeouts.
@@ -545,8 +548,11 @@ class PeerTier:
         self.invalidate_peers()  # a stale peer list may have pointed us at the wrong peers
         raise ChunkNotFound(f"chunk {digest} not on any of {len(asked)} peers asked")
 
-    async def write(self, digest: str, data: Buffer) -> None:
-        """PUT to the replica holders in parallel; succeeds if at least one accepted."""
+    async def write(self, digest: str, data: Buffer, pending: bool = False) -> None:
+        """PUT to the replica holders in parallel; succeeds if at least one accepted.
+
+        ``pending``: the chunk is not in S3 yet (the writer's NVMe failed): each holder
+        stores it as its own write (pinned, journaled, uploaded to S3 by that holder)."""
         await self.live_peers()
         targets = [p for p in self.replicas(digest) if self._usable(p)]
         if not targets:
@@ -554,7 +560,8 @@ class PeerTier:
             raise TierUnavailable("no live peer to replicate to")
         payload = data  # aiohttp sends bytes, bytearray and memoryview without copying
         results = await asyncio.gather(
-            *(self._put_to(p, digest, payload) for p in targets), return_exceptions=True
+            *(self._put_to(p, digest, payload, pending) for p in targets),
+            return_exceptions=True,
         )
         accepted = [p for p, r in zip(targets, results, strict=True) if r is True]
         self._counters["writes"] += 1
@@ -564,9 +571,9 @@ class PeerTier:
         self._counters["bytes_written"] += len(payload) * len(accepted)
         self._spawn(self._record(digest, accepted))
 
-    async def _put_to(self, peer_id: str, digest: str, data: Buffer) -> bool:
+    async def _put_to(self, peer_id: str, digest: str, data: Buffer, pending: bool) -> bool:
         try:
-            status, _, _ = await self._request("PUT", peer_id, digest, data)
+            status, _, _ = await self._request("PUT", peer_id, digest, data, pending=pending)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             self._failed(peer_id, exc)
             raise TierUnavailable(f"peer {peer_id}: {exc}") from exc

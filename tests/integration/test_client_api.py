@@ -126,6 +126,24 @@ def test_put_replaces_and_delete_removes(node: Proc) -> None:
     assert call(node, "DELETE", "/api/files/cycle.txt").status == 404
 
 
+def test_cache_lists_the_chunks_this_node_holds(node: Proc) -> None:
+    data = os.urandom(2 * CHUNK + 77)
+    assert call(node, "PUT", "/api/files/listed.bin", data).status == 201
+    want = {digest(data[i : i + CHUNK]) for i in range(0, len(data), CHUNK)}
+    seen: list[str] = []
+    after = ""
+    while True:  # one chunk per page: the pagination itself is exercised
+        page = call(node, "GET", f"/api/cache?limit=1{after}").json()
+        seen += [e["digest"] for e in page["entries"]]
+        assert all(e["size"] > 0 for e in page["entries"])
+        if page["next_after"] is None:
+            break
+        after = f"&after={page['next_after']}"
+    assert want <= set(seen)
+    assert seen == sorted(seen) and len(seen) == len(set(seen))
+    assert call(node, "GET", "/api/cache?after=nothex").status == 400
+
+
 def test_empty_file(node: Proc) -> None:
     assert call(node, "PUT", "/api/files/empty", b"").json()["chunks"] == 0
     answer = call(node, "GET", "/api/files/empty")

@@ -69,7 +69,11 @@ class MountCluster:
     nodes: list[Node] = field(default_factory=list)
     _count: int = 0
 
-    def add_node(self, nvme: Path | None = None) -> Node:
+    def add_node_with(self, flags: list[str], nvme: Path | None = None) -> Node:
+        """``add_node`` with extra client flags."""
+        return self.add_node(nvme, flags)
+
+    def add_node(self, nvme: Path | None = None, flags: list[str] | None = None) -> Node:
         """Start a client mounted at a fresh mount point (a fresh NVMe dir unless given)."""
         self._count += 1
         index = self._count
@@ -85,6 +89,7 @@ class MountCluster:
             str(self.attr_timeout),
             "--chunk-size",
             "1M",
+            *(flags or []),
         ]
         proc = self.cluster.start_client(index, extra=extra)
         node = Node(proc, mnt, nvme)

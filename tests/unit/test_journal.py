@@ -1,13 +1,14 @@
-"""The write-back journal: replay, torn records, compaction, group commit."""
+"""The write-back journal: replay, torn records, compaction, crash survival, thread safety;
+and the record of commits the coordinator has not acknowledged."""
 
 from __future__ import annotations
 
-import asyncio
 import os
+import signal
+import subprocess
+import sys
 import threading
-from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
 
@@ -15,16 +16,11 @@ from fastcache.chunks import digest
 from fastcache.journal import (
     JOURNAL_NAME,
     Journal,
+    PendingCommits,
     decode_record,
     encode_record,
     replay_file,
 )
-
-T = TypeVar("T")
-
-
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(asyncio.wait_for(coro, 30))
 
 
 def names(n: int, tag: str = "") -> list[str]:
@@ -47,42 +43,30 @@ def test_record_round_trip_and_damage() -> None:
 
 def test_replay_of_add_and_done(tmp_path: Path) -> None:
     a, b, c = names(3)
-
-    async def main() -> None:
-        j = await Journal.open(tmp_path)
-        await j.add(a)
-        await j.add(b)
-        await j.add(c)
-        await j.done(b)
-        assert j.pending == {a, c}
-        await j.close()
-        again = await Journal.open(tmp_path)
-        assert again.pending == {a, c}
-        await again.done(a)
-        await again.add(b)  # re-added after done: pending again
-        await again.close()
-        third = await Journal.open(tmp_path)
-        assert third.pending == {b, c}
-        await third.close()
-
-    run(main())
+    j = Journal.open(tmp_path)
+    assert j.add(a) and j.add(b) and j.add(c)
+    j.done(b)
+    assert j.pending == {a, c}
+    j.close()
+    again = Journal.open(tmp_path)
+    assert again.pending == {a, c}
+    again.done(a)
+    again.add(b)  # re-added after done: pending again
+    again.close()
+    third = Journal.open(tmp_path)
+    assert third.pending == {b, c}
+    third.close()
 
 
 def test_torn_last_line_is_ignored_and_not_glued_to_new_records(tmp_path: Path) -> None:
     a, b, c = names(3, "torn")
     path = tmp_path / JOURNAL_NAME
     path.write_bytes(encode_record("add", a) + encode_record("add", b)[:20])
-    pending, damaged = replay_file(path)
-    assert pending == {a}
-    assert damaged == 1
-
-    async def main() -> None:
-        j = await Journal.open(tmp_path)
-        assert j.pending == {a}
-        await j.add(c)  # appended after the torn tail was dropped by the open-time rewrite
-        await j.close()
-
-    run(main())
+    assert replay_file(path) == ({a}, 1)
+    j = Journal.open(tmp_path)
+    assert j.pending == {a}
+    j.add(c)  # appended after the torn tail was dropped by the open-time rewrite
+    j.close()
     assert replay_file(path) == ({a, c}, 0)
 
 
@@ -97,117 +81,105 @@ def test_damaged_record_in_the_middle_is_skipped(tmp_path: Path) -> None:
 
 def test_missing_file_is_an_empty_journal(tmp_path: Path) -> None:
     assert replay_file(tmp_path / "nope") == (set(), 0)
-
-    async def main() -> None:
-        j = await Journal.open(tmp_path / "sub" / "dir")
-        assert j.pending == frozenset()
-        await j.close()
-
-    run(main())
+    j = Journal.open(tmp_path / "sub" / "dir")
+    assert j.pending == frozenset()
+    j.close()
     assert (tmp_path / "sub" / "dir" / JOURNAL_NAME).exists()
 
 
 def test_compaction_keeps_exactly_the_pending_set(tmp_path: Path) -> None:
     all_names = names(200, "c")
     keep = set(all_names[::7])
-
-    async def main() -> None:
-        j = await Journal.open(tmp_path, compact_after=50)
-        for name in all_names:
-            await j.add(name)
-        for name in all_names:
-            if name not in keep:
-                await j.done(name)
-        assert j.compactions >= 2  # once at open, then on the done count
-        assert j.pending == keep
-        await j.close()
-
-    run(main())
+    j = Journal.open(tmp_path, compact_after=50)
+    for name in all_names:
+        j.add(name)
+    for name in all_names:
+        if name not in keep:
+            j.done(name)
+    assert j.compactions >= 2  # once at open, then on the done count
+    assert j.pending == keep
+    j.close()
     lines = (tmp_path / JOURNAL_NAME).read_bytes().splitlines()
-    # Compacted: far fewer lines than the 200 adds + ~170 dones appended.
-    assert len(lines) < 200
+    assert len(lines) < 200  # compacted: far fewer than the 200 adds + ~170 dones appended
     assert replay_file(tmp_path / JOURNAL_NAME) == (keep, 0)
     assert not (tmp_path / (JOURNAL_NAME + ".new")).exists()
 
 
-def test_group_commit_batches_concurrent_adds(tmp_path: Path) -> None:
-    many = names(500, "g")
-
-    async def main() -> None:
-        j = await Journal.open(tmp_path)
-        await asyncio.gather(*(j.add(name) for name in many))
-        assert j.pending == set(many)
-        # 500 concurrent adds, each acknowledged only after a sync that covers it; far
-        # fewer syncs than adds means they were committed in groups.
-        assert 1 <= j.fsyncs < 100
-        await j.close()
-
-    run(main())
-    assert replay_file(tmp_path / JOURNAL_NAME) == (set(many), 0)
+def test_add_many_is_one_write_and_re_adding_writes_nothing(tmp_path: Path) -> None:
+    batch = names(20, "many")
+    j = Journal.open(tmp_path)
+    before = j.writes
+    assert j.add_many(batch + batch[:5]) == batch
+    assert j.writes == before + 1
+    assert j.add_many(batch) == []
+    assert not j.add(batch[0])
+    assert j.writes == before + 1
+    j.close()
+    assert replay_file(tmp_path / JOURNAL_NAME) == (set(batch), 0)
 
 
-def test_add_is_durable_when_acknowledged(tmp_path: Path) -> None:
-    """Every add acknowledged before a 'crash' (no close) is in the file."""
-    many = names(50, "d")
-
-    async def main() -> list[str]:
-        j = await Journal.open(tmp_path)
-        acked: list[str] = []
-
-        async def one(name: str) -> None:
-            await j.add(name)
-            acked.append(name)
-
-        await asyncio.gather(*(one(n) for n in many))
-        # No close(): read the file as a restarted process would.
-        pending, _ = replay_file(tmp_path / JOURNAL_NAME)
-        assert set(acked) <= pending
-        await j.close()
-        return acked
-
-    assert len(run(main())) == len(many)
-
-
-def test_re_adding_a_pending_digest_writes_nothing(tmp_path: Path) -> None:
-    a = names(1, "dup")[0]
-
-    async def main() -> None:
-        j = await Journal.open(tmp_path)
-        await asyncio.gather(j.add(a), j.add(a), j.add(a))
-        await j.add(a)
-        await j.close()
-
-    run(main())
-    assert (tmp_path / JOURNAL_NAME).read_bytes().count(b"add ") == 1
+def test_add_is_never_fsynced_but_survives_sigkill(tmp_path: Path) -> None:
+    """Acknowledged means written to the page cache: a SIGKILL right after loses nothing."""
+    batch = names(50, "kill")
+    script = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from fastcache.journal import Journal\n"
+        "j = Journal.open(Path(sys.argv[1]))\n"
+        "for d in sys.argv[2:]:\n"
+        "    j.add(d)\n"
+        "assert j.fsyncs == 0\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script, str(tmp_path), *batch], check=False)
+    assert proc.returncode == -signal.SIGKILL
+    assert replay_file(tmp_path / JOURNAL_NAME) == (set(batch), 0)
 
 
 def test_closed_journal_refuses_writes(tmp_path: Path) -> None:
-    async def main() -> None:
-        j = await Journal.open(tmp_path)
-        await j.close()
-        await j.close()  # idempotent
-        with pytest.raises(RuntimeError):
-            await j.add(names(1)[0])
-
-    run(main())
+    j = Journal.open(tmp_path)
+    j.close()
+    with pytest.raises(RuntimeError):
+        j.add(names(1, "closed")[0])
 
 
-def test_journal_writes_do_not_run_on_the_loop_thread(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    seen: list[str] = []
-    real_fsync = os.fsync
+def test_threads_add_and_done_concurrently(tmp_path: Path) -> None:
+    j = Journal.open(tmp_path, compact_after=64)
+    per_thread = [names(300, f"t{i}-") for i in range(4)]
 
-    def spy(fd: int) -> None:
-        seen.append(threading.current_thread().name)
-        real_fsync(fd)
+    def work(batch: list[str]) -> None:
+        for i, d in enumerate(batch):
+            j.add(d)
+            if i % 2:
+                j.done(d)
 
-    async def main() -> None:
-        j = await Journal.open(tmp_path)
-        monkeypatch.setattr(os, "fsync", spy)
-        await j.add(names(1, "thread")[0])
-        await j.close()
+    threads = [threading.Thread(target=work, args=(b,)) for b in per_thread]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    expected = {d for b in per_thread for d in b[::2]}
+    assert j.pending == expected
+    j.sync()
+    assert j.fsyncs == 1
+    j.close()
+    assert replay_file(tmp_path / JOURNAL_NAME) == (expected, 0)
 
-    run(main())
-    assert seen
-    assert all(name.startswith("fastcache-journal") for name in seen)
+
+def test_pending_commits_round_trip(tmp_path: Path) -> None:
+    commits = PendingCommits(tmp_path)
+    commits.put(7, {"ino": 7, "expected": 3, "manifest": {"size": 0}, "changed": [0]})
+    commits.put(7, {"ino": 7, "expected": 4, "manifest": {"size": 1}, "changed": [0, 1]})
+    commits.put(9, {"ino": 9, "expected": 1, "manifest": {"size": 2}, "changed": []})
+    (commits.directory / "12.json").write_bytes(b"{torn")
+    again = PendingCommits(tmp_path)
+    loaded = again.load()
+    assert loaded == {
+        7: {"ino": 7, "expected": 4, "manifest": {"size": 1}, "changed": [0, 1]},
+        9: {"ino": 9, "expected": 1, "manifest": {"size": 2}, "changed": []},
+    }
+    assert (commits.directory / "12.json").exists()  # damaged: kept for an operator
+    again.remove(7)
+    again.remove(7)  # idempotent
+    assert set(again.load()) == {9}
+    assert not [p for p in os.listdir(commits.directory) if p.endswith(".tmp")]
