@@ -55,6 +55,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds from a namespace change to its fsync at the latest (default 0.1; "
         "a change survives a coordinator crash at once, power loss after this or a sync)",
     )
+    c.add_argument(
+        "--lease-term",
+        type=float,
+        default=2.0,
+        help="seconds a node's session lease on cached metadata lasts; the most a frozen "
+        "node delays another node's conflicting change (default 2)",
+    )
     _add_common(c)
 
     n = sub.add_parser("client", help="run a client node: API, peer cache, optional mount")
@@ -167,6 +174,7 @@ def coordinator_config(args: argparse.Namespace) -> CoordinatorConfig:
         token=args.token or token_from_env(),
         peer_timeout=args.peer_timeout,
         sync_interval=args.sync_interval,
+        lease_term=args.lease_term,
     )
 
 

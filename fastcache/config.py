@@ -124,8 +124,13 @@ class CoordinatorConfig:
     # acknowledged, and on disk (survives power loss) at the latest this many seconds later,
     # or at once on a sync barrier (a client's fsync). 0: sync right after every commit.
     sync_interval: float = 0.1
+    # Leases on what a node caches over its session: the longest a frozen node can delay
+    # another node's conflicting change (push invalidation waits for its ack or this).
+    lease_term: float = 2.0
 
     def __post_init__(self) -> None:
+        if not 0 < self.lease_term <= 3600:  # also refuses NaN
+            raise ConfigError(f"lease term must be in (0, 3600] seconds: {self.lease_term}")
         if self.peer_timeout <= 0:
             raise ConfigError("peer timeout must be positive")
         if not 0 <= self.port <= 65535:

@@ -2,6 +2,9 @@
 
 Every route is declared once through ``OpenAPI.add`` with the JSON schemas its input is
 validated against, so ``/api/openapi.json`` describes exactly what the server accepts.
+The namespace operations are one table (``NS_OPS``: argument schema + service call) that the
+REST handlers and the WebSocket session (``GET /api/session``, ``session.py``) both run, so
+the two paths validate and answer alike; the session adds leases and push invalidation.
 
 Durability as the API sees it: a change is committed when its answer is sent (it survives the
 coordinator being killed and restarted), and on disk when a later ``POST /api/sync`` has
@@ -32,6 +35,7 @@ from fastcache.coordinator.service import (
     CoordinatorService,
     location_key,
 )
+from fastcache.coordinator.session import Op, SessionHub
 from fastcache.errors import BadRequest
 from fastcache.http import (
     ERROR_SCHEMA,
@@ -54,6 +58,7 @@ log = logging.getLogger("fastcache.coordinator")
 
 SERVICE = web.AppKey("service", CoordinatorService)
 CLEANUP_TASK = web.AppKey("cleanup_task", asyncio.Task)
+SESSIONS = web.AppKey("sessions", SessionHub)
 
 # --- schemas -----------------------------------------------------------------------------
 _INT64: Schema = {"type": "integer", "minimum": 0, "maximum": INT64_MAX}
@@ -223,6 +228,166 @@ P_REPLY = Param(
 P_LIMIT = Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_READDIR})
 
 
+# --- the namespace operations: one table for REST and the session ------------------------
+# Each op takes its arguments as one object (REST: the body plus path and query parameters;
+# session: the frame's ``args``), validated against ``Op.schema``, and runs one service call.
+def _with(schema: Schema, required: list[str], **props: Schema) -> Schema:
+    """``schema`` plus properties (a path or query parameter as an argument)."""
+    return {
+        **schema,
+        "required": [*required, *schema.get("required", ())],
+        "properties": {**schema["properties"], **props},
+    }
+
+
+INO_ARGS = _obj(["ino"], ino=_INO)
+SETATTR_ARGS = _with(SETATTR, ["ino"], ino=_INO)
+READDIR_ARGS = _obj(["ino"], ino=_INO, offset=_INT64, limit=P_LIMIT.schema)
+MKDIR_ARGS = _obj(["parent", "name"], parent=_INO, name=_NAME, mode=_MODE, uid=_ID, gid=_ID)
+SYMLINK_ARGS = _obj(
+    ["parent", "name", "target"],
+    parent=_INO,
+    name=_NAME,
+    target={"type": "string", "minLength": 1, "maxLength": 4095},
+    uid=_ID,
+    gid=_ID,
+)
+REMOVE_ARGS = _with(LOOKUP, ["is_dir"], is_dir={"type": "boolean"})
+COMMIT_ARGS = _with(COMMIT, ["ino"], ino=_INO)
+NO_ARGS = _obj([])
+LOCATIONS_ARGS = _obj(
+    ["peer_id", "chunks"],
+    peer_id=_PEER_ID,
+    chunks={"type": "array", "items": _DIGEST, "maxItems": MAX_LOCATION_BATCH},
+)
+
+
+def _removed_doc(parent: Any) -> dict[str, Any]:
+    return {"parent_attrs": parent.to_json(), "parent_version_before": parent.version - 1}
+
+
+async def _op_lookup(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    return (await svc.lookup(req_int(a, "parent"), req_str(a, "name"))).to_json()
+
+
+async def _op_getattr(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    return (await svc.getattr(req_int(a, "ino"))).to_json()
+
+
+async def _op_setattr(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    fields = {name: opt_int(a, name) for name in SETATTR["properties"]}
+    return (await svc.setattr(req_int(a, "ino"), **fields)).to_json()
+
+
+async def _op_readdir(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    entries = await svc.readdir(
+        req_int(a, "ino"), opt_int(a, "offset") or 0, opt_int(a, "limit") or 1000
+    )
+    return {"entries": [e.to_json() for e in entries]}
+
+
+async def _op_create(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    type_ = req_str(a, "type")
+    attrs, parent, before = await svc.create_entry(
+        req_int(a, "parent"),
+        req_str(a, "name"),
+        type_,
+        mode=a.get("mode", 0o755 if type_ == "dir" else 0o644),
+        uid=a.get("uid", 0),
+        gid=a.get("gid", 0),
+        rdev=a.get("rdev", 0),
+        target=opt_str(a, "target"),
+    )
+    answer = attrs.to_json()
+    answer["parent_attrs"] = parent.to_json()
+    answer["parent_version_before"] = before
+    return answer
+
+
+async def _op_mkdir(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    return await _op_create(svc, {**a, "type": "dir"})
+
+
+async def _op_symlink(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    return await _op_create(svc, {**a, "type": "symlink", "mode": 0o777})
+
+
+async def _op_link(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    attrs = await svc.link(req_int(a, "ino"), req_int(a, "new_parent"), req_str(a, "new_name"))
+    return attrs.to_json()
+
+
+async def _op_unlink(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    return _removed_doc(await svc.unlink(req_int(a, "parent"), req_str(a, "name")))
+
+
+async def _op_rmdir(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    return _removed_doc(await svc.rmdir(req_int(a, "parent"), req_str(a, "name")))
+
+
+async def _op_remove_entry(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    return await (_op_rmdir if opt_bool(a, "is_dir") else _op_unlink)(svc, a)
+
+
+async def _op_rename(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    await svc.rename(
+        req_int(a, "parent"),
+        req_str(a, "name"),
+        req_int(a, "new_parent"),
+        req_str(a, "new_name"),
+        noreplace=opt_bool(a, "noreplace"),
+        exchange=opt_bool(a, "exchange"),
+    )
+    return None
+
+
+async def _op_commit(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    attrs = await svc.commit_manifest(
+        req_int(a, "ino"),
+        a["manifest"],
+        req_int(a, "expected_version"),
+        holder=opt_str(a, "holder"),
+        held=a.get("held") or (),
+    )
+    return attrs.to_json()
+
+
+async def _op_statfs(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    return await svc.statfs()
+
+
+async def _op_sync(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    await svc.sync()
+    return None
+
+
+async def _op_add_locations(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    keys = [location_key(chunk=c) for c in a["chunks"]]
+    await svc.add_locations(keys, req_str(a, "peer_id"))
+    return None
+
+
+NS_OPS: dict[str, Op] = {
+    "lookup": Op(LOOKUP, _op_lookup),
+    "getattr": Op(INO_ARGS, _op_getattr),
+    "setattr": Op(SETATTR_ARGS, _op_setattr),
+    "readdir": Op(READDIR_ARGS, _op_readdir),
+    "create": Op(CREATE, _op_create),
+    "create_entry": Op(CREATE, _op_create),
+    "mkdir": Op(MKDIR_ARGS, _op_mkdir),
+    "symlink": Op(SYMLINK_ARGS, _op_symlink),
+    "link": Op(LINK, _op_link),
+    "unlink": Op(LOOKUP, _op_unlink),
+    "rmdir": Op(LOOKUP, _op_rmdir),
+    "remove_entry": Op(REMOVE_ARGS, _op_remove_entry),
+    "rename": Op(RENAME, _op_rename),
+    "commit_manifest": Op(COMMIT_ARGS, _op_commit),
+    "statfs": Op(NO_ARGS, _op_statfs),
+    "sync": Op(NO_ARGS, _op_sync),
+    "add_locations": Op(LOCATIONS_ARGS, _op_add_locations),
+}
+
+
 def _json(data: Any, status: int = 200) -> web.Response:
     # orjson: a listing of 512 entries encodes 3x faster than with the json module
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
@@ -231,11 +396,11 @@ def _json(data: Any, status: int = 200) -> web.Response:
 _NO_CONTENT = 204
 
 
-def _removed(request: web.Request, parent: Any) -> web.Response:
+def _removed(request: web.Request, doc: Any) -> web.Response:
     """unlink/rmdir: 204, or with ``?reply=true`` the parent after and (version) before."""
     if not P_REPLY.get(request):
         return web.Response(status=_NO_CONTENT)
-    return _json({"parent_attrs": parent.to_json(), "parent_version_before": parent.version - 1})
+    return _json(doc)
 
 
 class _Views:
@@ -304,92 +469,66 @@ class _Views:
         return web.Response(status=_NO_CONTENT)
 
     async def stats(self, request: web.Request) -> web.Response:
-        return _json(await self.svc.stats())
+        doc = await self.svc.stats()
+        doc["sessions"] = self._app[SESSIONS].stats()
+        return _json(doc)
 
     async def sync(self, request: web.Request) -> web.Response:
-        await self.svc.sync()
+        await self._op("sync", {})
         return web.Response(status=_NO_CONTENT)
+
+    async def session(self, request: web.Request) -> web.StreamResponse:
+        return await self._app[SESSIONS].handle(request)
+
+    async def statfs(self, request: web.Request) -> web.Response:
+        return _json(await self._op("statfs", {}))
 
     async def health(self, request: web.Request) -> web.Response:
         return _json({"status": "ok", "service": "coordinator", "version": __version__})
 
-    # namespace
+    # namespace: the body (and path/query parameters) are the op's arguments (``NS_OPS``)
+    async def _op(self, name: str, args: dict[str, Any]) -> Any:
+        return await NS_OPS[name].run(self.svc, args)
+
     async def lookup(self, request: web.Request) -> web.Response:
-        doc = await read_json(request, LOOKUP)
-        attrs = await self.svc.lookup(req_int(doc, "parent"), req_str(doc, "name"))
-        return _json(attrs.to_json())
+        return _json(await self._op("lookup", await read_json(request, LOOKUP)))
 
     async def getattr(self, request: web.Request) -> web.Response:
-        return _json((await self.svc.getattr(P_INO.get(request))).to_json())
+        return _json(await self._op("getattr", {"ino": P_INO.get(request)}))
 
     async def setattr(self, request: web.Request) -> web.Response:
         ino = P_INO.get(request)
         doc = await read_json(request, SETATTR)
-        fields = {name: opt_int(doc, name) for name in SETATTR["properties"]}
-        return _json((await self.svc.setattr(ino, **fields)).to_json())
+        return _json(await self._op("setattr", {**doc, "ino": ino}))
 
     async def readdir(self, request: web.Request) -> web.Response:
-        ino = P_INO.get(request)
-        entries = await self.svc.readdir(ino, P_OFFSET.get(request), P_LIMIT.get(request) or 1000)
-        return _json({"entries": [e.to_json() for e in entries]})
+        args = {
+            "ino": P_INO.get(request),
+            "offset": P_OFFSET.get(request),
+            "limit": P_LIMIT.get(request),
+        }
+        return _json(await self._op("readdir", args))
 
     async def create(self, request: web.Request) -> web.Response:
-        doc = await read_json(request, CREATE)
-        attrs, parent, before = await self.svc.create_entry(
-            req_int(doc, "parent"),
-            req_str(doc, "name"),
-            req_str(doc, "type"),
-            mode=doc.get("mode", 0o755 if doc["type"] == "dir" else 0o644),
-            uid=doc.get("uid", 0),
-            gid=doc.get("gid", 0),
-            rdev=doc.get("rdev", 0),
-            target=opt_str(doc, "target"),
-        )
-        answer = attrs.to_json()
-        answer["parent_attrs"] = parent.to_json()
-        answer["parent_version_before"] = before
-        return _json(answer, status=201)
+        return _json(await self._op("create", await read_json(request, CREATE)), status=201)
 
     async def link(self, request: web.Request) -> web.Response:
-        doc = await read_json(request, LINK)
-        attrs = await self.svc.link(
-            req_int(doc, "ino"), req_int(doc, "new_parent"), req_str(doc, "new_name")
-        )
-        return _json(attrs.to_json())
+        return _json(await self._op("link", await read_json(request, LINK)))
 
     async def unlink(self, request: web.Request) -> web.Response:
-        doc = await read_json(request, LOOKUP)
-        parent = await self.svc.unlink(req_int(doc, "parent"), req_str(doc, "name"))
-        return _removed(request, parent)
+        return _removed(request, await self._op("unlink", await read_json(request, LOOKUP)))
 
     async def rmdir(self, request: web.Request) -> web.Response:
-        doc = await read_json(request, LOOKUP)
-        parent = await self.svc.rmdir(req_int(doc, "parent"), req_str(doc, "name"))
-        return _removed(request, parent)
+        return _removed(request, await self._op("rmdir", await read_json(request, LOOKUP)))
 
     async def rename(self, request: web.Request) -> web.Response:
-        doc = await read_json(request, RENAME)
-        await self.svc.rename(
-            req_int(doc, "parent"),
-            req_str(doc, "name"),
-            req_int(doc, "new_parent"),
-            req_str(doc, "new_name"),
-            noreplace=opt_bool(doc, "noreplace"),
-            exchange=opt_bool(doc, "exchange"),
-        )
+        await self._op("rename", await read_json(request, RENAME))
         return web.Response(status=_NO_CONTENT)
 
     async def commit(self, request: web.Request) -> web.Response:
         ino = P_INO.get(request)
         doc = await read_json(request, COMMIT)
-        attrs = await self.svc.commit_manifest(
-            ino,
-            doc["manifest"],
-            req_int(doc, "expected_version"),
-            holder=opt_str(doc, "holder"),
-            held=doc.get("held") or (),
-        )
-        return _json(attrs.to_json())
+        return _json(await self._op("commit_manifest", {**doc, "ino": ino}))
 
     async def resolve(self, request: web.Request) -> web.Response:
         return _json((await self.svc.resolve(P_PATH_REQ.get(request))).to_json())
@@ -410,9 +549,6 @@ class _Views:
     async def delete_path(self, request: web.Request) -> web.Response:
         await self.svc.delete_path(P_PATH_REQ.get(request))
         return web.Response(status=_NO_CONTENT)
-
-    async def statfs(self, request: web.Request) -> web.Response:
-        return _json(await self.svc.statfs())
 
 
 def _routes(app: web.Application, api: OpenAPI, v: _Views) -> None:
@@ -475,6 +611,9 @@ def _routes(app: web.Application, api: OpenAPI, v: _Views) -> None:
         summary="Barrier: answers once every change acknowledged before it is on disk",
         responses={204: None},
     )
+    # the WebSocket session is not REST: the OpenAPI document leaves it out (session.py
+    # describes its frames); the auth middleware checks its token before the upgrade
+    r.add_get("/api/session", v.session)
     add(
         r,
         "GET",
@@ -655,12 +794,16 @@ def make_app(
         try:
             await svc.grant_grace()
             app[SERVICE] = svc
+            hub = app[SESSIONS] = SessionHub(svc, NS_OPS, config.lease_term)
             task = asyncio.create_task(_cleanup_loop(svc, interval), name="peer-cleanup")
+            sweep = asyncio.create_task(hub.sweep_loop(), name="lease-sweep")
             app[CLEANUP_TASK] = task
             yield
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for t in (task, sweep):
+                t.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await t
+            await hub.close()
             await svc.sync()  # a graceful stop leaves everything acknowledged on disk
             store = svc.store.counters()
             log.info(

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fastcache.chunks import allocated_blocks
+from fastcache.coordinator.leases import attr_key, entry_key, list_key
 from fastcache.coordinator.store import (
     DEFAULT_SYNC_INTERVAL,
     INODE_TYPES,
@@ -68,6 +69,13 @@ PEER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 URL_RE = re.compile(r"^https?://[^\s/?#]+(/[^\s]*)?$")
 STATUS_RE = re.compile(r"^[a-z][a-z_-]{0,31}$")
 DB_NAME = "coordinator.db"
+T = TypeVar("T")
+ChangeHook = Callable[[list[str]], Awaitable[None]]
+
+
+def _entry_keys(parent: int, name: str) -> list[str]:
+    """The lease keys an entry change in ``parent`` touches: the name, the listing, the dir."""
+    return [entry_key(parent, name), list_key(parent), attr_key(parent)]
 
 
 def _int(value: Any, name: str, lo: int, hi: int) -> int:
@@ -185,6 +193,17 @@ class CoordinatorService:
         self.store = store
         self.peer_timeout = peer_timeout
         self._clock = clock  # wall clock: peers' last_seen must survive a restart
+        # The lease hook (``session.py``): awaited with the lease keys a namespace change
+        # touched, after its commit and before the call returns, so every other node caching
+        # them has been told (or its lease ran out) when the change is acknowledged.
+        self.on_change: ChangeHook | None = None
+
+    async def _mutate(self, op: Callable[[Txn], T], keys: list[str]) -> T:
+        """One namespace transaction; ``op`` may add to ``keys`` what it changed."""
+        result = await self.store.transact(op)
+        if self.on_change is not None and keys:
+            await self.on_change(list(dict.fromkeys(keys)))
+        return result
 
     @classmethod
     async def open(
@@ -406,7 +425,7 @@ class CoordinatorService:
                 tx.update_inode(ino, **changes)
             return _inode(tx, ino)
 
-        return await self.store.transact(op)
+        return await self._mutate(op, [attr_key(ino)])
 
     async def readdir(self, ino: int, offset: int = 0, limit: int = 1000) -> list[Entry]:
         """Entries after cookie ``offset``, in creation order; attrs carry no manifest.
@@ -434,6 +453,7 @@ class CoordinatorService:
         gid: int,
         rdev: int = 0,
         target: str | None = None,
+        keys: list[str] | None = None,
     ) -> InodeAttrs:
         p = _dir(tx, parent)
         if tx.lookup(parent, name) is not None:
@@ -456,6 +476,8 @@ class CoordinatorService:
         )
         attrs.ino = tx.add_inode(attrs)
         tx.add_entry(parent, name, attrs.ino)
+        if keys is not None:
+            keys += _entry_keys(parent, name)
         tx.update_inode(
             parent, nlink=p.nlink + is_dir, mtime_ns=now, ctime_ns=now, version=p.version + 1
         )
@@ -517,7 +539,7 @@ class CoordinatorService:
             after = _inode(tx, parent)
             return attrs, after, after.version - 1
 
-        return await self.store.transact(op)
+        return await self._mutate(op, _entry_keys(parent, name))
 
     async def mkdir(
         self, parent: int, name: str, mode: int = 0o755, uid: int = 0, gid: int = 0
@@ -540,26 +562,34 @@ class CoordinatorService:
             tx.update_inode(new_parent, mtime_ns=now, ctime_ns=now, version=p.version + 1)
             return _inode(tx, ino)
 
-        return await self.store.transact(op)
+        return await self._mutate(op, [*_entry_keys(new_parent, new_name), attr_key(ino)])
 
-    def _unlink_tx(self, tx: Txn, parent: int, name: str) -> InodeAttrs:
+    def _unlink_tx(
+        self, tx: Txn, parent: int, name: str, keys: list[str] | None = None
+    ) -> InodeAttrs:
         p = _dir(tx, parent)
         attrs = _child(tx, parent, name)
         if attrs.is_dir:
             raise IsADirectory(f"{name!r} is a directory")
+        if keys is not None:
+            keys += [*_entry_keys(parent, name), attr_key(attrs.ino)]
         now = time.time_ns()
         tx.remove_entry(parent, name)
         _drop_link(tx, attrs, now)
         tx.update_inode(parent, mtime_ns=now, ctime_ns=now, version=p.version + 1)
         return _inode(tx, parent)
 
-    def _rmdir_tx(self, tx: Txn, parent: int, name: str) -> InodeAttrs:
+    def _rmdir_tx(
+        self, tx: Txn, parent: int, name: str, keys: list[str] | None = None
+    ) -> InodeAttrs:
         p = _dir(tx, parent)
         attrs = _child(tx, parent, name)
         if not attrs.is_dir:
             raise NotADirectory(f"{name!r} is not a directory")
         if tx.has_entries(attrs.ino):
             raise NotEmpty(f"directory {name!r} is not empty")
+        if keys is not None:
+            keys += [*_entry_keys(parent, name), attr_key(attrs.ino), list_key(attrs.ino)]
         now = time.time_ns()
         tx.remove_entry(parent, name)
         tx.delete_inode(attrs.ino)
@@ -571,12 +601,14 @@ class CoordinatorService:
     async def unlink(self, parent: int, name: str) -> InodeAttrs:
         """Remove a non-directory entry; the parent's attributes after it (version - 1 before)."""
         validate_name(name)
-        return await self.store.transact(lambda tx: self._unlink_tx(tx, parent, name))
+        keys: list[str] = []
+        return await self._mutate(lambda tx: self._unlink_tx(tx, parent, name, keys), keys)
 
     async def rmdir(self, parent: int, name: str) -> InodeAttrs:
         """Remove an empty directory; the parent's attributes after it (version - 1 before)."""
         validate_name(name)
-        return await self.store.transact(lambda tx: self._rmdir_tx(tx, parent, name))
+        keys: list[str] = []
+        return await self._mutate(lambda tx: self._rmdir_tx(tx, parent, name, keys), keys)
 
     async def rename(
         self,
@@ -594,12 +626,19 @@ class CoordinatorService:
         if noreplace and exchange:
             raise InvalidArgument("noreplace and exchange exclude each other")
 
+        keys: list[str] = []
+
         def op(tx: Txn) -> None:
             dirs = {parent: _dir(tx, parent), new_parent: _dir(tx, new_parent)}
             src = _child(tx, parent, name)
             dst_ino = tx.lookup(new_parent, new_name)
             if parent == new_parent and name == new_name:
                 return
+            keys.clear()  # what a successful rename touches (op may run again)
+            keys.extend(_entry_keys(parent, name) + _entry_keys(new_parent, new_name))
+            keys.append(attr_key(src.ino))
+            if dst_ino is not None:  # replaced (nlink, gone) or exchanged (ctime)
+                keys.extend((attr_key(dst_ino), list_key(dst_ino)))
             if src.is_dir and parent != new_parent:
                 _not_into_itself(tx, src.ino, new_parent)
             now = time.time_ns()
@@ -642,7 +681,7 @@ class CoordinatorService:
                 version = dirs[ino].version + 1
                 tx.update_inode(ino, nlink=count, mtime_ns=now, ctime_ns=now, version=version)
 
-        await self.store.transact(op)
+        await self._mutate(op, keys)
 
     def _commit_tx(
         self, tx: Txn, ino: int, manifest: dict[str, Any], expected_version: int | None
@@ -701,7 +740,7 @@ class CoordinatorService:
                     tx.add_locations(keys, holder)
             return attrs
 
-        return await self.store.transact(op)
+        return await self._mutate(op, [attr_key(ino)])
 
     # --- namespace: path helpers (the client API and location records use paths) --------
     async def resolve(self, path: str) -> InodeAttrs:
@@ -732,8 +771,10 @@ class CoordinatorService:
         _int(gid, "gid", 0, UID_MAX)
         if expected_version is not None:
             _int(expected_version, "expected_version", 0, INT64_MAX)
+        keys: list[str] = []
 
         def op(tx: Txn) -> InodeAttrs:
+            keys.clear()
             cur = ROOT_INO
             for name in parts[:-1]:
                 _dir(tx, cur)
@@ -741,17 +782,18 @@ class CoordinatorService:
                 if nxt is None:
                     if not make_parents:
                         raise NotFound(f"no such directory: {name!r}")
-                    nxt = self._create_tx(tx, cur, name, "dir", 0o755, uid, gid).ino
+                    nxt = self._create_tx(tx, cur, name, "dir", 0o755, uid, gid, keys=keys).ino
                 cur = nxt
             _dir(tx, cur)
             ino = tx.lookup(cur, parts[-1])
             if ino is None:
                 if expected_version not in (None, 0):
                     raise Conflict(f"{join_path(parts)} does not exist")
-                ino = self._create_tx(tx, cur, parts[-1], "file", mode, uid, gid).ino
+                ino = self._create_tx(tx, cur, parts[-1], "file", mode, uid, gid, keys=keys).ino
+            keys.append(attr_key(ino))
             return self._commit_tx(tx, ino, canonical, expected_version)
 
-        return await self.store.transact(op)
+        return await self._mutate(op, keys)
 
     async def delete_path(self, path: str) -> None:
         """Unlink a file (or other non-directory), or remove an empty directory."""
@@ -759,15 +801,18 @@ class CoordinatorService:
         if not parts:
             raise InvalidArgument("cannot delete the root")
 
+        keys: list[str] = []
+
         def op(tx: Txn) -> None:
+            keys.clear()
             parent = _walk(tx, parts[:-1])
             _dir(tx, parent)
             if _child(tx, parent, parts[-1]).is_dir:
-                self._rmdir_tx(tx, parent, parts[-1])
+                self._rmdir_tx(tx, parent, parts[-1], keys)
             else:
-                self._unlink_tx(tx, parent, parts[-1])
+                self._unlink_tx(tx, parent, parts[-1], keys)
 
-        await self.store.transact(op)
+        await self._mutate(op, keys)
 
     # --- stats ---------------------------------------------------------------------------
     async def stats(self) -> dict[str, Any]:
