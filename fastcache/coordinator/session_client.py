@@ -132,7 +132,11 @@ class SessionClient:
         return self
 
     async def __aenter__(self) -> SessionClient:
-        return await self.start()
+        try:
+            return await self.start()
+        except BaseException:
+            await self.close()  # no __aexit__ follows a failed __aenter__
+            raise
 
     async def __aexit__(
         self,
