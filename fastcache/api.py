@@ -45,6 +45,10 @@ from fastcache.tiers.base import verify
 from fastcache.tiers.peer import PEER_HEADER
 
 if TYPE_CHECKING:
+    from fastcache.cache.manager import CacheManager
+    from fastcache.coordinator.client import CoordinatorClient
+    from fastcache.coordinator.store import InodeAttrs
+    from fastcache.tiers.nvme import NvmeTier
     from fastcache.tiers.peer import PeerTier
 
 log = logging.getLogger("fastcache.api")
@@ -57,9 +61,9 @@ class NodeState:
     """What the API needs from the running node. ``peer`` is ``None`` when peers are off."""
 
     config: ClientConfig
-    manager: Any  # fastcache.manager.DefaultCacheManager
-    nvme: Any  # fastcache.tiers.nvme.NvmeTier
-    coordinator: Any  # fastcache.coordinator.client.CoordinatorClient
+    manager: CacheManager
+    nvme: NvmeTier
+    coordinator: CoordinatorClient
     peer: PeerTier | None = None
     started: float = field(default_factory=time.time)
     registered: bool = False
@@ -147,7 +151,7 @@ def _digest(request: web.Request) -> str:
     return d
 
 
-async def _file(state: NodeState, path: str) -> tuple[Manifest, Any]:
+async def _file(state: NodeState, path: str) -> tuple[Manifest, InodeAttrs]:
     """The file's manifest (and its attributes) from the coordinator."""
     attrs = await state.coordinator.resolve(path)
     if attrs.type == "dir":

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import llfuse
 
@@ -36,11 +36,15 @@ from fastcache.handles import STAGING_PREFIX, FileTable, LoopCaller
 from fastcache.journal import PendingCommits
 from fastcache.metacache import MetaCache
 
+if TYPE_CHECKING:
+    from fastcache.cache.manager import CacheManager
+    from fastcache.coordinator.client import CoordinatorClient
+    from fastcache.coordinator.store import InodeAttrs
+
 log = logging.getLogger("fastcache.fuse")
 _lock_released = llfuse.lock_released
 
 T = TypeVar("T")
-Attrs = Any  # fastcache.coordinator.store.InodeAttrs
 NAME_MAX = 255
 BLOCK = 4096
 IO_SIZE = 128 * 1024  # st_blksize: what cp and friends use as their buffer size
@@ -83,7 +87,7 @@ def _name(raw: bytes) -> str:
     return os.fsdecode(raw)
 
 
-def _data_key(attrs: Attrs) -> int:
+def _data_key(attrs: InodeAttrs) -> int:
     """What identifies a file's content version for the kernel's page cache."""
     return hash((attrs.size, attrs.mtime_ns, attrs.version))
 
@@ -118,8 +122,8 @@ class Operations(llfuse.Operations):
 
     def __init__(
         self,
-        manager: Any,
-        namespace: Any,
+        manager: CacheManager,
+        namespace: CoordinatorClient,
         config: ClientConfig,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
@@ -153,13 +157,13 @@ class Operations(llfuse.Operations):
         with llfuse.lock_released:
             return self.call(coro, NS_TIMEOUT)
 
-    def _attrs(self, ino: int) -> Attrs:
+    def _attrs(self, ino: int) -> InodeAttrs:
         attrs = self.meta.get(ino)
         if attrs is None:
             attrs = self.meta.put(self._wait(self.ns.getattr(ino)))
         return attrs
 
-    def _entry(self, attrs: Attrs) -> llfuse.EntryAttributes:
+    def _entry(self, attrs: InodeAttrs) -> llfuse.EntryAttributes:
         """Kernel attributes; a file with uncommitted changes here shows their size."""
         e = llfuse.EntryAttributes()
         e.st_ino = attrs.ino
@@ -187,7 +191,7 @@ class Operations(llfuse.Operations):
             e.st_blocks = -(-e.st_size // BLOCK) * (BLOCK // 512)
         return e
 
-    def _learn(self, parent: int, name: str, attrs: Attrs) -> llfuse.EntryAttributes:
+    def _learn(self, parent: int, name: str, attrs: InodeAttrs) -> llfuse.EntryAttributes:
         """A new kernel reference to ``attrs.ino`` under ``parent``/``name``."""
         attrs = self.meta.put(attrs)
         self.meta.bind(parent, name, attrs.ino)
@@ -246,7 +250,7 @@ class Operations(llfuse.Operations):
                 self._misses.clear()
         self._misses[parent] = (count + 1, until)
 
-    def _committed(self, attrs: Attrs | None) -> None:
+    def _committed(self, attrs: InodeAttrs | None) -> None:
         """New content committed by this node: its page cache already holds it."""
         if attrs is not None:
             self.meta.put(attrs)
@@ -710,7 +714,10 @@ def _keep_sigusr1() -> None:
 
 
 def mount(
-    manager: Any, coordinator_client: Any, config: ClientConfig, loop: asyncio.AbstractEventLoop
+    manager: CacheManager,
+    coordinator_client: CoordinatorClient,
+    config: ClientConfig,
+    loop: asyncio.AbstractEventLoop,
 ) -> MountHandle:
     """Mount at ``config.mount`` and serve it from a dedicated thread; returns at once."""
     if config.mount is None:

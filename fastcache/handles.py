@@ -52,17 +52,21 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastcache.chunks import Manifest, digest, hole_digest
 from fastcache.coordinator.service import MAX_LOCATION_BATCH
 from fastcache.errors import Conflict, FastcacheError, NotFound, TierUnavailable
 from fastcache.journal import PendingCommits
 
+if TYPE_CHECKING:
+    from fastcache.cache.manager import CacheManager
+    from fastcache.coordinator.client import CoordinatorClient
+    from fastcache.coordinator.store import InodeAttrs
+
 log = logging.getLogger("fastcache.fuse")
 
 T = TypeVar("T")
-Attrs = Any  # fastcache.coordinator.store.InodeAttrs
 STAGING_PREFIX = "fs-"
 READ_BUFFER = 1 << 20  # per FUSE thread; grows if the kernel ever asks for more
 SEQUENTIAL_WINDOW = 1 << 20  # a read this close to the previous one counts as sequential
@@ -124,7 +128,7 @@ class LoopCaller:
             future.cancel()
 
 
-def manifest_of(attrs: Attrs, chunk_size: int) -> Manifest:
+def manifest_of(attrs: InodeAttrs, chunk_size: int) -> Manifest:
     """The manifest in a coordinator answer (an empty one for an empty file)."""
     doc = attrs.manifest
     if doc is None:
@@ -171,7 +175,7 @@ class OpenFile:
 
     def __init__(self, ino: int, base: Manifest, chunk_size: int) -> None:
         self.ino = ino
-        self.attrs: Attrs | None = None  # the last coordinator answer: outlives an unlink
+        self.attrs: InodeAttrs | None = None  # the last coordinator answer: outlives an unlink
         self.lock = threading.Lock()
         self.base = base
         self.version = base.version  # the last version the coordinator acknowledged
@@ -236,8 +240,8 @@ class FileTable:
 
     def __init__(
         self,
-        manager: Any,
-        namespace: Any,
+        manager: CacheManager,
+        namespace: CoordinatorClient,
         call: LoopCaller,
         chunk_size: int,
         readahead: int,
@@ -346,7 +350,7 @@ class FileTable:
             self._drop(file)
 
     # --- open / close ----------------------------------------------------------------------
-    def open(self, ino: int, flags: int, attrs: Attrs) -> int:
+    def open(self, ino: int, flags: int, attrs: InodeAttrs) -> int:
         """A new handle on ``ino`` whose fresh coordinator answer is ``attrs``."""
         base = manifest_of(attrs, self.chunk_size)
         file = self._acquire(ino, base)
@@ -381,11 +385,11 @@ class FileTable:
             self._wait_stores(file, raise_errors=False)
             file.close_staging()
 
-    def flush(self, fh: int) -> Attrs | None:
+    def flush(self, fh: int) -> InodeAttrs | None:
         """Commit the handle's file if it has changes; the new attributes, if any."""
         return self.commit(self._handles[fh].file)
 
-    def release(self, fh: int) -> Attrs | None:
+    def release(self, fh: int) -> InodeAttrs | None:
         """Commit what is left and close the handle."""
         with self._lock:
             handle = self._handles.pop(fh)
@@ -394,7 +398,7 @@ class FileTable:
         finally:
             self._drop(handle.file)
 
-    def fsync(self, fh: int) -> Attrs | None:
+    def fsync(self, fh: int) -> InodeAttrs | None:
         """Commit (waiting for the coordinator), then return once every chunk of the file is
         in S3 and the coordinator has synced; ``TierUnavailable`` (EIO) past the bound."""
         file = self._handles[fh].file
@@ -413,7 +417,7 @@ class FileTable:
         if barrier is not None:
             self.call(barrier(), self.fsync_timeout)
 
-    def flush_all(self) -> list[Attrs]:
+    def flush_all(self) -> list[InodeAttrs]:
         """Commit every open file (unmount). Once the coordinator fails to answer, the rest
         are only recorded (``PendingCommits``) for the next start: shutdown stays bounded."""
         with self._lock:
@@ -450,14 +454,14 @@ class FileTable:
             return None
         return file.size, file.mtime_ns
 
-    def orphan(self, ino: int) -> Attrs | None:
+    def orphan(self, ino: int) -> InodeAttrs | None:
         """The last attributes of ``ino`` if it is open here (it may be unlinked by now)."""
         file = self._files.get(ino)
         if file is None or file.attrs is None:
             return None
         return dataclasses.replace(file.attrs, nlink=0, size=file.size)
 
-    def commit_ino(self, ino: int) -> Attrs | None:
+    def commit_ino(self, ino: int) -> InodeAttrs | None:
         """Commit ``ino`` if it is open here with changes (before a setattr, say)."""
         file = self._files.get(ino)
         return None if file is None else self.commit(file, force=True)
@@ -712,7 +716,7 @@ class FileTable:
         self._read_current(file, memoryview(buf), start)
         os.pwrite(file.fd, buf, start)
 
-    def truncate(self, ino: int, size: int, fh: int | None = None) -> Attrs | None:
+    def truncate(self, ino: int, size: int, fh: int | None = None) -> InodeAttrs | None:
         """Set the size of ``ino``; the new attributes if committed.
 
         Through a handle (``ftruncate``, ``open(O_TRUNC)``) the change waits for the
@@ -758,7 +762,7 @@ class FileTable:
     # --- commit ----------------------------------------------------------------------------
     def commit(
         self, file: OpenFile, timeout: float | None = None, force: bool = False, send: bool = True
-    ) -> Attrs | None:
+    ) -> InodeAttrs | None:
         """Store the changed chunks and commit the manifest; ``None`` if nothing changed.
 
         A manifest already owed to the coordinator is left to the retry thread unless
@@ -799,7 +803,7 @@ class FileTable:
         file.dirty = False
         file.close_staging()
 
-    def _send(self, file: OpenFile, timeout: float) -> Attrs | None:
+    def _send(self, file: OpenFile, timeout: float) -> InodeAttrs | None:
         """Commit ``file.unsent`` at the coordinator (file locked); its attributes."""
         unsent = file.unsent
         assert unsent is not None
@@ -922,7 +926,7 @@ class FileTable:
         if error is not None:
             raise error
 
-    def _commit_manifest(self, file: OpenFile, unsent: Unsent, timeout: float) -> Attrs:
+    def _commit_manifest(self, file: OpenFile, unsent: Unsent, timeout: float) -> InodeAttrs:
         manifest, changed = unsent.manifest, unsent.changed
         # Publish with the commit: the chunks only this node holds yet (on its NVMe, not in
         # S3) are recorded as located here in the commit's own transaction, so the other

@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
-# The attribute record the coordinator client returns (fastcache.coordinator.store.InodeAttrs).
-Attrs = Any
+if TYPE_CHECKING:
+    from fastcache.coordinator.store import InodeAttrs  # what the coordinator client returns
+
 SWEEP_AT = 65536  # cached inodes before expired ones are swept out
 
 
@@ -44,7 +45,7 @@ class MetaCache:
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self._clock = clock
-        self._attrs: dict[int, tuple[Attrs, float]] = {}
+        self._attrs: dict[int, tuple[InodeAttrs, float]] = {}
         self._entries: dict[tuple[int, str], tuple[int, float]] = {}  # -> (ino, expiry)
         self._lookups: dict[int, int] = {}
         self._data_version: dict[int, int] = {}
@@ -52,7 +53,7 @@ class MetaCache:
         self._sweep_at = SWEEP_AT
 
     # --- attributes ------------------------------------------------------------------------
-    def get(self, ino: int) -> Attrs | None:
+    def get(self, ino: int) -> InodeAttrs | None:
         """Fresh attributes of ``ino``, or ``None`` (absent or expired)."""
         item = self._attrs.get(ino)
         if item is None:
@@ -62,7 +63,7 @@ class MetaCache:
             return None
         return item[0]
 
-    def put(self, attrs: Attrs) -> Attrs:
+    def put(self, attrs: InodeAttrs) -> InodeAttrs:
         """Remember ``attrs`` for one ttl unless a newer version is cached; returns the winner."""
         item = self._attrs.get(attrs.ino)
         now = self._clock()

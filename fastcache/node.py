@@ -17,7 +17,7 @@ import logging
 import signal
 import time
 from contextlib import AsyncExitStack
-from typing import Any
+from typing import TYPE_CHECKING
 
 import aiohttp
 from aiohttp import web
@@ -26,6 +26,9 @@ from fastcache.api import NodeState, make_app
 from fastcache.config import ClientConfig
 from fastcache.errors import FastcacheError, NotFound
 from fastcache.tiers.peer import PeerTier
+
+if TYPE_CHECKING:
+    from fastcache.fs import MountHandle
 
 log = logging.getLogger("fastcache.client")
 
@@ -43,7 +46,7 @@ class Node:
         self._stack = AsyncExitStack()
         self._stopping: asyncio.Event | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
-        self._mount: Any = None
+        self._mount: MountHandle | None = None
         self._registered_once = False
 
     @property
@@ -55,8 +58,8 @@ class Node:
 
     # --- lifecycle -----------------------------------------------------------------------
     async def start(self) -> None:
+        from fastcache.cache.manager import DefaultCacheManager
         from fastcache.coordinator.client import CoordinatorClient
-        from fastcache.manager import DefaultCacheManager
         from fastcache.tiers.cloud import CloudTier
         from fastcache.tiers.nvme import NvmeTier
 

@@ -177,10 +177,11 @@ class _Miss(Exception):
 
 
 class PeerTier:
-    """``TierStorage`` over the other nodes' ``/api/chunks/{digest}`` (name ``"peer"``)."""
+    """``TierStorage`` over the other nodes' ``/api/chunks/{digest}`` (name ``"peer"``), and
+    the cache's ``PeerRouting``: live peers, owners, announcements."""
 
     name = "peer"
-    # ``read`` returns only bytes it verified against the digest: the manager does not hash
+    # ``read`` returns only bytes it verified against the digest: the cache does not hash
     # them a second time (every chunk from another node is still verified exactly once).
     verifies_reads = True
 

@@ -15,9 +15,9 @@ import os
 import sys
 from pathlib import Path
 
+from fastcache.cache.manager import DefaultCacheManager
 from fastcache.chunks import digest
 from fastcache.config import CacheConfig, S3Config
-from fastcache.manager import DefaultCacheManager
 from fastcache.tiers.cloud import CloudTier
 from fastcache.tiers.nvme import NvmeTier
 

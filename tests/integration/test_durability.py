@@ -11,9 +11,9 @@ import sys
 import time
 from pathlib import Path
 
+from fastcache.cache.manager import DefaultCacheManager
 from fastcache.config import CacheConfig, S3Config
 from fastcache.journal import JOURNAL_NAME, replay_file
-from fastcache.manager import DefaultCacheManager
 from fastcache.seaweed import SeaweedServer
 from fastcache.tiers.base import read_verified
 from fastcache.tiers.cloud import CloudTier

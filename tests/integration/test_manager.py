@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 
 import pytest
 
+from fastcache.cache.manager import DefaultCacheManager
 from fastcache.chunks import Manifest
 from fastcache.config import CacheConfig, MiB, S3Config
-from fastcache.manager import DefaultCacheManager
 from fastcache.seaweed import SeaweedServer
 from fastcache.tiers.cloud import CloudTier
 from fastcache.tiers.nvme import NvmeTier

@@ -22,10 +22,10 @@ import llfuse
 import pytest
 import uvloop
 
+from fastcache.cache.manager import DefaultCacheManager
 from fastcache.config import CacheConfig, ClientConfig, S3Config
 from fastcache.coordinator.client import CoordinatorClient
 from fastcache.fs import PREFETCH_AFTER, Operations
-from fastcache.manager import DefaultCacheManager
 from fastcache.metacache import MetaCache
 from fastcache.tiers.cloud import CloudTier
 from fastcache.tiers.nvme import NvmeTier

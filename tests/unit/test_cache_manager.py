@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 
 import pytest
 
+from fastcache.cache.manager import DefaultCacheManager
+from fastcache.cache.reader import RecentChunks
 from fastcache.chunks import HAVE_EXT, Buffer, Manifest, digest
 from fastcache.config import CacheConfig
 from fastcache.errors import (
@@ -26,7 +28,6 @@ from fastcache.errors import (
     errno_for,
 )
 from fastcache.journal import JOURNAL_NAME, replay_file
-from fastcache.manager import DefaultCacheManager
 
 T = TypeVar("T")
 CHUNK = 4096
@@ -163,6 +164,33 @@ class FakeNvme(FakeTier):
     def pinned(self) -> set[str]:
         return set(self.pins)
 
+    def usage(self) -> dict[str, int]:
+        used = sum(map(len, self.data.values()))
+        return {"capacity": 1 << 30, "used": used, "free": (1 << 30) - used}
+
+
+class FakePeer(FakeTier):
+    """The peer fake (``PeerRouting``): alone or not, no owners, announcing succeeds."""
+
+    self_id = "me"
+
+    def __init__(self) -> None:
+        super().__init__("peer")
+        self.verifies_reads = False
+        self.alone = False
+
+    async def live_peers(self) -> dict[str, str]:
+        return {self.self_id: ""}
+
+    def owner(self, digest: str) -> str | None:
+        return None
+
+    async def announce(self, digests: Any) -> int:
+        return 0
+
+    async def read(self, digest: str, fetch_through: bool = False) -> bytes:
+        return await super().read(digest)
+
 
 class Rig:
     def __init__(self, tmp: Path, **overrides: Any) -> None:
@@ -177,7 +205,7 @@ class Rig:
         values.update(overrides)
         self.config = CacheConfig(**values)
         self.s3 = FakeTier("s3")
-        self.peer = FakeTier("peer")
+        self.peer: FakePeer = FakePeer()
         self.nvme = FakeNvme(tmp, self.s3)
 
     async def open(self, with_peer: bool = True) -> DefaultCacheManager:
@@ -219,14 +247,12 @@ def test_read_order_nvme_then_peer_then_s3(tmp_path: Path) -> None:
     run(main())
 
 
-class OwnerPeer(FakeTier):
+class OwnerPeer(FakePeer):
     """A peer tier with rendezvous owners: ``owners`` maps digest → owner id (default us).
     A fetch-through read is served by the "owner", which reads S3 like a real one would."""
 
-    self_id = "me"
-
     def __init__(self, s3: FakeTier) -> None:
-        super().__init__("peer")
+        super().__init__()
         self.s3 = s3
         self.owners: dict[str, str] = {}
         self.through: list[str] = []
@@ -490,11 +516,11 @@ def test_nvme_failure_race_peer_first_and_s3_finishes_in_background(tmp_path: Pa
     run(main())
 
 
-class AnnouncingPeer(FakeTier):
+class AnnouncingPeer(FakePeer):
     """The peer fake with ``PeerTier.announce``: records each batch, can fail."""
 
     def __init__(self) -> None:
-        super().__init__("peer")
+        super().__init__()
         self.batches: list[list[str]] = []
         self.announce_error: Exception | None = None
 
@@ -689,7 +715,7 @@ def test_replay_recovers_journaled_chunks_missing_from_nvme(tmp_path: Path) -> N
             assert rig.s3.data[digest(on_peer)] == on_peer
             assert m2.journal.pending == frozenset()
             assert m2.stats()["writeback"]["lost"] == 0
-            assert m2._counts["recovered"] == 2
+            assert m2.counters.counts["recovered"] == 2
         finally:
             await m2.close()
         pending, _ = replay_file(tmp_path / "journal" / JOURNAL_NAME)
@@ -843,7 +869,7 @@ def test_prefetch_dedups_inflight_fetches(tmp_path: Path) -> None:
             assert rig.s3.calls["read"] - reads_before == 6
             assert m.stats()["promotions"] == 6
             m.prefetch(manifest, 0, 6)  # all on NVMe: nothing fetched
-            await until(lambda: not m._prefetches)
+            await until(lambda: not m.reader._prefetches)
             assert rig.s3.calls["read"] - reads_before == 6
         finally:
             await m.close()
@@ -946,7 +972,7 @@ def test_a_tier_that_verifies_its_reads_is_not_hashed_twice(tmp_path: Path) -> N
 
     async def main() -> None:
         rig = Rig(tmp_path)
-        rig.peer.verifies_reads = True  # type: ignore[attr-defined]
+        rig.peer.verifies_reads = True
         data = chunk_bytes("once")
         d = digest(data)
         rig.peer.data[d] = data
@@ -977,7 +1003,7 @@ def test_write_back_uploads_from_memory_not_a_reread_of_nvme(tmp_path: Path) -> 
             await m.flush([d], timeout=10)
             assert rig.s3.data[d] == data
             assert rig.nvme.calls["read"] == 0
-            assert m._upload_bytes == 0 and not m._upload_data
+            assert m.writeback._upload_bytes == 0 and not m.writeback._upload_data
         finally:
             await m.close()
 
@@ -991,7 +1017,7 @@ def test_unpublished_names_only_local_chunks_and_the_peer_id(tmp_path: Path) -> 
     async def main() -> None:
         rig = Rig(tmp_path)
         peer = AnnouncingPeer()
-        peer.self_id = "node-a"  # type: ignore[attr-defined]
+        peer.self_id = "node-a"
         rig.peer = peer
         uploaded, local = chunk_bytes("up"), chunk_bytes("local")
         du, dl = digest(uploaded), digest(local)
@@ -1049,17 +1075,17 @@ def test_a_sequential_stream_reads_further_ahead(tmp_path: Path) -> None:
             rig.s3.block = gate = asyncio.Event()  # fetches stay in flight
             chunks = manifest.chunks
             m.prefetch(manifest, 1, 2)  # a new stream
-            assert set(m._prefetches) == set(chunks[1:3])
+            assert set(m.reader._prefetches) == set(chunks[1:3])
             m.prefetch(manifest, 2, 2)  # it went on: window 4
-            assert set(m._prefetches) == set(chunks[1:6])
+            assert set(m.reader._prefetches) == set(chunks[1:6])
             m.prefetch(manifest, 3, 2)  # window 8
-            assert set(m._prefetches) == set(chunks[1:11])
+            assert set(m.reader._prefetches) == set(chunks[1:11])
             m.prefetch(manifest, 4, 2)  # capped at fetch_concurrency
-            assert set(m._prefetches) == set(chunks[1:12])
+            assert set(m.reader._prefetches) == set(chunks[1:12])
             m.prefetch(manifest, 30, 2)  # a seek: back to 2
-            assert set(m._prefetches) == set(chunks[1:12]) | set(chunks[30:32])
+            assert set(m.reader._prefetches) == set(chunks[1:12]) | set(chunks[30:32])
             gate.set()
-            await until(lambda: not m._prefetches)
+            await until(lambda: not m.reader._prefetches)
             await until(lambda: m.stats()["promotions"] == 13)
         finally:
             await m.close()
@@ -1096,9 +1122,7 @@ def test_a_fetched_chunk_is_served_from_memory(tmp_path: Path) -> None:
 def test_recent_chunks_drop_the_oldest_fetched_first() -> None:
     """FIFO, not LRU: a reader re-reading the chunk it is on must not push out the chunks
     fetched ahead of it."""
-    from fastcache.manager import _RecentChunks
-
-    recent = _RecentChunks(budget=2 * CHUNK)
+    recent = RecentChunks(budget=2 * CHUNK)
     a, b, c = (chunk_bytes(t) for t in "abc")
     recent.put("a", a)
     recent.put("b", b)
@@ -1117,7 +1141,7 @@ def test_a_node_alone_asks_s3_before_the_peer_tier(tmp_path: Path) -> None:
 
     async def main() -> None:
         rig = Rig(tmp_path)
-        rig.peer.alone = True  # type: ignore[attr-defined]
+        rig.peer.alone = True
         a, b = chunk_bytes("alone-a"), chunk_bytes("alone-b")
         rig.s3.data[digest(a)] = rig.peer.data[digest(a)] = a
         rig.peer.data[digest(b)] = b

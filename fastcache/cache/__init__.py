@@ -1,0 +1,1 @@
+"""The three-tier chunk cache of one client node: ``DefaultCacheManager`` in ``manager``."""
