@@ -187,10 +187,11 @@ class OpenFile:
         self.present: set[int] = set()  # chunk indices held by the staging file
         self.sealed: dict[int, str] = {}  # chunk index → digest, written in order
         self.seq_index = -1  # the chunk a sequential writer is filling
-        self.seq_buf: bytearray | None = None
+        # the FUSE buffers of that chunk, kept as given (joined once, when it is full)
+        self.seq_parts: list[memoryview] | None = None
         self.seq_fill = 0
-        self.stores: list[tuple[str, bytearray, concurrent.futures.Future[None]]] = []
-        self.unstored: dict[str, bytearray] = {}  # sealed chunks whose store failed
+        self.stores: list[tuple[str, bytes, concurrent.futures.Future[None]]] = []
+        self.unstored: dict[str, bytes] = {}  # sealed chunks whose store failed
         self.dirty = False
         self.unsent: Unsent | None = None
         self.generation = 0
@@ -217,7 +218,7 @@ class OpenFile:
             self.path = None
         self.present.clear()
         self.sealed.clear()
-        self.seq_index, self.seq_buf, self.seq_fill = -1, None, 0
+        self.seq_index, self.seq_parts, self.seq_fill = -1, None, 0
 
 
 class Handle:
@@ -259,7 +260,7 @@ class FileTable:
         self.pending_commits = pending or PendingCommits(self.staging_dir.parent / "journal")
         self.commit_timeout = commit_timeout
         self.fsync_timeout = fsync_timeout
-        self.cdc = getattr(manager, "cdc_params", None) is not None
+        self.cdc = manager.cdc_params is not None
         self._lock = threading.Lock()
         self._files: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
@@ -539,8 +540,8 @@ class FileTable:
                 inner = pos - index * cs
                 n = max(0, min(take, file.seq_fill - inner))
                 if n:
-                    assert file.seq_buf is not None
-                    part[:n] = file.seq_buf[inner : inner + n]
+                    assert file.seq_parts is not None
+                    part[:n] = b"".join(file.seq_parts)[inner : inner + n]
                 if n < take:
                     self._read_base(file, part[n:], pos + n)
             elif index in file.sealed:
@@ -605,30 +606,30 @@ class FileTable:
         if self.cdc or file.base.lengths is not None:
             return False
         cs = file.chunk_size
-        if file.seq_buf is not None and off == file.seq_index * cs + file.seq_fill:
+        if file.seq_parts is not None and off == file.seq_index * cs + file.seq_fill:
             pass
         elif off % cs == 0 and off // cs not in file.present and off >= file.size:
             self._spill(file)  # a writer that jumped ahead leaves its old chunk to staging
             file.sealed.pop(off // cs, None)
-            file.seq_index, file.seq_buf, file.seq_fill = off // cs, bytearray(cs), 0
+            file.seq_index, file.seq_parts, file.seq_fill = off // cs, [], 0
         else:
             return False
-        view = memoryview(data)
+        view = memoryview(data)  # llfuse hands each write a fresh bytes: kept, not copied
         while view:
-            buf = file.seq_buf
-            assert buf is not None
+            parts = file.seq_parts
+            assert parts is not None
             take = min(cs - file.seq_fill, len(view))
-            buf[file.seq_fill : file.seq_fill + take] = view[:take]
+            parts.append(view[:take])
             file.seq_fill += take
             view = view[take:]
             if file.seq_fill == cs:
-                self._seal(file, file.seq_index, buf)
+                self._seal(file, file.seq_index, b"".join(parts))  # the one copy
                 file.seq_index += 1
-                file.seq_buf, file.seq_fill = bytearray(cs), 0
+                file.seq_parts, file.seq_fill = [], 0
                 file.sealed.pop(file.seq_index, None)
         return True
 
-    def _seal(self, file: OpenFile, index: int, buf: bytearray) -> None:
+    def _seal(self, file: OpenFile, index: int, buf: bytes) -> None:
         """Hash a full chunk here (GIL released) and start storing it; bounded in flight."""
         name = digest(buf)
         file.sealed[index] = name
@@ -639,7 +640,7 @@ class FileTable:
         file.stores.append((name, buf, self.call.submit(self.manager.write_chunk(name, buf))))
 
     def _finish_store(
-        self, file: OpenFile, name: str, buf: bytearray, future: concurrent.futures.Future[None]
+        self, file: OpenFile, name: str, buf: bytes, future: concurrent.futures.Future[None]
     ) -> None:
         try:
             future.result(self.call.timeout)
@@ -662,13 +663,13 @@ class FileTable:
 
     def _spill(self, file: OpenFile) -> None:
         """Move a partly filled sequential chunk into the staging file."""
-        buf, index, fill = file.seq_buf, file.seq_index, file.seq_fill
-        if buf is None:
+        parts, index = file.seq_parts, file.seq_index
+        if parts is None:
             return
-        file.seq_index, file.seq_buf, file.seq_fill = -1, None, 0
+        file.seq_index, file.seq_parts, file.seq_fill = -1, None, 0
         self._stage(file)
         self._materialize(file, index)
-        os.pwrite(file.fd, memoryview(buf)[:fill], index * file.chunk_size)
+        os.pwrite(file.fd, b"".join(parts), index * file.chunk_size)
         file.present.add(index)
 
     def _write_staged(self, file: OpenFile, off: int, data: bytes) -> None:
@@ -832,12 +833,13 @@ class FileTable:
         base = file.base
         limit = min(base.size, file.base_limit)
         same_layout = base.lengths is None and base.chunk_size == cs
-        tail: memoryview | None = None
-        if file.seq_buf is not None:
+        tail: bytes | None = None
+        if file.seq_parts is not None:
             start = file.seq_index * cs
             covers = min(file.size, start + cs) - start
             if 0 < covers <= file.seq_fill:
-                tail = memoryview(file.seq_buf)[:covers]
+                tail = b"".join(file.seq_parts)
+                tail = tail if covers == len(tail) else tail[:covers]
             elif covers > 0:
                 self._spill(file)
         chunks: list[str] = []
@@ -866,7 +868,7 @@ class FileTable:
                     changed.add(index)
                     continue
             if tail is not None and index == file.seq_index and len(tail) == length:
-                data: bytes | bytearray = bytes(tail)
+                data: bytes | bytearray = tail
             else:
                 data = bytearray(length)
                 self._read_current(file, memoryview(data), start)

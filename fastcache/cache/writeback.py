@@ -153,7 +153,7 @@ class WriteBack:
             raise TierUnavailable(f"journal: {exc}") from exc
         loop = asyncio.get_running_loop()
         s3 = loop.create_task(self._ctx.cloud.write(digest, data))
-        peer = self._ctx.peer if self._ctx.peer is not None and not self._ctx.peer.alone else None
+        peer = self._ctx.peer  # not ``alone``: its peer list may be stale; it says if none
         peer_task = (
             loop.create_task(peer.write(digest, data, pending=True)) if peer is not None else None
         )

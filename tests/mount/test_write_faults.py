@@ -6,13 +6,17 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import subprocess
+import threading
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.helpers import wait_until
 from tests.integration.cluster import http
-from tests.mount.conftest import MountCluster
+from tests.mount.conftest import MountCluster, force_unmount
 
 MiB = 1 << 20
 COMMIT_TIMEOUT = 2.0
@@ -22,6 +26,22 @@ def manifest_of(mc: MountCluster, path: str) -> dict:
     answer = http("GET", f"{mc.cluster.coordinator_url}/api/ns/resolve?path={path}")
     assert answer.status == 200, answer.body
     return answer.json()["manifest"]
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass  # EIO or a dead mount: what matters is that the client stops
+
+
+def _fuse_waiting(mnt: Path) -> int:
+    """Requests the kernel sent to this mount's process and that are not answered yet."""
+    connections = Path("/sys/fs/fuse/connections")
+    if not any(connections.iterdir()):  # fusectl not mounted yet (we are root)
+        subprocess.run(["mount", "-t", "fusectl", "fusectl", str(connections)], check=False)
+    minor = os.minor(os.stat(mnt).st_dev)
+    return int((connections / str(minor) / "waiting").read_text())
 
 
 def test_coordinator_killed_nothing_acknowledged_lost(cluster_factory: MountCluster) -> None:
@@ -161,3 +181,78 @@ def test_cdc_through_the_mount_keeps_chunks_of_an_edited_file(
     assert len(kept) >= len(second["chunks"]) - 3, "only the chunks around the edit change"
     fresh = cluster_factory.add_node()
     assert (fresh.mnt / "cdc").read_bytes() == bytes(data)
+
+
+@pytest.fixture
+def small_nvme(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A 24 MiB tmpfs: far smaller than what the test writes."""
+    path = tmp_path_factory.mktemp("small-nvme")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_full_nvme_with_s3_frozen_and_writer_killed(
+    cluster_factory: MountCluster, s3: object, small_nvme: Path
+) -> None:
+    """NVMe far too small, S3 frozen: the chunks that do not fit go to a peer, which keeps
+    them pinned and journaled; the writer is SIGKILLed after its closes returned. After a
+    restart every acknowledged file is intact, on the writer and on a fresh node."""
+    server = s3.server  # type: ignore[attr-defined]
+    a = cluster_factory.add_node(nvme=small_nvme)
+    b = cluster_factory.add_node()
+    wait_until(
+        lambda: len(http("GET", f"{a.proc.url}/api/peers").json()["peers"]) >= 2,
+        30,
+        message="both nodes registered",
+    )
+    files = {f"f{i}": os.urandom(5 * MiB + i) for i in range(16)}  # 80 MiB into 24 MiB
+    big = os.urandom(40 * MiB + 3)
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        for name, data in files.items():
+            (a.mnt / name).write_bytes(data)
+        (a.mnt / "one-big-file").write_bytes(big)
+        cluster_factory.kill_node(a)
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+    files["one-big-file"] = big
+    again = cluster_factory.add_node(nvme=small_nvme)
+    for name, data in files.items():
+        assert (again.mnt / name).read_bytes() == data
+    fresh = cluster_factory.add_node()
+    for name, data in files.items():
+        assert (fresh.mnt / name).read_bytes() == data
+    assert b.proc.alive()
+
+
+def test_sigterm_during_a_stuck_commit_stops_the_client(cluster_factory: MountCluster) -> None:
+    """The coordinator frozen mid-commit: SIGTERM still stops the client (bounded), and the
+    commit it could not make is replayed by the next start."""
+    a = cluster_factory.add_node_with(["--commit-timeout", "30"])
+    data = os.urandom(MiB + 1)
+    fd = os.open(a.mnt / "stuck", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.write(fd, data)
+    coordinator = cluster_factory.cluster.coordinator
+    assert coordinator is not None
+    coordinator.signal(signal.SIGSTOP)
+    try:
+        closer = threading.Thread(target=_close_quietly, args=(fd,))
+        closer.start()
+        wait_until(lambda: _fuse_waiting(a.mnt) >= 1, 30, message="close() waiting in FUSE")
+        a.proc.signal(signal.SIGTERM)
+        assert a.proc.popen is not None
+        status = a.proc.popen.wait(90)  # far less than the commit's own 30 s + retries
+        closer.join(30)
+    finally:
+        coordinator.signal(signal.SIGCONT)
+    force_unmount(a.mnt)
+    assert status == 0
+    cluster_factory.add_node(nvme=a.nvme)
+    wait_until(
+        lambda: manifest_of(cluster_factory, "/stuck")["size"] == len(data),
+        60,
+        message="the commit replayed by the next start",
+    )

@@ -405,6 +405,7 @@ def test_create_of_a_name_another_node_made_meanwhile_opens_it(a: Node, b: Node,
     a.ops.meta.negative_ttl = 60.0  # opt in: --negative-timeout 60
     sub = a("mkdir", d, b"sub2", 0o755 | stat.S_IFDIR, Ctx()).st_ino
     theirs = write_file(b, sub, b"late", b"from b")
+    b.loop.run(b.manager.sync(timeout=30))  # no peer tier here: a can only read it from S3
     # a still trusts its complete view of sub (for one ttl, like a kernel dentry cache) ...
     assert fuse_errno(a, "lookup", sub, b"late", Ctx()) == errno.ENOENT
     assert (
