@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import llfuse
 
 from fastcache.config import ClientConfig
+from fastcache.coordinator.session_client import SessionClient
 from fastcache.errors import Exists, NameTooLong, NotFound, errno_for
 from fastcache.handles import STAGING_PREFIX, FileTable, LoopCaller
 from fastcache.journal import PendingCommits
@@ -53,6 +54,8 @@ READDIR_BATCH = 512
 MAX_IO = 1 << 20
 PREFETCH_AFTER = 4  # lookup misses in one directory within a ttl that make us list it
 PREFETCH_BATCHES = 4  # at most this many READDIR_BATCH pages per listing
+BIG_DIR_MEMO = 30.0  # seconds a directory too large to list on a lookup miss is not tried
+KERNEL_WAIT = 0.2  # seconds an invalidation waits for the kernel before it is acknowledged
 
 _TYPE_BITS = {
     "file": stat.S_IFREG,
@@ -123,13 +126,19 @@ class Operations(llfuse.Operations):
     def __init__(
         self,
         manager: CacheManager,
-        namespace: CoordinatorClient,
+        namespace: CoordinatorClient | SessionClient,
         config: ClientConfig,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         super().__init__()
         self.manager = manager
         self.ns = namespace
+        # With a metadata session, answers are leased and the coordinator pushes
+        # invalidations (``on_invalidate``); ``_epoch`` counts them, so an answer that an
+        # invalidation may have overtaken between the call and the cache update is not kept.
+        self.session = namespace if isinstance(namespace, SessionClient) else None
+        self._epoch = 0
+        self._too_big: dict[int, float] = {}  # dir -> until when not to list it on a miss
         self.config = config
         self.ttl = config.attr_timeout
         self.meta = MetaCache(config.attr_timeout, negative_ttl=config.negative_timeout)
@@ -160,8 +169,33 @@ class Operations(llfuse.Operations):
     def _attrs(self, ino: int) -> InodeAttrs:
         attrs = self.meta.get(ino)
         if attrs is None:
+            if self.session is not None:
+                epoch = self._epoch
+                leased = self._wait(self.session.getattr_leased(ino))
+                return self.meta.put(leased.value, self._until(leased.deadline, epoch))
             attrs = self.meta.put(self._wait(self.ns.getattr(ino)))
         return attrs
+
+    def _until(self, deadline: float, epoch: int) -> float:
+        """How long a leased answer may be kept: not at all if an invalidation came in
+        while it was on its way (it may be older than what the invalidation announced)."""
+        return deadline if deadline and epoch == self._epoch else time.monotonic()
+
+    # --- push invalidation (the metadata session) ------------------------------------------
+    async def on_invalidate(self, keys: list[str]) -> None:
+        """The coordinator is about to acknowledge a change of ``keys`` by another node."""
+        await asyncio.get_running_loop().run_in_executor(None, self._invalidate, keys, False)
+
+    async def on_reset(self) -> None:
+        """The session was lost: every lease is void."""
+        await asyncio.get_running_loop().run_in_executor(None, self._invalidate, [], True)
+
+    def _invalidate(self, keys: list[str], everything: bool) -> None:
+        with llfuse.lock:
+            self._epoch += 1
+            inodes, entries = self.meta.clear() if everything else self.meta.drop(keys)
+        if self.mounted:
+            self.kernel.forget(inodes, entries)
 
     def _entry(self, attrs: InodeAttrs) -> llfuse.EntryAttributes:
         """Kernel attributes; a file with uncommitted changes here shows their size."""
@@ -240,6 +274,31 @@ class Operations(llfuse.Operations):
             offset = entries[-1].offset
         return True
 
+    def _list_leased(self, parent: int) -> bool:
+        """A name unknown in ``parent``: take a leased listing of it instead of asking for
+        the one name (same round trip), so the next unknown names there (a ``tar -x``,
+        ``cp -r``: a lookup before every create) are answered here while the lease lasts.
+        False for a directory too large for one batch, or without a session."""
+        if self.session is None or self.meta.is_listed(parent):
+            return False
+        now = time.monotonic()
+        if self._too_big.get(parent, 0.0) > now:
+            return False
+        epoch = self._epoch
+        leased = self._wait(self.session.readdir_leased(parent, 0, READDIR_BATCH))
+        until = self._until(leased.deadline, epoch)
+        if len(leased.value) >= READDIR_BATCH:
+            if len(self._too_big) > 4096:
+                self._too_big.clear()
+            self._too_big[parent] = now + BIG_DIR_MEMO  # ask for single names there
+            return False
+        if until <= now:
+            return False
+        for e in leased.value:
+            self.meta.bind(parent, e.name, self.meta.put(e.attrs, until).ino, until)
+        self.meta.listed(parent, until)
+        return True
+
     def _missed(self, parent: int) -> None:
         """The coordinator knew a name in ``parent`` that this node did not: count it."""
         now = time.monotonic()
@@ -268,6 +327,28 @@ class Operations(llfuse.Operations):
             if self._prefetch(parent_inode):
                 ino = self.meta.entry(parent_inode, n)
                 attrs = None if ino is None else self.meta.get(ino)
+        if attrs is None and self.meta.denied(parent_inode, n):
+            raise NotFound(f"no entry {n!r} in directory {parent_inode}")
+        if attrs is None and ino is None and self._list_leased(parent_inode):
+            ino = self.meta.entry(parent_inode, n)
+            if ino is None:
+                raise NotFound(f"no entry {n!r} in directory {parent_inode}")
+            attrs = self.meta.get(ino)
+            if attrs is not None:
+                self.meta.remember(ino)
+                return self._entry(attrs)
+        if attrs is None and self.session is not None:
+            epoch = self._epoch
+            leased = self._wait(self.session.lookup_leased(parent_inode, n))
+            until = self._until(leased.deadline, epoch)
+            if leased.value is None:
+                self.meta.deny(parent_inode, n, until)
+                raise NotFound(f"no entry {n!r} in directory {parent_inode}")
+            self._missed(parent_inode)
+            attrs = self.meta.put(leased.value, until)
+            self.meta.bind(parent_inode, n, attrs.ino, until)
+            self.meta.remember(attrs.ino)
+            return self._entry(attrs)
         if attrs is None:
             attrs = self._wait(self.ns.lookup(parent_inode, n))
             self._missed(parent_inode)
@@ -546,6 +627,7 @@ class KernelNotifier:
     """
 
     _INVAL_INODE = 2  # FUSE_NOTIFY_INVAL_INODE
+    _INVAL_ENTRY = 3  # FUSE_NOTIFY_INVAL_ENTRY
 
     def __init__(self) -> None:
         self.fd = -1
@@ -559,15 +641,49 @@ class KernelNotifier:
             except OSError:
                 continue
 
-    def invalidate(self, ino: int) -> None:
+    def invalidate(self, ino: int, attr_only: bool = False) -> None:
         if self.fd < 0:
-            llfuse.invalidate_inode(ino, attr_only=False)
+            llfuse.invalidate_inode(ino, attr_only=attr_only)
             return
-        msg = struct.pack("<IiQQqq", 40, self._INVAL_INODE, 0, ino, 0, 0)
+        offset = -1 if attr_only else 0  # a negative offset: the attributes only
+        self._send(struct.pack("<IiQQqq", 40, self._INVAL_INODE, 0, ino, offset, 0))
+
+    def invalidate_entry(self, parent: int, name: str) -> None:
+        raw = os.fsencode(name)
+        if self.fd < 0:
+            llfuse.invalidate_entry(parent, raw)
+            return
+        head = struct.pack("<IiQQII", 32 + len(raw) + 1, self._INVAL_ENTRY, 0, parent, len(raw), 0)
+        self._send(head + raw + b"\0")
+
+    def forget(self, inodes: list[int], entries: list[tuple[int, str]]) -> None:
+        """Drop the kernel's cached entries and attributes, waiting ``KERNEL_WAIT`` at most:
+        the kernel may first need a directory lock that a request of ours holds, and that
+        request may be waiting for the very change being announced (it goes on in the
+        background then)."""
+        if not inodes and not entries:
+            return
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                for parent, name in entries:
+                    self.invalidate_entry(parent, name)
+                for ino in inodes:
+                    self.invalidate(ino, attr_only=True)
+            except OSError as exc:
+                log.info("kernel invalidation failed: %s", exc)
+            finally:
+                done.set()
+
+        threading.Thread(target=run, name="fastcache-kernel-inval", daemon=True).start()
+        done.wait(KERNEL_WAIT)
+
+    def _send(self, msg: bytes) -> None:
         try:
             os.write(self.fd, msg)
         except OSError as exc:
-            if exc.errno != errno.ENOENT:  # the kernel does not know the inode: nothing cached
+            if exc.errno != errno.ENOENT:  # the kernel does not know it: nothing cached
                 raise
 
 

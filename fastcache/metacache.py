@@ -17,6 +17,11 @@ then finds the name taken gets ``Exists`` from the coordinator. The window is of
 (``--negative-timeout 0``): a node cannot see another node's create in such a directory
 until it asks, so with a window a freshly created name could stay invisible that long.
 
+With a metadata session (``SessionClient``) answers come with a lease: attributes, entries
+and "no such name" are then kept until the lease's deadline instead of one ttl, and the
+coordinator's push invalidation drops them (``drop``) before another node's change is
+acknowledged; a lost session drops everything (``clear``).
+
 Not thread-safe by design: ``fs.Operations`` uses it only while holding the llfuse lock.
 """
 
@@ -50,6 +55,8 @@ class MetaCache:
         self._lookups: dict[int, int] = {}
         self._data_version: dict[int, int] = {}
         self._complete: dict[int, tuple[int, float]] = {}  # dir -> (version, expiry)
+        self._denied: dict[tuple[int, str], float] = {}  # leased "no such name" -> expiry
+        self._listed: dict[int, float] = {}  # dir -> expiry of its leased, complete listing
         self._sweep_at = SWEEP_AT
 
     # --- attributes ------------------------------------------------------------------------
@@ -63,13 +70,14 @@ class MetaCache:
             return None
         return item[0]
 
-    def put(self, attrs: InodeAttrs) -> InodeAttrs:
-        """Remember ``attrs`` for one ttl unless a newer version is cached; returns the winner."""
+    def put(self, attrs: InodeAttrs, until: float | None = None) -> InodeAttrs:
+        """Remember ``attrs`` for one ttl (or until a lease's deadline) unless a newer version
+        is cached; returns the winner."""
         item = self._attrs.get(attrs.ino)
         now = self._clock()
         if item is not None and item[0].version > attrs.version and item[1] > now:
             return item[0]
-        self._attrs[attrs.ino] = (attrs, now + self.ttl)
+        self._attrs[attrs.ino] = (attrs, now + self.ttl if until is None else until)
         if len(self._attrs) > self._sweep_at:
             self._sweep(now)
         return attrs
@@ -77,6 +85,7 @@ class MetaCache:
     def _sweep(self, now: float) -> None:
         """Drop expired attributes and entries (the cache would otherwise only grow)."""
         self._attrs = {ino: item for ino, item in self._attrs.items() if item[1] > now}
+        self._denied = {key: until for key, until in self._denied.items() if until > now}
         for key, (_, until) in list(self._entries.items()):
             if until <= now:
                 del self._entries[key]
@@ -101,11 +110,69 @@ class MetaCache:
             return None
         return item[0]
 
-    def bind(self, parent: int, name: str, ino: int) -> None:
-        self._entries[(parent, name)] = (ino, self._clock() + self.ttl)
+    def bind(self, parent: int, name: str, ino: int, until: float | None = None) -> None:
+        self._entries[(parent, name)] = (ino, self._clock() + self.ttl if until is None else until)
+        self._denied.pop((parent, name), None)
+
+    def deny(self, parent: int, name: str, until: float) -> None:
+        """The coordinator leased "no such name" until ``until``."""
+        self._entries.pop((parent, name), None)
+        self._denied[(parent, name)] = until
+
+    def denied(self, parent: int, name: str) -> bool:
+        until = self._denied.get((parent, name))
+        if until is None:
+            return False
+        if until <= self._clock():
+            del self._denied[(parent, name)]
+            return False
+        return True
+
+    # --- leases ----------------------------------------------------------------------------
+    def drop(self, keys: list[str]) -> tuple[list[int], list[tuple[int, str]]]:
+        """Forget what the coordinator's invalidation names (``attr:``, ``entry:``, ``list:``
+        keys); the inodes and entries the kernel may hold of it."""
+        inodes: list[int] = []
+        entries: list[tuple[int, str]] = []
+        for key in keys:
+            kind, _, rest = key.partition(":")
+            if kind == "attr":
+                ino = int(rest)
+                self._attrs.pop(ino, None)
+                inodes.append(ino)
+            elif kind == "entry":
+                parent_text, _, name = rest.partition(":")
+                parent = int(parent_text)
+                self._entries.pop((parent, name), None)
+                self._denied.pop((parent, name), None)
+                self._complete.pop(parent, None)
+                self._listed.pop(parent, None)
+                entries.append((parent, name))
+            elif kind == "list":  # the entries learnt from the listing go with it
+                parent = int(rest)
+                self._complete.pop(parent, None)
+                self._listed.pop(parent, None)
+                names = [key for key in self._entries if key[0] == parent]
+                for key in names:
+                    del self._entries[key]
+                entries.extend(names)
+        return inodes, entries
+
+    def clear(self) -> tuple[list[int], list[tuple[int, str]]]:
+        """Forget every attribute and entry (the session and its leases are gone); what the
+        kernel may hold of them."""
+        inodes = list(self._attrs)
+        entries = list(self._entries)
+        self._attrs.clear()
+        self._entries.clear()
+        self._denied.clear()
+        self._complete.clear()
+        self._listed.clear()
+        return inodes, entries
 
     def unbind(self, parent: int, name: str) -> int | None:
         """Forget the entry; returns the inode it named (if known) after invalidating it."""
+        self._denied.pop((parent, name), None)
         item = self._entries.pop((parent, name), None)
         if item is None:
             return None
@@ -126,9 +193,27 @@ class MetaCache:
 
     def incomplete(self, parent: int) -> None:
         self._complete.pop(parent, None)
+        self._listed.pop(parent, None)
+
+    def listed(self, parent: int, until: float) -> None:
+        """Every entry of ``parent`` is bound here, under a lease on its listing until
+        ``until``: another node's change to it invalidates ``list:<parent>`` first, and this
+        node's own changes bind and unbind their entries."""
+        self._listed[parent] = until
+
+    def is_listed(self, parent: int) -> bool:
+        until = self._listed.get(parent)
+        if until is None:
+            return False
+        if until <= self._clock():
+            del self._listed[parent]
+            return False
+        return True
 
     def absent(self, parent: int, name: str) -> bool:
         """True when ``name`` is known not to exist in ``parent`` (fresh, complete listing)."""
+        if self.is_listed(parent):
+            return (parent, name) not in self._entries
         item = self._complete.get(parent)
         if item is None:
             return False

@@ -24,6 +24,7 @@ from aiohttp import web
 
 from fastcache.api import NodeState, make_app
 from fastcache.config import ClientConfig
+from fastcache.coordinator.session_client import SessionClient
 from fastcache.errors import FastcacheError, NotFound
 from fastcache.tiers.peer import PeerTier
 
@@ -47,6 +48,7 @@ class Node:
         self._stopping: asyncio.Event | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._mount: MountHandle | None = None
+        self._session: SessionClient | None = None
         self._registered_once = False
 
     @property
@@ -94,6 +96,9 @@ class Node:
             self.state = NodeState(
                 config=config, manager=manager, nvme=nvme, coordinator=coordinator, peer=peer
             )
+            if config.mount is not None:  # the mount's metadata session (leases, pushes)
+                self._session = SessionClient(config.coordinator_url, token=config.token)
+                stack.push_async_callback(self._session.close)  # after the unmount
             stack.push_async_callback(self._unmount)  # runs after the API has stopped
             await self._serve_api(self.state)
             stack.push_async_callback(self._leave)
@@ -102,7 +107,7 @@ class Node:
                 self._heartbeat_loop(), name="fastcache-heartbeat"
             )
             if config.mount is not None:
-                self._do_mount()
+                await self._do_mount()
         except BaseException:
             await self._stack.aclose()
             raise
@@ -258,14 +263,18 @@ class Node:
         else:
             log.info("all %d pending upload(s) are in S3", pending)
 
-    def _do_mount(self) -> None:
+    async def _do_mount(self) -> None:
         from fastcache import fs  # llfuse is only needed with a mount
 
         assert self.state is not None and self.config.mount is not None
+        assert self._session is not None
         fs.clean_stale_mount(self.config.mount)
+        await self._session.start(wait=False)  # calls wait for it; it reconnects by itself
         self._mount = fs.mount(
-            self.state.manager, self.state.coordinator, self.config, asyncio.get_running_loop()
+            self.state.manager, self._session, self.config, asyncio.get_running_loop()
         )
+        self._session.on_invalidate = self._mount.ops.on_invalidate
+        self._session.on_reset = self._mount.ops.on_reset
 
     async def _unmount(self) -> None:
         handle, self._mount = self._mount, None

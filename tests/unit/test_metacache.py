@@ -112,3 +112,48 @@ def test_expired_items_are_swept_once_the_cache_grows() -> None:
     assert m._entries == {}
     assert not m.absent(1, "other")  # entries swept: the directory is no longer known whole
     assert m._sweep_at == metacache.SWEEP_AT
+
+
+def test_leased_items_live_until_their_deadline_and_die_when_invalidated() -> None:
+    clock = Clock()
+    m = MetaCache(1.0, clock)
+    m.put(A(7), until=clock.now + 5)  # type: ignore[arg-type]
+    m.bind(1, "f", 7, until=clock.now + 5)
+    m.deny(1, "ghost", until=clock.now + 5)
+    clock.now += 3  # past the ttl, within the lease
+    assert m.get(7) is not None and m.entry(1, "f") == 7 and m.denied(1, "ghost")
+    inodes, entries = m.drop(["attr:7", "entry:1:ghost", "list:9"])
+    assert inodes == [7] and entries == [(1, "ghost")]
+    assert m.get(7) is None and not m.denied(1, "ghost")
+    assert m.entry(1, "f") == 7  # not named: kept
+    clock.now += 3
+    assert m.entry(1, "f") is None  # the lease ran out
+
+
+def test_a_bind_replaces_a_denial_and_clear_forgets_everything() -> None:
+    clock = Clock()
+    m = MetaCache(1.0, clock)
+    m.deny(1, "n", until=clock.now + 5)
+    m.bind(1, "n", 3)
+    assert not m.denied(1, "n") and m.entry(1, "n") == 3
+    m.put(A(3))  # type: ignore[arg-type]
+    m.listed(1, until=clock.now + 5)
+    inodes, entries = m.clear()
+    assert inodes == [3] and entries == [(1, "n")]
+    assert m.entry(1, "n") is None and not m.is_listed(1)
+
+
+def test_a_leased_listing_answers_missing_names_until_it_is_invalidated() -> None:
+    clock = Clock()
+    m = MetaCache(1.0, clock)
+    m.bind(1, "there", 4, until=clock.now + 2)
+    m.listed(1, until=clock.now + 2)
+    assert m.absent(1, "missing") and not m.absent(1, "there")
+    m.incomplete(1)  # this node renamed something into it: no longer known whole
+    assert not m.absent(1, "missing")
+    m.listed(1, until=clock.now + 2)
+    m.drop(["list:1"])  # another node changed it
+    assert not m.absent(1, "missing")
+    m.listed(1, until=clock.now + 2)
+    clock.now += 2
+    assert not m.absent(1, "missing")  # the lease ran out

@@ -1,0 +1,88 @@
+"""Leases and push invalidation through real mounts (DESIGN §3): a change on one node is
+visible on another as soon as the call that made it returns, with nothing polled or slept.
+
+Node B caches what it saw (a name that does not exist, attributes, an entry) under a lease;
+node A changes it; the coordinator tells B (and B drops its cache and the kernel's) before
+A's call returns. So B's very next call must see the change: without the push B would keep
+answering from its cache for the whole lease term."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from tests.integration.cluster import http
+from tests.mount.conftest import MountCluster
+
+
+def _missing(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except OSError as exc:
+        assert exc.errno == errno.ENOENT
+        return True
+    return False
+
+
+@pytest.fixture
+def dirs(two_nodes: MountCluster, request: pytest.FixtureRequest) -> tuple[Path, Path]:
+    a, b = two_nodes.nodes
+    name = request.node.name
+    (a.mnt / name).mkdir()
+    return a.mnt / name, b.mnt / name
+
+
+def test_a_create_reaches_a_node_that_cached_the_name_as_missing(dirs: tuple[Path, Path]) -> None:
+    on_a, on_b = dirs
+    assert _missing(on_b / "new")
+    assert _missing(on_b / "new")  # now answered on B from its lease, not the coordinator
+    (on_a / "new").write_bytes(b"made on A")
+    assert not _missing(on_b / "new")
+    assert (on_b / "new").read_bytes() == b"made on A"
+
+
+def test_rename_unlink_chmod_truncate_are_seen_at_once(dirs: tuple[Path, Path]) -> None:
+    on_a, on_b = dirs
+    (on_a / "f").write_bytes(b"x" * 1000)
+    assert (on_b / "f").stat().st_size == 1000  # B caches the entry and the attributes
+    assert _missing(on_b / "g")
+
+    os.chmod(on_a / "f", 0o600)
+    assert stat.S_IMODE((on_b / "f").stat().st_mode) == 0o600
+
+    os.truncate(on_a / "f", 10)
+    assert (on_b / "f").stat().st_size == 10
+
+    os.rename(on_a / "f", on_a / "g")
+    assert _missing(on_b / "f")
+    assert (on_b / "g").stat().st_size == 10
+
+    os.unlink(on_a / "g")
+    assert _missing(on_b / "g")
+
+
+def test_listing_after_a_change_on_another_node(dirs: tuple[Path, Path]) -> None:
+    on_a, on_b = dirs
+    assert sorted(os.listdir(on_b)) == []
+    (on_a / "one").write_bytes(b"1")
+    assert sorted(os.listdir(on_b)) == ["one"]
+    os.rename(on_a / "one", on_a / "two")
+    assert sorted(os.listdir(on_b)) == ["two"]
+
+
+def test_the_session_survives_a_coordinator_restart(two_nodes: MountCluster) -> None:
+    a, b = two_nodes.nodes
+    (a.mnt / "before-restart").write_bytes(b"old")
+    assert _missing(b.mnt / "made-after-restart")
+    two_nodes.cluster.coordinator.kill()  # type: ignore[union-attr]
+    two_nodes.cluster.start_coordinator()
+    # B's leases died with its session: it must ask again, and the mount keeps working.
+    (a.mnt / "made-after-restart").write_bytes(b"new")
+    assert (b.mnt / "made-after-restart").read_bytes() == b"new"
+    assert (b.mnt / "before-restart").read_bytes() == b"old"
+    stats = http("GET", f"{two_nodes.cluster.coordinator_url}/api/stats").json()
+    assert stats["sessions"]["open"] >= 2  # both nodes reconnected
