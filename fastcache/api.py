@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections import deque
 from collections.abc import Awaitable
@@ -172,33 +173,40 @@ class _Unsatisfiable(Exception):
     pass
 
 
+_RANGE_BOUND = re.compile(r"[0-9]{0,19}")  # ASCII digits only, at most an int64
+
+
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """A single ``bytes=`` range as ``(start, end)`` (end exclusive), or ``None`` for the whole
-    file. Malformed or multi-range headers are ignored (RFC 9110 allows it);
-    ``_Unsatisfiable`` when the range starts past the end."""
+    file (no header, or a unit other than bytes, which HTTP says to ignore).
+
+    ``BadRequest`` (400) for a malformed ``bytes`` range: several ranges, anything but ASCII
+    digits, a bound longer than 19 digits; ``_Unsatisfiable`` (416) for one that starts past
+    the end or ends before it starts."""
     if not header:
         return None
     unit, _, spec = header.strip().partition("=")
-    if unit.strip().lower() != "bytes" or "," in spec:
+    if unit.strip().lower() != "bytes":
         return None
+    if "," in spec:
+        raise BadRequest("only one byte range per request is supported")
     first, dash, last = spec.strip().partition("-")
-    if not dash:
-        return None
     first, last = first.strip(), last.strip()
-    if not (first.isdigit() or first == "") or not (last.isdigit() or last == ""):
-        return None
+    if (
+        not dash
+        or (first == "" and last == "")
+        or not _RANGE_BOUND.fullmatch(first)
+        or not _RANGE_BOUND.fullmatch(last)
+    ):
+        raise BadRequest(f"malformed Range header: {header[:64]!r}")
     if first == "":
-        if last == "":
-            return None
         suffix = int(last)
         if suffix == 0 or size == 0:
             raise _Unsatisfiable
         return max(0, size - suffix), size
     start = int(first)
     end = size if last == "" else int(last) + 1
-    if last != "" and end <= start:
-        return None  # invalid: ignore the header
-    if start >= size:
+    if end <= start or start >= size:
         raise _Unsatisfiable
     return start, min(end, size)
 
