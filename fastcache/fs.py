@@ -55,6 +55,7 @@ MAX_IO = 1 << 20
 PREFETCH_AFTER = 4  # lookup misses in one directory within a ttl that make us list it
 PREFETCH_BATCHES = 4  # at most this many READDIR_BATCH pages per listing
 BIG_DIR_MEMO = 30.0  # seconds a directory too large to list on a lookup miss is not tried
+BUSY_DIR_MEMO = 2.0  # seconds a directory another node changed is not listed on a miss
 KERNEL_WAIT = 0.2  # seconds an invalidation waits for the kernel before it is acknowledged
 
 _TYPE_BITS = {
@@ -138,7 +139,9 @@ class Operations(llfuse.Operations):
         # invalidation may have overtaken between the call and the cache update is not kept.
         self.session = namespace if isinstance(namespace, SessionClient) else None
         self._epoch = 0
-        self._too_big: dict[int, float] = {}  # dir -> until when not to list it on a miss
+        # dir -> until when a lookup miss there asks for the one name instead of listing it
+        # (too large to list, or another node is changing it: its listing would not last)
+        self._no_listing: dict[int, float] = {}
         self.config = config
         self.ttl = config.attr_timeout
         self.meta = MetaCache(config.attr_timeout, negative_ttl=config.negative_timeout)
@@ -193,6 +196,12 @@ class Operations(llfuse.Operations):
     def _invalidate(self, keys: list[str], everything: bool) -> None:
         with llfuse.lock:
             self._epoch += 1
+            until = time.monotonic() + BUSY_DIR_MEMO
+            if len(self._no_listing) > 4096:
+                self._no_listing.clear()
+            for key in keys:
+                if key.startswith("list:"):
+                    self._no_listing[int(key[5:])] = until
             inodes, entries = self.meta.clear() if everything else self.meta.drop(keys)
         if self.mounted:
             self.kernel.forget(inodes, entries)
@@ -282,15 +291,15 @@ class Operations(llfuse.Operations):
         if self.session is None or self.meta.is_listed(parent):
             return False
         now = time.monotonic()
-        if self._too_big.get(parent, 0.0) > now:
+        if self._no_listing.get(parent, 0.0) > now:
             return False
         epoch = self._epoch
         leased = self._wait(self.session.readdir_leased(parent, 0, READDIR_BATCH))
         until = self._until(leased.deadline, epoch)
         if len(leased.value) >= READDIR_BATCH:
-            if len(self._too_big) > 4096:
-                self._too_big.clear()
-            self._too_big[parent] = now + BIG_DIR_MEMO  # ask for single names there
+            if len(self._no_listing) > 4096:
+                self._no_listing.clear()
+            self._no_listing[parent] = now + BIG_DIR_MEMO  # ask for single names there
             return False
         if until <= now:
             return False
