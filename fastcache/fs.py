@@ -234,10 +234,13 @@ class Operations(llfuse.Operations):
             e.st_blocks = -(-e.st_size // BLOCK) * (BLOCK // 512)
         return e
 
-    def _learn(self, parent: int, name: str, attrs: InodeAttrs) -> llfuse.EntryAttributes:
-        """A new kernel reference to ``attrs.ino`` under ``parent``/``name``."""
-        attrs = self.meta.put(attrs)
-        self.meta.bind(parent, name, attrs.ino)
+    def _learn(
+        self, parent: int, name: str, attrs: InodeAttrs, until: float | None = None
+    ) -> llfuse.EntryAttributes:
+        """A new kernel reference to ``attrs.ino`` under ``parent``/``name`` (kept one ttl,
+        or until ``until``: a lease's deadline)."""
+        attrs = self.meta.put(attrs, until)
+        self.meta.bind(parent, name, attrs.ino, until)
         self.meta.remember(attrs.ino)
         return self._entry(attrs)
 
@@ -252,15 +255,24 @@ class Operations(llfuse.Operations):
 
     def _made(self, parent: int, name: str, kind: str, mode: int, ctx: Any, **kw: Any) -> Any:
         perm, gid = self._owner(parent, mode, ctx)
-        attrs, after, before = self._wait(
-            self.ns.create_entry(parent, name, kind, perm, ctx.uid, gid, **kw)
-        )
+        until: float | None = None
+        if self.session is not None:  # leased: another node's change to it reaches us
+            epoch = self._epoch
+            leased = self._wait(
+                self.session.create_entry_leased(parent, name, kind, perm, ctx.uid, gid, **kw)
+            )
+            attrs, after, before = leased.value
+            until = self._until(leased.deadline, epoch)
+        else:
+            attrs, after, before = self._wait(
+                self.ns.create_entry(parent, name, kind, perm, ctx.uid, gid, **kw)
+            )
         if after is None:
             self.meta.invalidate(parent)
         else:  # the parent as the create left it: the next create here needs no getattr
             self.meta.put(after)
         self.meta.changed(parent, before, None if after is None else after.version)
-        entry = self._learn(parent, name, attrs)
+        entry = self._learn(parent, name, attrs, until)
         if attrs.type == "dir":
             self.meta.complete(attrs.ino, attrs.version)  # new and empty: known completely
         return entry

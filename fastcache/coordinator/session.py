@@ -422,8 +422,20 @@ async def _readdir(hub: SessionHub, sess: Session, op: Op, a: dict[str, Any]) ->
     )
 
 
+async def _create(hub: SessionHub, sess: Session, op: Op, a: dict[str, Any]) -> Any:
+    """The creator leases what it made (the new name, the new inode's attributes): another
+    node's unlink or chmod of it reaches the creator's cache too."""
+    return await hub._leased_read(
+        sess,
+        [entry_key(a["parent"], a["name"])],
+        op.run(hub.service, a),
+        lambda doc: [attr_key(doc["ino"])],
+    )
+
+
 _LEASED: dict[str, Callable[..., Awaitable[tuple[Any, float | None]]]] = {
     "lookup": _lookup,
     "getattr": _getattr,
     "readdir": _readdir,
+    "create": _create,
 }

@@ -437,14 +437,38 @@ class SessionClient:
         }
         if target is not None:
             args["target"] = target
-        doc = (await self._call("create", args))["ok"]
+        return (await self.create_entry_leased(**args)).value
+
+    async def create_entry_leased(
+        self,
+        parent: int,
+        name: str,
+        type: str = "file",
+        mode: int = 0o644,
+        uid: int = 0,
+        gid: int = 0,
+        rdev: int = 0,
+        target: str | None = None,
+    ) -> Leased[tuple[InodeAttrs, InodeAttrs | None, int | None]]:
+        """``create_entry`` with the creator's lease on the new name and inode."""
+        args: dict[str, Any] = {
+            "parent": parent,
+            "name": name,
+            "type": type,
+            "mode": mode,
+            "uid": uid,
+            "gid": gid,
+            "rdev": rdev,
+        }
+        if target is not None:
+            args["target"] = target
+        answer = await self._call("create", args)
+        doc = answer["ok"]
         parent_doc = doc.pop("parent_attrs", None)
         before = doc.pop("parent_version_before", None)
-        return (
-            InodeAttrs.from_json(doc),
-            None if parent_doc is None else InodeAttrs.from_json(parent_doc),
-            before,
-        )
+        attrs = InodeAttrs.from_json(doc)
+        value = (attrs, None if parent_doc is None else InodeAttrs.from_json(parent_doc), before)
+        return Leased(value, *self._lease(answer, [entry_key(parent, name), attr_key(attrs.ino)]))
 
     async def mkdir(
         self, parent: int, name: str, mode: int = 0o755, uid: int = 0, gid: int = 0

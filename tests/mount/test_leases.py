@@ -86,3 +86,15 @@ def test_the_session_survives_a_coordinator_restart(two_nodes: MountCluster) -> 
     assert (b.mnt / "before-restart").read_bytes() == b"old"
     stats = http("GET", f"{two_nodes.cluster.coordinator_url}/api/stats").json()
     assert stats["sessions"]["open"] >= 2  # both nodes reconnected
+
+
+def test_a_node_hears_of_changes_to_what_it_created(dirs: tuple[Path, Path]) -> None:
+    """The creator leases the name and inode it made: another node's chmod and unlink of
+    them reach its cache too."""
+    on_a, on_b = dirs
+    (on_b / "mine").write_bytes(b"made on B")
+    assert (on_b / "mine").stat().st_size == 9  # answered from B's own cache
+    os.chmod(on_a / "mine", 0o640)
+    assert stat.S_IMODE((on_b / "mine").stat().st_mode) == 0o640
+    os.unlink(on_a / "mine")
+    assert _missing(on_b / "mine")
