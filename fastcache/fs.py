@@ -253,7 +253,11 @@ class Operations(llfuse.Operations):
             return mode & 0o7777, p.gid
         return mode & 0o7777, ctx.gid
 
-    def _made(self, parent: int, name: str, kind: str, mode: int, ctx: Any, **kw: Any) -> Any:
+    def _made(
+        self, parent: int, name: str, kind: str, mode: int, ctx: Any, **kw: Any
+    ) -> tuple[llfuse.EntryAttributes, InodeAttrs]:
+        """Create ``name``; its kernel entry and its attributes (which the node cache may
+        not keep: an invalidation that crossed the answer voids the lease)."""
         perm, gid = self._owner(parent, mode, ctx)
         until: float | None = None
         if self.session is not None:  # leased: another node's change to it reaches us
@@ -275,7 +279,7 @@ class Operations(llfuse.Operations):
         entry = self._learn(parent, name, attrs, until)
         if attrs.type == "dir":
             self.meta.complete(attrs.ino, attrs.version)  # new and empty: known completely
-        return entry
+        return entry, attrs
 
     def _prefetch(self, parent: int) -> bool:
         """Names that exist but were unknown here, again and again in one directory (``stat``
@@ -426,11 +430,11 @@ class Operations(llfuse.Operations):
         kind = _TYPE_NAMES.get(stat.S_IFMT(mode) or stat.S_IFREG)
         if kind is None or kind in ("dir", "symlink"):
             raise llfuse.FUSEError(errno.EINVAL)
-        return self._made(parent_inode, _name(name), kind, mode, ctx, rdev=rdev)
+        return self._made(parent_inode, _name(name), kind, mode, ctx, rdev=rdev)[0]
 
     @_handler
     def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> llfuse.EntryAttributes:
-        return self._made(parent_inode, _name(name), "dir", mode | stat.S_IFDIR, ctx)
+        return self._made(parent_inode, _name(name), "dir", mode | stat.S_IFDIR, ctx)[0]
 
     @_handler
     def symlink(
@@ -554,14 +558,13 @@ class Operations(llfuse.Operations):
     ) -> tuple[int, llfuse.EntryAttributes]:
         n = _name(name)
         try:
-            entry = self._made(parent_inode, n, "file", mode, ctx)
+            entry, attrs = self._made(parent_inode, n, "file", mode, ctx)
         except Exists:
             if flags & os.O_EXCL:
                 raise
             # the name appeared since our (possibly cached) negative lookup: open it
             entry = self._learn(parent_inode, n, self._wait(self.ns.lookup(parent_inode, n)))
             return self.open(entry.st_ino, flags, ctx), entry
-        attrs = self.meta.get(entry.st_ino)
         self.meta.data_follows(entry.st_ino, _data_key(attrs))
         with llfuse.lock_released:
             fh = self.files.open(entry.st_ino, flags & ~os.O_TRUNC, attrs)
