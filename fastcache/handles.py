@@ -900,7 +900,7 @@ class FileTable:
                 pos += len(piece)
             manifest: Manifest = self.call(writer.finish())
         except BaseException:
-            self.call.soon(lambda: self.call.loop.create_task(writer.abort()))
+            self.call.submit(writer.abort())  # drop what is in flight; not waited for
             raise
         return manifest, set(range(len(manifest.chunks)))
 
