@@ -22,7 +22,7 @@ always compacts, which also drops a torn tail before anything is appended after 
 
 Manifests: ``PendingCommits`` keeps, per inode, the manifest a ``close`` could not commit
 (coordinator unreachable) in ``<journal_dir>/commits/<ino>.json`` until the coordinator has
-it, so a restart commits it again (see ``handles.FileTable``).
+it, so a restart commits it again (see ``mount.files.FileTable``).
 """
 
 from __future__ import annotations
@@ -228,7 +228,7 @@ class Journal:
 class PendingCommits:
     """Manifests acknowledged to a ``close`` but not yet to the coordinator, one file each.
 
-    A record is a JSON object (``handles.FileTable`` decides its fields) written to a temp
+    A record is a JSON object (``mount.files.FileTable`` decides its fields) written to a temp
     file and renamed into place: a reader sees the old record or the new one, never a mix.
     Thread-safe: one lock around the renames.
     """

@@ -29,7 +29,7 @@ from fastcache.errors import FastcacheError, NotFound
 from fastcache.tiers.peer import PeerTier
 
 if TYPE_CHECKING:
-    from fastcache.fs import MountHandle
+    from fastcache.mount.lifecycle import MountHandle
 
 log = logging.getLogger("fastcache.client")
 
@@ -264,13 +264,13 @@ class Node:
             log.info("all %d pending upload(s) are in S3", pending)
 
     async def _do_mount(self) -> None:
-        from fastcache import fs  # llfuse is only needed with a mount
+        from fastcache.mount import lifecycle  # llfuse is only needed with a mount
 
         assert self.state is not None and self.config.mount is not None
         assert self._session is not None
-        fs.clean_stale_mount(self.config.mount)
+        lifecycle.clean_stale_mount(self.config.mount)
         await self._session.start(wait=False)  # calls wait for it; it reconnects by itself
-        self._mount = fs.mount(
+        self._mount = lifecycle.mount(
             self.state.manager, self._session, self.config, asyncio.get_running_loop()
         )
         self._session.on_invalidate = self._mount.ops.on_invalidate

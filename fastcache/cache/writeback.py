@@ -25,11 +25,12 @@ from fastcache.cache.context import CacheContext
 from fastcache.chunks import Buffer, hole_digest
 from fastcache.errors import ChunkNotFound, DataUnavailable, FastcacheError, TierUnavailable
 from fastcache.journal import Journal
-from fastcache.tiers.base import TierStorage, verify_async
+from fastcache.tiers.base import PeerRouting, TierStorage, verify_async
 
 log = logging.getLogger("fastcache.manager")
 
 _RETRY_BASE = 0.1  # first write-back retry delay, seconds (doubles up to writeback_retry_max)
+PEER_RETRY_FOR = 30.0  # seconds a pending chunk keeps trying the peers while S3 does not answer
 _RETRY_LOUD_AFTER = 60.0  # seconds of failing uploads before retries are logged as warnings
 
 
@@ -155,7 +156,9 @@ class WriteBack:
         s3 = loop.create_task(self._ctx.cloud.write(digest, data))
         peer = self._ctx.peer  # not ``alone``: its peer list may be stale; it says if none
         peer_task = (
-            loop.create_task(peer.write(digest, data, pending=True)) if peer is not None else None
+            loop.create_task(self._peer_keeps_trying(peer, digest, data))
+            if peer is not None
+            else None
         )
         racing: set[asyncio.Task[None]] = {s3} if peer_task is None else {s3, peer_task}
         errors: dict[str, BaseException] = {}
@@ -188,6 +191,25 @@ class WriteBack:
         detail = "; ".join(f"{k}: {v}" for k, v in (("nvme", nvme_error), *errors.items()))
         log.error("write of chunk %s failed in every tier: %s", digest, detail)
         raise s3_error
+
+    @staticmethod
+    async def _peer_keeps_trying(peer: PeerRouting, digest: str, data: bytes) -> None:
+        """The peer side of the race: a peer that is briefly away or missing from our peer
+        list (a late heartbeat) must not leave the chunk to a frozen S3 alone. Retried with
+        back-off for ``PEER_RETRY_FOR`` seconds; the race cancels it once S3 has the chunk."""
+        deadline = time.monotonic() + PEER_RETRY_FOR
+        delay = 0.05
+        while True:
+            try:
+                await peer.write(digest, data, pending=True)
+                return
+            except FastcacheError as exc:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.debug("pending chunk %s to a peer: %s; again in %.2fs", digest, exc, delay)
+            peer.invalidate_peers()  # ask the coordinator for the live peers again
+            await asyncio.sleep(delay)  # back-off between attempts
+            delay = min(delay * 2, 1.0)
 
     @property
     def peer_id(self) -> str | None:

@@ -116,6 +116,10 @@ class PeerRouting(TierStorage, Protocol):
         """Record this node as a holder of ``digests``; how many records failed."""
         ...
 
+    def invalidate_peers(self) -> None:
+        """Forget the cached live-peer list: the next use asks the coordinator again."""
+        ...
+
     async def read(self, digest: str, fetch_through: bool = False) -> bytes:
         """``fetch_through``: ask the chunk's owner to fetch it (from S3) for us."""
         ...

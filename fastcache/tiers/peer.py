@@ -555,22 +555,44 @@ class PeerTier:
         ``pending``: the chunk is not in S3 yet (the writer's NVMe failed): each holder
         stores it as its own write (pinned, journaled, uploaded to S3 by that holder)."""
         await self.live_peers()
-        targets = [p for p in self.replicas(digest) if self._usable(p)]
+        if pending:
+            # The writer's last resort for an acknowledged chunk: every live peer in ring
+            # order until one takes it, breakers ignored (they guard speed, not durability).
+            targets = [p for p in rank_peers(digest, self._peers) if p != self.self_id]
+        else:
+            targets = [p for p in self.replicas(digest) if self._usable(p)]
         if not targets:
             self._counters["write_failures"] += 1
             raise TierUnavailable("no live peer to replicate to")
         payload = data  # aiohttp sends bytes, bytearray and memoryview without copying
-        results = await asyncio.gather(
-            *(self._put_to(p, digest, payload, pending) for p in targets),
-            return_exceptions=True,
-        )
-        accepted = [p for p, r in zip(targets, results, strict=True) if r is True]
+        if pending:
+            accepted, results = await self._put_first(targets, digest, payload)
+        else:
+            results = await asyncio.gather(
+                *(self._put_to(p, digest, payload, pending) for p in targets),
+                return_exceptions=True,
+            )
+            accepted = [p for p, r in zip(targets, results, strict=True) if r is True]
         self._counters["writes"] += 1
         if not accepted:
             self._counters["write_failures"] += 1
             raise TierUnavailable(f"no peer accepted chunk {digest}: {results[0]}")
         self._counters["bytes_written"] += len(payload) * len(accepted)
         self._spawn(self._record(digest, accepted))
+
+    async def _put_first(
+        self, targets: list[str], digest: str, data: Buffer
+    ) -> tuple[list[str], list[BaseException | bool]]:
+        """A pending chunk to the first of ``targets`` that accepts it, one at a time."""
+        results: list[BaseException | bool] = []
+        for peer_id in targets:
+            try:
+                results.append(await self._put_to(peer_id, digest, data, True))
+            except TierUnavailable as exc:
+                results.append(exc)
+                continue
+            return [peer_id], results
+        return [], results
 
     async def _put_to(self, peer_id: str, digest: str, data: Buffer, pending: bool) -> bool:
         try:
@@ -583,6 +605,8 @@ class PeerTier:
             return True
         if status >= 500:
             self._failed(peer_id, TierUnavailable(f"HTTP {status}"))
+        else:
+            self.breaker(peer_id).success()  # it answered: alive, whatever it thought of us
         raise TierUnavailable(f"peer {peer_id} answered HTTP {status}")
 
     async def _record(self, digest: str, peer_ids: Sequence[str]) -> None:

@@ -1,7 +1,7 @@
 """``fastcache dev-start`` / ``dev-stop`` as a user runs them: real processes, real S3.
 
 The clients run without mounts here (``--mount-prefix ''``); the mounted variant needs
-FUSE and ``fastcache.fs``.
+FUSE and ``fastcache.mount``.
 """
 
 from __future__ import annotations
@@ -119,7 +119,8 @@ def test_failed_start_stops_what_it_started(dev: DevCluster) -> None:
 
 @pytest.mark.skipif(not os.access("/dev/fuse", os.R_OK | os.W_OK), reason="needs /dev/fuse")
 def test_dev_start_mounts_every_node(tmp_path: Path) -> None:
-    pytest.importorskip("fastcache.fs", reason="fastcache.fs (the FUSE layer) not present")
+    import fastcache.mount.ops  # noqa: F401  (the FUSE layer must import)
+
     prefix = str(tmp_path / "mnt")
     dev = DevCluster(tmp_path / "dev", nodes=2, mount_prefix=prefix)
     try:

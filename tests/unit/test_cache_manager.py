@@ -191,6 +191,9 @@ class FakePeer(FakeTier):
     async def read(self, digest: str, fetch_through: bool = False) -> bytes:
         return await super().read(digest)
 
+    def invalidate_peers(self) -> None:
+        self.calls["invalidate_peers"] += 1
+
 
 class Rig:
     def __init__(self, tmp: Path, **overrides: Any) -> None:
@@ -511,6 +514,45 @@ def test_nvme_failure_race_peer_first_and_s3_finishes_in_background(tmp_path: Pa
             assert rig.s3.data[d] == data
             assert m.pending_uploads() == 0
         finally:
+            await m.close()
+
+    run(main())
+
+
+def test_nvme_failure_peer_briefly_away_is_tried_again_while_s3_is_frozen(
+    tmp_path: Path,
+) -> None:
+    """The peer refuses the pending chunk twice (a late heartbeat, a restart) and S3 never
+    answers: the write keeps asking the peers, asking the coordinator for the list again,
+    and returns once a peer takes the chunk, instead of waiting on S3 alone."""
+
+    class FlakyPeer(FakePeer):
+        refusals = 2
+
+        async def write(self, digest: str, data: Buffer, pending: bool = False) -> None:
+            if self.refusals:
+                self.refusals -= 1
+                self.calls["refused"] += 1
+                raise TierUnavailable("no live peer to replicate to")
+            await super().write(digest, data, pending)
+
+    async def main() -> None:
+        rig = Rig(tmp_path)
+        rig.peer = FlakyPeer()
+        rig.nvme.fail_writes = TierUnavailable("nvme gone")
+        rig.s3.block = asyncio.Event()  # frozen for the whole test
+        data = chunk_bytes("flaky-peer")
+        d = digest(data)
+        m = await rig.open()
+        try:
+            await m.write_chunk(d, data)
+            assert rig.peer.data[d] == data
+            assert rig.peer.calls["refused"] == 2
+            assert rig.peer.calls["write_pending"] == 1
+            assert rig.peer.calls["invalidate_peers"] == 2
+            assert d in m.journal  # pending until S3 has it
+        finally:
+            rig.s3.block.set()
             await m.close()
 
     run(main())

@@ -25,8 +25,8 @@ import uvloop
 from fastcache.cache.manager import DefaultCacheManager
 from fastcache.config import CacheConfig, ClientConfig, S3Config
 from fastcache.coordinator.client import CoordinatorClient
-from fastcache.fs import PREFETCH_AFTER, Operations
-from fastcache.metacache import MetaCache
+from fastcache.mount.metacache import MetaCache
+from fastcache.mount.ops import PREFETCH_AFTER, Operations
 from fastcache.tiers.cloud import CloudTier
 from fastcache.tiers.nvme import NvmeTier
 from tests.integration.conftest_coordinator import CoordinatorProcess, start_coordinator

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fastcache.metacache import MetaCache
+from fastcache.mount.metacache import MetaCache
 
 
 class Clock:
@@ -96,7 +96,7 @@ def test_forgotten_page_cache_version_is_dropped() -> None:
 
 
 def test_expired_items_are_swept_once_the_cache_grows() -> None:
-    import fastcache.metacache as metacache
+    import fastcache.mount.metacache as metacache
 
     clock = Clock()
     m = MetaCache(1.0, clock, negative_ttl=10.0)

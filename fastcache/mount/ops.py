@@ -2,7 +2,7 @@
 
 Each handler decodes its arguments, makes one call and builds attributes. Handlers run
 holding llfuse's global lock; every wait happens with it released (``_wait`` for the
-coordinator, ``llfuse.lock_released`` around the data path in ``handles.FileTable``). One
+coordinator, ``llfuse.lock_released`` around the data path in ``mount.files.FileTable``). One
 decorator, ``_handler``, turns every exception into a ``FUSEError`` through
 ``errors.errno_for``: anything else escaping a handler would stop the mount loop.
 
@@ -18,14 +18,9 @@ import errno
 import functools
 import logging
 import os
-import signal
 import stat
-import struct
-import subprocess
-import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import llfuse
@@ -33,9 +28,10 @@ import llfuse
 from fastcache.config import ClientConfig
 from fastcache.coordinator.session_client import SessionClient
 from fastcache.errors import Exists, NameTooLong, NotFound, errno_for
-from fastcache.handles import STAGING_PREFIX, FileTable, LoopCaller
 from fastcache.journal import PendingCommits
-from fastcache.metacache import MetaCache
+from fastcache.mount.files import FileTable, LoopCaller
+from fastcache.mount.metacache import MetaCache
+from fastcache.mount.notify import KernelNotifier
 
 if TYPE_CHECKING:
     from fastcache.cache.manager import CacheManager
@@ -51,12 +47,10 @@ BLOCK = 4096
 IO_SIZE = 128 * 1024  # st_blksize: what cp and friends use as their buffer size
 NS_TIMEOUT = 60.0  # a namespace call the coordinator does not answer in time: EIO
 READDIR_BATCH = 512
-MAX_IO = 1 << 20
 PREFETCH_AFTER = 4  # lookup misses in one directory within a ttl that make us list it
 PREFETCH_BATCHES = 4  # at most this many READDIR_BATCH pages per listing
 BIG_DIR_MEMO = 30.0  # seconds a directory too large to list on a lookup miss is not tried
 BUSY_DIR_MEMO = 2.0  # seconds a directory another node changed is not listed on a miss
-KERNEL_WAIT = 0.2  # seconds an invalidation waits for the kernel before it is acknowledged
 
 _TYPE_BITS = {
     "file": stat.S_IFREG,
@@ -639,242 +633,3 @@ class Operations(llfuse.Operations):
     @_handler
     def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
         raise llfuse.FUSEError(errno.ENOSYS)
-
-
-class KernelNotifier:
-    """Drops the kernel's cached pages of an inode before ``open`` returns.
-
-    ``llfuse.invalidate_inode`` only queues the request for another thread, so a read right
-    after ``open`` could still be served from stale pages. Writing the notification to the
-    session's ``/dev/fuse`` descriptor ourselves is synchronous: the kernel has invalidated
-    when the write returns. Call it with the llfuse lock released.
-    """
-
-    _INVAL_INODE = 2  # FUSE_NOTIFY_INVAL_INODE
-    _INVAL_ENTRY = 3  # FUSE_NOTIFY_INVAL_ENTRY
-
-    def __init__(self) -> None:
-        self.fd = -1
-
-    def attach(self) -> None:
-        """Find the session's descriptor (llfuse keeps one session per process)."""
-        for name in os.listdir("/proc/self/fd"):
-            try:
-                if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
-                    self.fd = int(name)
-            except OSError:
-                continue
-
-    def invalidate(self, ino: int, attr_only: bool = False) -> None:
-        if self.fd < 0:
-            llfuse.invalidate_inode(ino, attr_only=attr_only)
-            return
-        offset = -1 if attr_only else 0  # a negative offset: the attributes only
-        self._send(struct.pack("<IiQQqq", 40, self._INVAL_INODE, 0, ino, offset, 0))
-
-    def invalidate_entry(self, parent: int, name: str) -> None:
-        raw = os.fsencode(name)
-        if self.fd < 0:
-            llfuse.invalidate_entry(parent, raw)
-            return
-        head = struct.pack("<IiQQII", 32 + len(raw) + 1, self._INVAL_ENTRY, 0, parent, len(raw), 0)
-        self._send(head + raw + b"\0")
-
-    def forget(self, inodes: list[int], entries: list[tuple[int, str]]) -> None:
-        """Drop the kernel's cached entries and attributes, waiting ``KERNEL_WAIT`` at most:
-        the kernel may first need a directory lock that a request of ours holds, and that
-        request may be waiting for the very change being announced (it goes on in the
-        background then)."""
-        if not inodes and not entries:
-            return
-        done = threading.Event()
-
-        def run() -> None:
-            try:
-                for parent, name in entries:
-                    self.invalidate_entry(parent, name)
-                for ino in inodes:
-                    self.invalidate(ino, attr_only=True)
-            except OSError as exc:
-                log.info("kernel invalidation failed: %s", exc)
-            finally:
-                done.set()
-
-        threading.Thread(target=run, name="fastcache-kernel-inval", daemon=True).start()
-        done.wait(KERNEL_WAIT)
-
-    def _send(self, msg: bytes) -> None:
-        try:
-            os.write(self.fd, msg)
-        except OSError as exc:
-            if exc.errno != errno.ENOENT:  # the kernel does not know it: nothing cached
-                raise
-
-
-# --- mounting --------------------------------------------------------------------------------
-def mount_options(allow_other: bool, extra: str | None = None) -> set[str]:
-    """FUSE 2 options: the kernel enforces permissions; big requests both ways.
-
-    ``extra``: more comma-separated options (``--fuse-options``).
-    """
-    options = {
-        "fsname=fastcache",
-        "subtype=fastcache",
-        "default_permissions",
-        "big_writes",
-        "atomic_o_trunc",  # O_TRUNC reaches open(): the truncate commits with the writes
-        f"max_read={MAX_IO}",
-        f"max_write={MAX_IO}",
-        "no_splice_read",
-        "splice_write",
-        "splice_move",
-    }
-    if allow_other:
-        options.add("allow_other")
-    if extra:
-        options.update(o.strip() for o in extra.split(",") if o.strip())
-    return options
-
-
-def _may_allow_other() -> bool:
-    if os.geteuid() == 0:
-        return True
-    try:
-        with open("/etc/fuse.conf") as f:
-            return any(line.strip() == "user_allow_other" for line in f)
-    except OSError:
-        return False
-
-
-class MountHandle:
-    """A running mount: ``unmount()`` commits open files, unmounts and joins the loop."""
-
-    def __init__(
-        self,
-        ops: Operations,
-        mountpoint: Path,
-        loop: asyncio.AbstractEventLoop,
-        workers: int,
-    ) -> None:
-        self.ops = ops
-        self.mountpoint = mountpoint
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._unmounted = False
-        self.error: BaseException | None = None
-        self.workers = workers
-        self._thread = threading.Thread(target=self._run, name="fastcache-fuse", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            llfuse.main(workers=self.workers, handle_signals=False)
-        except BaseException as exc:
-            self.error = exc
-            log.exception("the FUSE main loop stopped")
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def is_alive(self) -> bool:
-        return self._thread.is_alive()
-
-    def unmount(self, timeout: float = 30.0) -> None:
-        """Commit every open file, unmount (lazily if busy), join the FUSE thread. Idempotent.
-
-        Blocks: call it off the event-loop thread (the commits run on that loop).
-        """
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
-        if running is self._loop:
-            raise RuntimeError("unmount() waits on the event loop: call it from another thread")
-        with self._lock:
-            if self._unmounted:
-                return
-            self._unmounted = True
-            self.ops.files.flush_all()
-            self.ops.files.close()
-            self.ops.call.cancel_all()  # requests still waiting on the loop fail now
-            if self._thread.is_alive() and not _fusermount(self.mountpoint, lazy=False):
-                _fusermount(self.mountpoint, lazy=True)
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.warning("FUSE loop still busy after unmount of %s", self.mountpoint)
-                return
-            self.ops.mounted = False
-            llfuse.close(unmount=False)
-            log.info("unmounted %s", self.mountpoint)
-
-
-def _fusermount(path: Path, lazy: bool) -> bool:
-    args = ["fusermount", "-u", "-q"] + (["-z"] if lazy else []) + [str(path)]
-    result = subprocess.run(args, capture_output=True, text=True, check=False)
-    if result.returncode != 0 and lazy:
-        log.warning("fusermount -u -z %s: %s", path, result.stderr.strip())
-    return result.returncode == 0
-
-
-def clean_stale_mount(path: Path) -> None:
-    """Lazily unmount what a crashed process left at ``path`` ("not connected")."""
-    try:
-        os.stat(path)
-    except OSError as exc:
-        if exc.errno not in (errno.ENOTCONN, errno.ECONNABORTED):
-            return
-        log.warning("cleaning a stale mount at %s", path)
-        _fusermount(path, lazy=True)
-
-
-def _clean_staging(directory: Path) -> None:
-    """Staging files left by a crashed process: their changes were never acknowledged."""
-    for entry in directory.glob(f"{STAGING_PREFIX}*"):
-        try:
-            entry.unlink()
-        except OSError as exc:
-            log.warning("cannot remove stale staging file %s: %s", entry, exc)
-
-
-def _no_op(signum: int, frame: Any) -> None:
-    """SIGUSR1 only has to interrupt a FUSE worker's blocking read."""
-
-
-def _keep_sigusr1() -> None:
-    """llfuse wakes its workers with SIGUSR1 when the loop ends; by default it kills us.
-
-    ``llfuse.main(handle_signals=False)`` (it runs in a thread) installs no handler, so
-    install a no-op one (only possible from the main thread; node.py mounts from there).
-    """
-    if signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None):
-        return
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGUSR1, _no_op)
-    else:
-        log.warning("mount() outside the main thread: SIGUSR1 at unmount will end the process")
-
-
-def mount(
-    manager: CacheManager,
-    coordinator_client: CoordinatorClient,
-    config: ClientConfig,
-    loop: asyncio.AbstractEventLoop,
-) -> MountHandle:
-    """Mount at ``config.mount`` and serve it from a dedicated thread; returns at once."""
-    if config.mount is None:
-        raise ValueError("no mount point configured")
-    mountpoint = Path(config.mount)
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    staging = Path(manager.nvme.staging_dir)
-    staging.mkdir(parents=True, exist_ok=True)
-    _clean_staging(staging)
-    _keep_sigusr1()
-    ops = Operations(manager, coordinator_client, config, loop)
-    ops.files.replay()  # commits a previous run still owed the coordinator
-    options = mount_options(_may_allow_other(), config.fuse_options)
-    llfuse.init(ops, str(mountpoint), options)
-    ops.mounted = True
-    ops.kernel.attach()
-    handle = MountHandle(ops, mountpoint, loop, config.fuse_workers)
-    handle.start()
-    log.info("mounted at %s", mountpoint)
-    return handle
