@@ -48,7 +48,7 @@ from fastcache.tiers.peer import PEER_HEADER
 if TYPE_CHECKING:
     from fastcache.cache.manager import CacheManager
     from fastcache.coordinator.client import CoordinatorClient
-    from fastcache.coordinator.store import InodeAttrs
+    from fastcache.coordinator.model import InodeAttrs
     from fastcache.tiers.nvme import NvmeTier
     from fastcache.tiers.peer import PeerTier
 

@@ -11,9 +11,7 @@ length, an empty input has none.
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
-import math
 import mmap
 import os
 from collections.abc import Iterator, Sequence
@@ -24,7 +22,8 @@ import numpy as np
 import xxhash
 
 from fastcache.config import no_extensions
-from fastcache.errors import BadRequest
+from fastcache.coordinator.model import hole_digest as hole_digest  # re-exported for cache/
+from fastcache.coordinator.model import validate_manifest
 
 Buffer = bytes | bytearray | memoryview
 DIGEST_LEN = 32  # hex chars of an xxh3-128 digest
@@ -350,58 +349,15 @@ class Manifest:
 
     @classmethod
     def from_json(cls, doc: Any, version: int = 0) -> Manifest:
-        """Parse and validate; malformed input raises ``BadRequest``."""
-        if not isinstance(doc, dict):
-            raise BadRequest("manifest must be an object")
-        size, chunk_size, chunks = doc.get("size"), doc.get("chunk_size"), doc.get("chunks")
-        lengths = doc.get("lengths")
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise BadRequest("manifest size must be a non-negative integer")
-        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size <= 0:
-            raise BadRequest("manifest chunk_size must be a positive integer")
-        if not isinstance(chunks, list) or not all(
-            isinstance(c, str) and is_digest(c) for c in chunks
-        ):
-            raise BadRequest("manifest chunks must be a list of 32-hex-char digests")
-        if lengths is not None:
-            if not isinstance(lengths, list) or not all(
-                isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in lengths
-            ):
-                raise BadRequest("manifest lengths must be positive integers")
-            if len(lengths) != len(chunks) or sum(lengths) != size:
-                raise BadRequest("manifest lengths do not match its chunks and size")
-        elif len(chunks) != math.ceil(size / chunk_size):
-            raise BadRequest("manifest chunk count does not match its size")
+        """Parse a manifest checked by ``validate_manifest``: malformed raises ``BadRequest``."""
+        valid = validate_manifest(doc)
         return cls(
-            size=size,
-            chunk_size=chunk_size,
-            chunks=list(chunks),
-            lengths=None if lengths is None else list(lengths),
+            size=valid["size"],
+            chunk_size=valid["chunk_size"],
+            chunks=valid["chunks"],
+            lengths=valid.get("lengths"),
             version=version,
         )
-
-
-BLOCK = 4096  # allocation unit ``st_blocks`` rounds to
-
-
-@functools.lru_cache(maxsize=64)
-def hole_digest(length: int) -> str:
-    """The digest of ``length`` zero bytes: a chunk that is a hole (truncate up, seek past EOF)."""
-    return digest(bytes(length))
-
-
-def allocated_blocks(doc: dict[str, Any] | None) -> int:
-    """512-byte blocks of a manifest's data chunks, in whole 4 KiB blocks: holes are free,
-    so ``du`` of a sparse file shows less than its size (``st_blocks``)."""
-    if not doc:
-        return 0
-    size, cs, lengths = doc["size"], doc["chunk_size"], doc.get("lengths")
-    total = 0
-    for index, name in enumerate(doc["chunks"]):
-        length = lengths[index] if lengths is not None else min(cs, size - index * cs)
-        if name != hole_digest(length):
-            total += length
-    return -(-total // BLOCK) * (BLOCK // 512)
 
 
 # --- chunk-file I/O ----------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The coordinator's HTTP face: a thin aiohttp adapter over ``CoordinatorService``.
 
 Every route is declared once through ``OpenAPI.add`` with the JSON schemas its input is
-validated against, so ``/api/openapi.json`` describes exactly what the server accepts.
+validated against, so ``/api/openapi.json`` describes exactly what the server accepts. A
+manifest is the exception: its schema only documents it, the service checks it
+(``model.validate_manifest``, the one manifest check coordinator and nodes share).
 The namespace operations are one table (``NS_OPS``: argument schema + service call) that the
 REST handlers and the WebSocket session (``GET /api/session``, ``session.py``) both run, so
 the two paths validate and answer alike; the session adds leases and push invalidation.
@@ -27,19 +29,25 @@ from aiohttp import web
 
 from fastcache import __version__
 from fastcache.config import CoordinatorConfig
-from fastcache.coordinator.service import (
+from fastcache.coordinator.model import (
+    DEFAULT_READDIR,
+    DIGEST_PATTERN,
     INODE_TYPES,
+    INT64_MAX,
     MAX_LOCATION_BATCH,
     MAX_READDIR,
+    MAX_TARGET_BYTES,
+    MAX_URL,
+    PEER_ID_PATTERN,
+    STATUS_PATTERN,
     UID_MAX,
-    CoordinatorService,
-    location_key,
+    URL_PATTERN,
 )
+from fastcache.coordinator.service import CoordinatorService, location_key
 from fastcache.coordinator.session import Op, SessionHub
 from fastcache.errors import BadRequest
 from fastcache.http import (
     ERROR_SCHEMA,
-    INT64_MAX,
     OpenAPI,
     Param,
     Schema,
@@ -53,6 +61,7 @@ from fastcache.http import (
     req_int,
     req_str,
 )
+from fastcache.paths import MAX_NAME_BYTES, MAX_PATH_BYTES
 
 log = logging.getLogger("fastcache.coordinator")
 
@@ -66,25 +75,23 @@ _TIME: Schema = {"type": "integer", "minimum": -INT64_MAX, "maximum": INT64_MAX}
 _INO: Schema = {"type": "integer", "minimum": 1, "maximum": INT64_MAX}
 _MODE: Schema = {"type": "integer", "minimum": 0, "maximum": 0o7777}
 _ID: Schema = {"type": "integer", "minimum": 0, "maximum": UID_MAX}
-_NAME: Schema = {"type": "string", "minLength": 1, "maxLength": 255}
-_PATH: Schema = {"type": "string", "maxLength": 4096}
-_DIGEST: Schema = {"type": "string", "pattern": "^[0-9a-f]{32}$"}
-_PEER_ID: Schema = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"}
-_URL: Schema = {"type": "string", "maxLength": 2048, "pattern": "^https?://[^\\s/?#]+(/\\S*)?$"}
-_STATUS: Schema = {"type": "string", "pattern": "^[a-z][a-z_-]{0,31}$"}
+_NAME: Schema = {"type": "string", "minLength": 1, "maxLength": MAX_NAME_BYTES}
+_PATH: Schema = {"type": "string", "maxLength": MAX_PATH_BYTES}
+_TARGET: Schema = {"type": "string", "minLength": 1, "maxLength": MAX_TARGET_BYTES}
+_DIGEST: Schema = {"type": "string", "pattern": DIGEST_PATTERN}
+_PEER_ID: Schema = {"type": "string", "pattern": PEER_ID_PATTERN}
+_URL: Schema = {"type": "string", "maxLength": MAX_URL, "pattern": URL_PATTERN}
+_STATUS: Schema = {"type": "string", "pattern": STATUS_PATTERN}
+# Checked by the service (``model.validate_manifest``, as every node checks what it reads),
+# not here: the schema only documents the shape.
 _MANIFEST: Schema = {
     "type": "object",
-    "required": ["size", "chunk_size", "chunks"],
-    "additionalProperties": False,
-    "properties": {
-        "size": _INT64,
-        "chunk_size": {"type": "integer", "minimum": 1, "maximum": INT64_MAX},
-        "chunks": {"type": "array", "items": _DIGEST},
-        "lengths": {
-            "type": "array",
-            "items": {"type": "integer", "minimum": 1, "maximum": INT64_MAX},
-        },
-    },
+    "description": (
+        "A file's content: size, chunk_size, chunks (xxh3-128 digests in order) and, for"
+        " content-defined chunking, lengths (one per chunk, adding up to size); without"
+        " lengths there are ceil(size / chunk_size) chunks"
+    ),
+    "example": {"size": 5, "chunk_size": 4, "chunks": ["0" * 32, "1" * 32]},
 }
 
 
@@ -183,7 +190,7 @@ CREATE = _obj(
     uid=_ID,
     gid=_ID,
     rdev=_INT64,
-    target={"type": "string", "minLength": 1, "maxLength": 4095, "nullable": True},
+    target={**_TARGET, "nullable": True},
 )
 LINK = _obj(["ino", "new_parent", "new_name"], ino=_INO, new_parent=_INO, new_name=_NAME)
 RENAME = _obj(
@@ -248,7 +255,7 @@ SYMLINK_ARGS = _obj(
     ["parent", "name", "target"],
     parent=_INO,
     name=_NAME,
-    target={"type": "string", "minLength": 1, "maxLength": 4095},
+    target=_TARGET,
     uid=_ID,
     gid=_ID,
 )
@@ -281,7 +288,7 @@ async def _op_setattr(svc: CoordinatorService, a: dict[str, Any]) -> Any:
 
 async def _op_readdir(svc: CoordinatorService, a: dict[str, Any]) -> Any:
     entries = await svc.readdir(
-        req_int(a, "ino"), opt_int(a, "offset") or 0, opt_int(a, "limit") or 1000
+        req_int(a, "ino"), opt_int(a, "offset") or 0, opt_int(a, "limit") or DEFAULT_READDIR
     )
     return {"entries": [e.to_json() for e in entries]}
 

@@ -20,11 +20,10 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
-from fastcache.coordinator.service import MAX_LOCATION_BATCH
-from fastcache.coordinator.store import Entry, InodeAttrs, PeerInfo
+from fastcache.coordinator.model import MAX_LOCATION_BATCH, Entry, InodeAttrs, PeerInfo
 from fastcache.errors import TierUnavailable, error_from_kind, error_from_status
 
-__all__ = ["CoordinatorClient", "Entry", "InodeAttrs", "PeerInfo"]
+__all__ = ["CoordinatorClient"]
 
 CONNECT_TIMEOUT = 2.0
 TOTAL_TIMEOUT = 15.0

@@ -18,25 +18,32 @@ Namespace rules, as POSIX and ext4 have them:
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fastcache.chunks import allocated_blocks
 from fastcache.coordinator.leases import attr_key, entry_key, list_key
-from fastcache.coordinator.store import (
-    DEFAULT_SYNC_INTERVAL,
+from fastcache.coordinator.model import (
+    DEFAULT_READDIR,
     INODE_TYPES,
+    INT64_MAX,
+    MAX_LOCATION_BATCH,
+    MAX_READDIR,
+    MAX_TARGET_BYTES,
+    MAX_URL,
+    PEER_ID_RE,
     ROOT_INO,
+    STATUS_RE,
+    UID_MAX,
+    URL_RE,
     Entry,
     InodeAttrs,
     PeerInfo,
-    SQLiteStore,
-    Store,
-    Txn,
+    allocated_blocks,
+    validate_manifest,
 )
+from fastcache.coordinator.store import DEFAULT_SYNC_INTERVAL, SQLiteStore, Store, Txn
 from fastcache.errors import (
     BadRequest,
     Conflict,
@@ -50,24 +57,8 @@ from fastcache.errors import (
 )
 from fastcache.paths import is_digest, join_path, split_path, validate_name
 
-__all__ = [
-    "INODE_TYPES",
-    "ROOT_INO",
-    "CoordinatorService",
-    "Entry",
-    "InodeAttrs",
-    "PeerInfo",
-    "validate_manifest",
-]
+__all__ = ["CoordinatorService", "location_key"]
 
-INT64_MAX = (1 << 63) - 1
-UID_MAX = (1 << 32) - 1
-MAX_TARGET_BYTES = 4095
-MAX_READDIR = 10_000
-MAX_LOCATION_BATCH = 4096  # chunk locations per batch request (one transaction)
-PEER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-URL_RE = re.compile(r"^https?://[^\s/?#]+(/[^\s]*)?$")
-STATUS_RE = re.compile(r"^[a-z][a-z_-]{0,31}$")
 DB_NAME = "coordinator.db"
 T = TypeVar("T")
 ChangeHook = Callable[[list[str]], Awaitable[None]]
@@ -82,39 +73,6 @@ def _int(value: Any, name: str, lo: int, hi: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise InvalidArgument(f"{name} must be an integer in [{lo}, {hi}]")
     return value
-
-
-def validate_manifest(doc: Any) -> dict[str, Any]:
-    """Check a manifest's shape; return its canonical form (only the known keys)."""
-    if not isinstance(doc, dict):
-        raise BadRequest("manifest must be an object")
-    unknown = set(doc) - {"size", "chunk_size", "chunks", "lengths"}
-    if unknown:
-        raise BadRequest(f"manifest has unknown fields: {', '.join(sorted(unknown))}")
-    size, chunk_size, chunks = doc.get("size"), doc.get("chunk_size"), doc.get("chunks")
-    lengths = doc.get("lengths")
-    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= INT64_MAX:
-        raise BadRequest("manifest size must be a non-negative integer")
-    if (
-        not isinstance(chunk_size, int)
-        or isinstance(chunk_size, bool)
-        or not 0 < chunk_size <= INT64_MAX
-    ):
-        raise BadRequest("manifest chunk_size must be a positive integer")
-    if not isinstance(chunks, list) or not all(is_digest(c) for c in chunks):
-        raise BadRequest("manifest chunks must be a list of 32-hex-char digests")
-    out: dict[str, Any] = {"size": size, "chunk_size": chunk_size, "chunks": list(chunks)}
-    if lengths is not None:
-        if not isinstance(lengths, list) or not all(
-            isinstance(n, int) and not isinstance(n, bool) and 0 < n <= INT64_MAX for n in lengths
-        ):
-            raise BadRequest("manifest lengths must be positive integers")
-        if len(lengths) != len(chunks) or sum(lengths) != size:
-            raise BadRequest("manifest lengths do not add up to its chunks and size")
-        out["lengths"] = list(lengths)
-    elif len(chunks) != -(-size // chunk_size):
-        raise BadRequest("manifest chunk count does not match size / chunk_size")
-    return out
 
 
 def location_key(path: str | None = None, chunk: str | None = None) -> str:
@@ -229,9 +187,9 @@ class CoordinatorService:
         return now - peer.last_seen <= self.peer_timeout
 
     async def register_peer(self, peer_id: str, url: str, capacity: int, used: int = 0) -> PeerInfo:
-        if not isinstance(peer_id, str) or not PEER_ID_RE.match(peer_id):
+        if not isinstance(peer_id, str) or not PEER_ID_RE.fullmatch(peer_id):
             raise BadRequest("peer_id must be 1-128 of [A-Za-z0-9._:-]")
-        if not isinstance(url, str) or len(url) > 2048 or not URL_RE.match(url):
+        if not isinstance(url, str) or len(url) > MAX_URL or not URL_RE.fullmatch(url):
             raise BadRequest("url must be an http(s) URL")
         _int(capacity, "capacity", 0, INT64_MAX)
         _int(used, "used", 0, INT64_MAX)
@@ -262,7 +220,7 @@ class CoordinatorService:
         """Record that a peer is alive. ``NotFound`` tells it to register again."""
         if used is not None:
             _int(used, "used", 0, INT64_MAX)
-        if status is not None and (not isinstance(status, str) or not STATUS_RE.match(status)):
+        if status is not None and (not isinstance(status, str) or not STATUS_RE.fullmatch(status)):
             raise BadRequest("status must be a short lowercase word")
         now = self._clock()
 
@@ -427,7 +385,7 @@ class CoordinatorService:
 
         return await self._mutate(op, [attr_key(ino)])
 
-    async def readdir(self, ino: int, offset: int = 0, limit: int = 1000) -> list[Entry]:
+    async def readdir(self, ino: int, offset: int = 0, limit: int = DEFAULT_READDIR) -> list[Entry]:
         """Entries after cookie ``offset``, in creation order; attrs carry no manifest.
 
         Cookies are the entries' serial numbers, so entries added or removed while a

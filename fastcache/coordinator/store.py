@@ -1,9 +1,9 @@
 """The coordinator's persistent state behind one small interface, and its SQLite engine.
 
 The contract is row-level: a ``Store`` runs a function inside one transaction and hands it a
-``Txn`` of plain reads and writes. The namespace rules (nlink, rename checks, versions) live
-once in ``service.py`` on top of it, so another engine (PostgreSQL, etcd) only has to provide
-atomic transactions, these rows and a sync barrier.
+``Txn`` of plain reads and writes of the wire types (``model.py``). The namespace rules
+(nlink, rename checks, versions) live once in ``service.py`` on top of it, so another engine
+(PostgreSQL, etcd) only has to provide atomic transactions, these rows and a sync barrier.
 
 ``SQLiteStore`` keeps one connection on one dedicated thread: the event loop never touches
 sqlite, and transactions are serialised by construction. What it guarantees:
@@ -37,97 +37,25 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from queue import Empty, SimpleQueue
 from typing import Any, Protocol, TypeVar
 
-from fastcache.chunks import allocated_blocks
+from fastcache.coordinator.model import (
+    INODE_FIELDS,
+    ROOT_INO,
+    Entry,
+    InodeAttrs,
+    PeerInfo,
+    allocated_blocks,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("fastcache.coordinator.store")
 
-ROOT_INO = 1
-INODE_TYPES = ("file", "dir", "symlink", "fifo", "socket", "chr", "blk")
 SCHEMA_VERSION = 2  # 2: inodes.blocks
 DEFAULT_SYNC_INTERVAL = 0.1  # seconds from a commit to its fsync, at the latest
 MAX_GROUP = 1024  # queued calls the store's thread takes at once (one commit for the writes)
-
-
-# --- the data model ----------------------------------------------------------------------
-@dataclass
-class InodeAttrs:
-    """One inode. ``manifest`` is ``None`` for non-files, empty files and readdir answers."""
-
-    ino: int
-    type: str
-    mode: int
-    uid: int
-    gid: int
-    size: int
-    atime_ns: int
-    mtime_ns: int
-    ctime_ns: int
-    nlink: int
-    rdev: int = 0
-    target: str | None = None
-    version: int = 0
-    blocks: int = 0  # 512-byte blocks of the file's data chunks (``st_blocks``; holes free)
-    manifest: dict[str, Any] | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        # Shallow on purpose: ``asdict`` deep-copies the manifest, on every answer.
-        return {name: getattr(self, name) for name in _INODE_FIELDS}
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> InodeAttrs:
-        if len(doc) == len(_INODE_FIELDS):
-            try:
-                return cls(**doc)  # the common case: exactly our fields (listings: per entry)
-            except TypeError:
-                pass
-        return cls(**{name: doc.get(name) for name in _INODE_FIELDS})
-
-    @property
-    def is_dir(self) -> bool:
-        return self.type == "dir"
-
-
-_INODE_FIELDS = tuple(InodeAttrs.__dataclass_fields__)
-
-
-@dataclass
-class Entry:
-    """A directory entry as readdir returns it. ``offset`` resumes the listing after it."""
-
-    name: str
-    attrs: InodeAttrs
-    offset: int
-
-    def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "offset": self.offset, "attrs": self.attrs.to_json()}
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> Entry:
-        return cls(name=doc["name"], offset=doc["offset"], attrs=InodeAttrs.from_json(doc["attrs"]))
-
-
-@dataclass
-class PeerInfo:
-    peer_id: str
-    url: str
-    capacity: int
-    used: int
-    status: str
-    registered_at: float
-    last_seen: float
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> PeerInfo:
-        return cls(**{name: doc[name] for name in cls.__dataclass_fields__})
 
 
 # --- the interface -----------------------------------------------------------------------
@@ -226,8 +154,8 @@ CREATE TABLE IF NOT EXISTS locations (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS locations_by_peer ON locations (peer_id);
 """
-_INODE_COLS = ", ".join(_INODE_FIELDS)
-_UPDATABLE = frozenset(_INODE_FIELDS) - {"ino", "type"}
+_INODE_COLS = ", ".join(INODE_FIELDS)
+_UPDATABLE = frozenset(INODE_FIELDS) - {"ino", "type"}
 
 
 def _inode(row: tuple[Any, ...], with_manifest: bool = True) -> InodeAttrs:
@@ -250,7 +178,7 @@ class _SQLiteTxn:
     def add_inode(self, attrs: InodeAttrs) -> int:
         values = attrs.to_json()
         values["manifest"] = None if attrs.manifest is None else json.dumps(attrs.manifest)
-        cols = [c for c in _INODE_FIELDS if c != "ino"]
+        cols = [c for c in INODE_FIELDS if c != "ino"]
         cur = self._c.execute(
             f"INSERT INTO inodes ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
             [values[c] for c in cols],
@@ -300,7 +228,7 @@ class _SQLiteTxn:
         )
 
     def list_entries(self, parent: int, after: int, limit: int) -> list[Entry]:
-        cols = ", ".join(f"i.{c}" for c in _INODE_FIELDS)
+        cols = ", ".join(f"i.{c}" for c in INODE_FIELDS)
         rows = self._c.execute(
             f"SELECT e.cookie, e.name, {cols} FROM entries e JOIN inodes i ON i.ino = e.ino "
             "WHERE e.parent = ? AND e.cookie > ? ORDER BY e.cookie LIMIT ?",

@@ -54,15 +54,15 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fastcache.chunks import Manifest, digest, hole_digest
-from fastcache.coordinator.service import MAX_LOCATION_BATCH
+from fastcache.chunks import Manifest, digest
+from fastcache.coordinator.model import MAX_LOCATION_BATCH, hole_digest
 from fastcache.errors import Conflict, FastcacheError, NotFound, TierUnavailable
 from fastcache.journal import PendingCommits
 
 if TYPE_CHECKING:
     from fastcache.cache.manager import CacheManager
     from fastcache.coordinator.client import CoordinatorClient
-    from fastcache.coordinator.store import InodeAttrs
+    from fastcache.coordinator.model import InodeAttrs
 
 log = logging.getLogger("fastcache.fuse")
 

@@ -16,8 +16,10 @@ import aiohttp
 import pytest
 
 from fastcache.coordinator.client import CoordinatorClient
-from fastcache.coordinator.service import MAX_LOCATION_BATCH, ROOT_INO, CoordinatorService
-from fastcache.errors import Conflict, NotFound, TierUnavailable, Unauthorized
+from fastcache.coordinator.model import MAX_LOCATION_BATCH, ROOT_INO
+from fastcache.coordinator.service import CoordinatorService
+from fastcache.coordinator.session_client import SessionClient
+from fastcache.errors import BadRequest, Conflict, NotFound, TierUnavailable, Unauthorized
 from tests.helpers import wait_until
 from tests.integration.conftest_coordinator import CoordinatorProcess, start_coordinator
 
@@ -400,6 +402,29 @@ def test_bad_input(
                 assert resp.status == 200
 
     arun(call())
+
+
+def test_a_bad_manifest_is_refused_alike_over_rest_and_the_session(
+    secured: CoordinatorProcess,
+) -> None:
+    bad = {"size": 4, "chunk_size": 4, "chunks": [D1, D2]}
+    message = "manifest has 2 chunks; size 4 in chunks of 4 needs 1"
+
+    async def body() -> None:
+        async with (
+            CoordinatorClient(secured.url, token=TOKEN) as rest,
+            SessionClient(secured.url, TOKEN) as session,
+        ):
+            f = await rest.put_file("/manifests/f", MANIFEST)
+            with pytest.raises(BadRequest, match=message):
+                await rest.commit_manifest(f.ino, bad, f.version)
+            with pytest.raises(BadRequest, match=message):
+                await session.commit_manifest(f.ino, bad, f.version)
+            with pytest.raises(BadRequest, match=message):
+                await rest.put_file("/manifests/f", bad)
+            assert await rest.getattr(f.ino) == f
+
+    arun(body())
 
 
 def test_no_server_errors_logged(secured: CoordinatorProcess, stale_ino: int) -> None:

@@ -19,7 +19,7 @@ import aiohttp
 import pytest
 
 from fastcache.coordinator.client import CoordinatorClient
-from fastcache.coordinator.service import ROOT_INO
+from fastcache.coordinator.model import ROOT_INO
 from fastcache.errors import Unauthorized
 from tests.integration.conftest_coordinator import REPO, CoordinatorProcess
 

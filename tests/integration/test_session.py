@@ -18,7 +18,7 @@ import msgspec
 import pytest
 
 from fastcache.coordinator.client import CoordinatorClient
-from fastcache.coordinator.service import ROOT_INO
+from fastcache.coordinator.model import ROOT_INO
 from fastcache.coordinator.session_client import SessionClient
 from fastcache.errors import Exists, NotEmpty, NotFound, TierUnavailable, Unauthorized
 from tests.integration.conftest_coordinator import REPO, CoordinatorProcess
