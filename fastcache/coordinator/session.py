@@ -84,6 +84,11 @@ class Op:
 _ORIGIN: contextvars.ContextVar[Session | None] = contextvars.ContextVar(
     "fastcache_session_origin", default=None
 )
+# the change numbers (``SessionHub._remember``) the request task made itself: a lease it
+# takes is not void because of its own change
+_MINE: contextvars.ContextVar[set[int] | None] = contextvars.ContextVar(
+    "fastcache_session_mine", default=None
+)
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
 
@@ -288,6 +293,7 @@ class SessionHub:
     # --- one request ---------------------------------------------------------------------
     async def _request(self, sess: Session, rid: int, doc: dict[str, Any]) -> None:
         _ORIGIN.set(sess)  # this task's context: the change's author is not pushed
+        _MINE.set(set())
         self.counters["requests"] += 1
         try:
             name, args = doc.get("op"), doc.get("args", {})
@@ -334,8 +340,9 @@ class SessionHub:
             raise
         found = after(result)
         if found:
+            mine = _MINE.get() or ()
             stale = self._clock() - began > RECENT_HORIZON or any(
-                self._recent.get(k, 0) > start for k in found
+                self._recent.get(k, 0) > start and self._recent[k] not in mine for k in found
             )
             if stale:
                 self.counters["void_leases"] += 1
@@ -346,6 +353,9 @@ class SessionHub:
     # --- push invalidation ---------------------------------------------------------------
     def _remember(self, keys: list[str]) -> None:
         self._changes += 1
+        mine = _MINE.get()
+        if mine is not None:
+            mine.add(self._changes)
         for k in keys:
             self._recent[k] = self._changes
         self._recent_log.append((self._clock(), self._changes, keys))
@@ -424,13 +434,29 @@ async def _readdir(hub: SessionHub, sess: Session, op: Op, a: dict[str, Any]) ->
 
 async def _create(hub: SessionHub, sess: Session, op: Op, a: dict[str, Any]) -> Any:
     """The creator leases what it made (the new name, the new inode's attributes): another
-    node's unlink or chmod of it reaches the creator's cache too."""
-    return await hub._leased_read(
-        sess,
-        [entry_key(a["parent"], a["name"])],
-        op.run(hub.service, a),
-        lambda doc: [attr_key(doc["ino"])],
+    node's unlink or chmod of it reaches the creator's cache too. A new directory's listing
+    (empty) is leased to it as well, and a listing of the parent it holds is renewed: its
+    next lookups of names about to be created there (``mkdir -p``, ``tar -x``) are answered
+    on the node. The answer names those listings in ``lists``."""
+    parent_list = list_key(a["parent"])
+    lists: list[int] = []
+
+    def after(doc: dict[str, Any]) -> list[str]:
+        keys = [attr_key(doc["ino"])]
+        if doc["type"] == "dir":
+            keys.append(list_key(doc["ino"]))
+            lists.append(doc["ino"])
+        if hub.leases.expiry(sess, parent_list) is not None:
+            keys.append(parent_list)
+            lists.append(a["parent"])
+        return keys
+
+    result, lease = await hub._leased_read(
+        sess, [entry_key(a["parent"], a["name"])], op.run(hub.service, a), after
     )
+    if lease:
+        result["lists"] = lists
+    return result, lease
 
 
 _LEASED: dict[str, Callable[..., Awaitable[tuple[Any, float | None]]]] = {

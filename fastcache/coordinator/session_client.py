@@ -37,8 +37,7 @@ import aiohttp
 import msgspec
 
 from fastcache.coordinator.leases import attr_key, entry_key, list_key
-from fastcache.coordinator.service import MAX_LOCATION_BATCH
-from fastcache.coordinator.store import Entry, InodeAttrs
+from fastcache.coordinator.model import MAX_LOCATION_BATCH, Entry, InodeAttrs
 from fastcache.errors import (
     FastcacheError,
     NotFound,
@@ -437,7 +436,8 @@ class SessionClient:
         }
         if target is not None:
             args["target"] = target
-        return (await self.create_entry_leased(**args)).value
+        attrs, parent_after, before, _ = (await self.create_entry_leased(**args)).value
+        return attrs, parent_after, before
 
     async def create_entry_leased(
         self,
@@ -449,8 +449,10 @@ class SessionClient:
         gid: int = 0,
         rdev: int = 0,
         target: str | None = None,
-    ) -> Leased[tuple[InodeAttrs, InodeAttrs | None, int | None]]:
-        """``create_entry`` with the creator's lease on the new name and inode."""
+    ) -> Leased[tuple[InodeAttrs, InodeAttrs | None, int | None, list[int]]]:
+        """``create_entry`` with the creator's lease on the new name and inode; the last item
+        names the directories whose whole listing the lease covers too (a new directory,
+        and the parent when this node held a lease on its listing: renewed)."""
         args: dict[str, Any] = {
             "parent": parent,
             "name": name,
@@ -466,9 +468,11 @@ class SessionClient:
         doc = answer["ok"]
         parent_doc = doc.pop("parent_attrs", None)
         before = doc.pop("parent_version_before", None)
+        lists = [int(ino) for ino in doc.pop("lists", ())]
         attrs = InodeAttrs.from_json(doc)
-        value = (attrs, None if parent_doc is None else InodeAttrs.from_json(parent_doc), before)
-        return Leased(value, *self._lease(answer, [entry_key(parent, name), attr_key(attrs.ino)]))
+        parent_after = None if parent_doc is None else InodeAttrs.from_json(parent_doc)
+        keys = [entry_key(parent, name), attr_key(attrs.ino), *map(list_key, lists)]
+        return Leased((attrs, parent_after, before, lists), *self._lease(answer, keys))
 
     async def mkdir(
         self, parent: int, name: str, mode: int = 0o755, uid: int = 0, gid: int = 0

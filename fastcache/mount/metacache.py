@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from fastcache.coordinator.store import InodeAttrs  # what the coordinator client returns
+    from fastcache.coordinator.model import InodeAttrs  # what the coordinator client returns
 
 SWEEP_AT = 65536  # cached inodes before expired ones are swept out
 
@@ -90,6 +90,7 @@ class MetaCache:
             if until <= now:
                 del self._entries[key]
                 self._complete.pop(key[0], None)  # its entries are no longer all known
+                self._listed.pop(key[0], None)
         self._sweep_at = max(SWEEP_AT, 2 * len(self._attrs))
 
     def timeout(self, ino: int) -> float:
@@ -211,7 +212,10 @@ class MetaCache:
         return True
 
     def absent(self, parent: int, name: str) -> bool:
-        """True when ``name`` is known not to exist in ``parent`` (fresh, complete listing)."""
+        """True when ``name`` is known not to exist in ``parent`` (fresh, complete listing).
+        A leased listing outlives its entries' own expiry when renewed by this node's
+        creates there: an entry that expired still says the name exists (sweeping one
+        ends the listing)."""
         if self.is_listed(parent):
             return (parent, name) not in self._entries
         item = self._complete.get(parent)

@@ -36,7 +36,7 @@ from fastcache.mount.notify import KernelNotifier
 if TYPE_CHECKING:
     from fastcache.cache.manager import CacheManager
     from fastcache.coordinator.client import CoordinatorClient
-    from fastcache.coordinator.store import InodeAttrs
+    from fastcache.coordinator.model import InodeAttrs
 
 log = logging.getLogger("fastcache.fuse")
 _lock_released = llfuse.lock_released
@@ -259,12 +259,13 @@ class Operations(llfuse.Operations):
             leased = self._wait(
                 self.session.create_entry_leased(parent, name, kind, perm, ctx.uid, gid, **kw)
             )
-            attrs, after, before = leased.value
+            attrs, after, before, lists = leased.value
             until = self._until(leased.deadline, epoch)
         else:
             attrs, after, before = self._wait(
                 self.ns.create_entry(parent, name, kind, perm, ctx.uid, gid, **kw)
             )
+            lists: list[int] = []
         if after is None:
             self.meta.invalidate(parent)
         else:  # the parent as the create left it: the next create here needs no getattr
@@ -273,6 +274,10 @@ class Operations(llfuse.Operations):
         entry = self._learn(parent, name, attrs, until)
         if attrs.type == "dir":
             self.meta.complete(attrs.ino, attrs.version)  # new and empty: known completely
+        if until is not None:
+            for ino in lists:  # the new directory (empty), or our renewed parent listing
+                if ino == attrs.ino or self.meta.is_listed(ino):
+                    self.meta.listed(ino, until)
         return entry, attrs
 
     def _prefetch(self, parent: int) -> bool:

@@ -169,6 +169,7 @@ class Cluster:
     token: str | None = None
     peer_timeout: float = 60.0
     heartbeat_interval: float = 10.0
+    coordinator_flags: list[str] = field(default_factory=list)  # e.g. ["--lease-term", "0.2"]
     coordinator: Proc | None = None
     clients: list[Proc] = field(default_factory=list)
 
@@ -204,6 +205,7 @@ class Cluster:
             str(self.root / "coordinator"),
             "--peer-timeout",
             str(self.peer_timeout),
+            *self.coordinator_flags,
             *self._common(),
         ]
         proc = Proc(

@@ -98,3 +98,37 @@ def test_a_node_hears_of_changes_to_what_it_created(dirs: tuple[Path, Path]) -> 
     assert stat.S_IMODE((on_b / "mine").stat().st_mode) == 0o640
     os.unlink(on_a / "mine")
     assert _missing(on_b / "mine")
+
+
+def _session_requests(cluster: MountCluster) -> int:
+    stats = http("GET", f"{cluster.cluster.coordinator_url}/api/stats").json()
+    return int(stats["sessions"]["requests"])
+
+
+def test_names_created_in_a_new_directory_need_no_lookup_round_trip(
+    cluster_factory: MountCluster,
+) -> None:
+    """A directory this node made comes with a lease on its (empty) listing, renewed by each
+    create there: the kernel's lookup of every name about to be made (``mkdir``, ``tar -x``)
+    is answered on the node, one round trip per create, however long the creating goes on
+    (a lease term of 0.2 s here: unrenewed, it would run out many times over). Another
+    node's create there still reaches it before that create returns."""
+    cluster = cluster_factory.cluster
+    assert cluster.coordinator is not None
+    cluster.coordinator.kill()
+    cluster.coordinator_flags = ["--lease-term", "0.2"]
+    cluster.start_coordinator()
+    a = cluster_factory.add_node()
+    b = cluster_factory.add_node()
+    made = a.mnt / "local-names"
+    made.mkdir()
+    names = [f"d{i}" for i in range(1000)]  # more than one listing batch (512)
+    before = _session_requests(cluster_factory)
+    for name in names:
+        (made / name).mkdir()
+    sent = _session_requests(cluster_factory) - before
+    assert sent < len(names) + 50, f"{sent} requests for {len(names)} mkdirs: lookups went out"
+    assert _missing(made / "from-b")  # answered from A's listing
+    (b.mnt / "local-names" / "from-b").write_bytes(b"made on B")
+    assert (made / "from-b").read_bytes() == b"made on B"
+    assert sorted(os.listdir(made)) == sorted([*names, "from-b"])
