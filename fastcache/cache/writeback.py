@@ -22,7 +22,8 @@ from collections.abc import Coroutine, Iterable
 from typing import Any
 
 from fastcache.cache.context import CacheContext
-from fastcache.chunks import Buffer, hole_digest
+from fastcache.chunks import Buffer
+from fastcache.coordinator.model import hole_digest
 from fastcache.errors import ChunkNotFound, DataUnavailable, FastcacheError, TierUnavailable
 from fastcache.journal import Journal
 from fastcache.tiers.base import PeerRouting, TierStorage, verify_async

@@ -20,6 +20,7 @@ import pytest
 
 from fastcache.coordinator.client import CoordinatorClient
 from fastcache.coordinator.model import ROOT_INO
+from fastcache.coordinator.session_client import SessionClient
 from fastcache.errors import Unauthorized
 from tests.integration.conftest_coordinator import REPO, CoordinatorProcess
 
@@ -175,3 +176,69 @@ def test_graceful_stop_syncs(lazy: Coordinator) -> None:
             assert (await c.lookup(ROOT_INO, "kept")).type == "dir"
 
     arun(read())
+
+
+def test_sigkill_during_a_create_storm_over_sessions(lazy: Coordinator) -> None:
+    """Four node sessions create files and directories at concurrency 32 each; the
+    coordinator is SIGKILLed while creates are in flight. After a restart every create that
+    was acknowledged is there under its inode, and the namespace holds together: directory
+    link counts match their subdirectories, every entry resolves, and no inode is left that
+    no entry names (the store's totals equal the tree's)."""
+    sessions, per_session, kill_after = 4, 400, 600
+    acknowledged: dict[str, tuple[int, str]] = {}
+
+    async def storm() -> int:
+        async with CoordinatorClient(lazy.url) as c:
+            top = await c.mkdir(ROOT_INO, "storm")
+        clients = [await SessionClient(lazy.url, timeout=3.0).start() for _ in range(sessions)]
+        enough = asyncio.Event()
+
+        async def one(s: SessionClient, n: int, i: int) -> None:
+            kind = "dir" if i % 5 == 0 else "file"
+            name = f"s{n}-{i}"
+            attrs = await s.create(top.ino, name, kind, 0o700 if kind == "dir" else 0o600)
+            acknowledged[name] = (attrs.ino, kind)
+            if len(acknowledged) >= kill_after:
+                enough.set()
+
+        async def node(s: SessionClient, n: int) -> None:
+            sem = asyncio.Semaphore(32)
+
+            async def bounded(i: int) -> None:
+                async with sem:
+                    await one(s, n, i)
+
+            await asyncio.gather(*(bounded(i) for i in range(per_session)), return_exceptions=True)
+
+        work = asyncio.gather(*(node(s, n) for n, s in enumerate(clients)))
+        await enough.wait()
+        lazy.kill()  # mid-storm: creates are in flight on every session
+        await work
+        for s in clients:
+            await s.close()
+        return top.ino
+
+    top_ino = arun(storm())
+    assert lazy.proc is not None and lazy.proc.returncode == -9
+    assert kill_after <= len(acknowledged) < sessions * per_session, "killed mid-storm"
+    lazy.restart()
+
+    async def check() -> None:
+        async with CoordinatorClient(lazy.url) as c:
+            top = await c.getattr(top_ino)
+            entries = await c.readdir(top_ino, limit=10_000)
+            found = {e.name: (e.attrs.ino, e.attrs.type) for e in entries}
+            for name, made in acknowledged.items():
+                assert found.get(name) == made, f"acknowledged create {name} lost"
+            subdirs = sum(1 for _, kind in found.values() if kind == "dir")
+            assert top.nlink == 2 + subdirs
+            for e in entries:
+                attrs = await c.getattr(e.attrs.ino)
+                assert attrs.nlink == (2 if attrs.type == "dir" else 1)
+                if attrs.type == "dir":
+                    assert await c.readdir(attrs.ino) == []
+            totals = (await c.stats())["inodes"]
+            assert totals.get("file", 0) == len(found) - subdirs
+            assert totals.get("dir", 0) == 2 + subdirs  # the root, "storm" and the storm's
+
+    arun(check())
