@@ -20,11 +20,7 @@ from typing import Any
 from fastcache.cache.context import CacheContext
 from fastcache.chunks import Buffer, Manifest, hole_digest
 from fastcache.errors import ChunkCorrupt, ChunkNotFound, DataUnavailable, FastcacheError, TierFull
-from fastcache.tiers.base import (
-    TierStorage,
-    verifies_reads,
-    verify_async,
-)
+from fastcache.tiers.base import verifies_reads, verify_async
 
 log = logging.getLogger("fastcache.manager")
 
@@ -268,41 +264,91 @@ class ChunkReader:
     async def _fetch_lower(self, digest: str, through: bool) -> bytes:
         """Peer (``through``: the owner fetches it for us), then S3; verified; promoted to
         NVMe in the background. A node that knows no other live node asks S3 first: the
-        peer tier could only find the chunk through a coordinator request per chunk."""
+        peer tier could only find the chunk through a coordinator request per chunk.
+
+        Peers that all fall silent (frozen, not dead: nobody left to ask, no answer started,
+        no owner answering a liveness probe) do not hold the read up: S3 is raced against
+        them, first verified copy wins, so a read waits the hedge delay plus one S3 fetch.
+        """
         errors: list[str] = []
         peer = self._ctx.peer
-        lower: list[tuple[str, TierStorage]] = [("s3", self._ctx.cloud)]
-        if peer is not None:
-            lower.insert(len(lower) if peer.alone else 0, ("peer", peer))
-        for role, tier in lower:
-            counters = self._ctx.counters.tiers[role]
-            try:
-                if peer is not None and tier is peer:
-                    data = await peer.read(digest, fetch_through=through)
-                    verified = peer.verifies_reads
-                else:
-                    data = await tier.read(digest)
-                    verified = self._cloud_verifies
-                if not verified:  # verified exactly once
-                    await verify_async(digest, data, tier.name)
-            except ChunkCorrupt as exc:
-                log.warning("%s", exc)
-                self._counts["corrupt_chunks"] += 1
-                counters.miss(corrupt=True)
-                errors.append(f"{role}: corrupt")
-                continue
-            except ChunkNotFound:
-                counters.miss()
-                errors.append(f"{role}: not found")
-                continue
-            except FastcacheError as exc:
-                counters.miss(error=True)
-                errors.append(f"{role}: {exc}")
-                continue
-            counters.hit(len(data))
-            self._promote_later(digest, data)
-            return data
-        raise DataUnavailable(f"chunk {digest} is in no tier ({'; '.join(errors)})")
+        if peer is None or peer.alone:
+            data = await self._fetch_from("s3", digest, errors)
+            if data is None and peer is not None:
+                data = await self._fetch_from("peer", digest, errors)
+        else:
+            data = await self._fetch_hedged(digest, through, errors)
+        if data is None:
+            raise DataUnavailable(f"chunk {digest} is in no tier ({'; '.join(errors)})")
+        return data
+
+    async def _fetch_hedged(self, digest: str, through: bool, errors: list[str]) -> bytes | None:
+        """The peers, then S3; S3 at once, beside the peers, when they fall silent."""
+        loop = asyncio.get_running_loop()
+        silent = asyncio.Event()
+        from_peer = loop.create_task(self._fetch_from("peer", digest, errors, through, silent))
+        tasks = [from_peer, loop.create_task(silent.wait())]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            if from_peer.done():
+                data = from_peer.result()
+                return data if data is not None else await self._fetch_from("s3", digest, errors)
+            self._counts["hedged_to_s3"] += 1
+            racing = {from_peer, loop.create_task(self._fetch_from("s3", digest, errors))}
+            tasks.extend(racing)
+            while racing:
+                done, racing = await asyncio.wait(racing, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    data = task.result()
+                    if data is not None:  # the first verified copy
+                        return data
+            return None
+        finally:
+            running = [task for task in tasks if not task.done()]
+            for task in running:
+                task.cancel()
+            if running:
+                await asyncio.wait(running)
+
+    async def _fetch_from(
+        self,
+        role: str,
+        digest: str,
+        errors: list[str],
+        through: bool = False,
+        silent: asyncio.Event | None = None,
+    ) -> bytes | None:
+        """The verified chunk from one lower tier (counted, promoted); ``None`` if that tier
+        failed (the reason appended to ``errors``)."""
+        counters = self._ctx.counters.tiers[role]
+        peer = self._ctx.peer
+        try:
+            if role == "peer":
+                assert peer is not None
+                data = await peer.read(digest, fetch_through=through, silent=silent)
+                verified = peer.verifies_reads
+            else:
+                data = await self._ctx.cloud.read(digest)
+                verified = self._cloud_verifies
+            if not verified:  # verified exactly once
+                await verify_async(digest, data, role)
+        except ChunkCorrupt as exc:
+            log.warning("%s", exc)
+            self._counts["corrupt_chunks"] += 1
+            counters.miss(corrupt=True)
+            errors.append(f"{role}: corrupt")
+            return None
+        except ChunkNotFound:
+            counters.miss()
+            errors.append(f"{role}: not found")
+            return None
+        except FastcacheError as exc:
+            counters.miss(error=True)
+            errors.append(f"{role}: {exc}")
+            return None
+        counters.hit(len(data))
+        self._promote_later(digest, data)
+        return data
 
     async def _read_span(self, manifest: Manifest, index: int, off: int, length: int) -> Buffer:
         name = manifest.chunks[index]

@@ -28,6 +28,7 @@ COUNTS = (
     "recovered",
     "prefetches",
     "fetch_through_served",
+    "hedged_to_s3",
     "published",
     "publish_failures",
 )
@@ -138,5 +139,6 @@ class CacheStats:
             "prefetches": counts["prefetches"],
             "memory_hits": memory_hits,
             "fetch_through_served": counts["fetch_through_served"],
+            "hedged_to_s3": counts["hedged_to_s3"],
             "corrupt_chunks": counts["corrupt_chunks"],
         }

@@ -12,6 +12,13 @@ answering after a short hedge delay (first verified answer wins), and a per-peer
 breaker skips a peer for a cool-down after a few consecutive failures. Candidates are not
 all asked at once: on a busy node every extra copy is a 4 MiB transfer for nothing.
 
+A fetch-through owner may rightly take an S3 read before it answers, so its silence alone
+proves nothing; a liveness probe (``GET /api/health``, answered by its event loop at once)
+tells a busy owner from a frozen one (SIGSTOP: the kernel still accepts the connection).
+When nobody is left to ask and every peer asked is silent (no answer started, no probe
+answered), ``read`` says so through its ``silent`` event: the caller then races its next
+tier (S3) against the peers instead of waiting out their timeouts.
+
 Chunk GETs go through ``fastget`` (received straight into one buffer); writes and HEADs
 through the aiohttp session.
 """
@@ -39,6 +46,8 @@ Clock = Callable[[], float]
 PEER_HEADER = "X-Fastcache-Peer"  # the calling node's id, on every peer request
 _YOUNG_FOR = 10.0  # seconds after start with frequent peer list refreshes ...
 _YOUNG_REFRESH = 0.5  # ... this often at most
+HEALTH_PATH = "/api/health"  # what a liveness probe asks: answered at once, no auth
+_LIVE_FOR = 1.0  # a probe answered this recently shows a peer alive (seconds)
 
 
 # --- placement ---------------------------------------------------------------------------
@@ -233,6 +242,9 @@ class PeerTier:
         self._young_until = clock() + _YOUNG_FOR
         self._breakers: dict[str, CircuitBreaker] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        # liveness probes: peer → the one in flight; peer → when the last answered one left
+        self._probing: dict[str, asyncio.Task[None]] = {}
+        self._heard: dict[str, float] = {}
         self._counters = dict.fromkeys(
             (
                 "requests",
@@ -249,6 +261,8 @@ class PeerTier:
                 "announced",
                 "announce_failures",
                 "fetch_through",
+                "probes",
+                "silent",
             ),
             0,
         )
@@ -381,6 +395,53 @@ class PeerTier:
             )
             self.invalidate_peers()
 
+    def _probe(self, peer_id: str) -> None:
+        """Probe ``peer_id``'s liveness in the background, unless a probe is in flight or
+        one sent less than a hedge delay ago answered. An answer (any status) records when
+        the probe was sent in ``_heard``; no answer is a failure for its breaker."""
+        running = self._probing.get(peer_id)
+        if running is not None and not running.done():
+            return
+        if self._clock() - self._heard.get(peer_id, -_LIVE_FOR) < self._hedge_delay:
+            return
+        self._probing[peer_id] = self._spawn(self._probe_once(peer_id, self._peers[peer_id]))
+
+    async def _probe_once(self, peer_id: str, base: str) -> None:
+        sent = self._clock()
+        self._counters["probes"] += 1
+        try:
+            if FastGet.supports(base):
+                await self._fast.get(
+                    base,
+                    HEALTH_PATH,
+                    self._headers,
+                    connect_timeout=self._connect_timeout,
+                    first_byte_timeout=self._first_byte_timeout,
+                    read_timeout=self._first_byte_timeout,
+                )
+            else:
+                async with asyncio.timeout(self._first_byte_timeout):
+                    resp = await self._session.get(
+                        base + HEALTH_PATH, headers=self._headers, timeout=self._timeout
+                    )
+                    async with resp:
+                        await resp.read()
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            self._failed(peer_id, exc)
+            return
+        self._heard[peer_id] = max(sent, self._heard.get(peer_id, sent))
+
+    def _alive(self, peer_id: str, asked_at: float) -> bool:
+        """Whether ``peer_id``, asked at ``asked_at``, answered a probe sent since (or just
+        before) then and lately; asks again when the last answer grows old."""
+        heard = self._heard.get(peer_id)
+        now = self._clock()
+        if heard is None or now - heard >= _LIVE_FOR / 2:
+            self._probe(peer_id)
+        return (
+            heard is not None and heard >= asked_at - self._hedge_delay and now - heard < _LIVE_FOR
+        )
+
     async def _request(
         self,
         method: str,
@@ -468,7 +529,9 @@ class PeerTier:
         return body
 
     # --- TierStorage ---------------------------------------------------------------------
-    async def read(self, digest: str, fetch_through: bool = False) -> bytes:
+    async def read(
+        self, digest: str, fetch_through: bool = False, silent: asyncio.Event | None = None
+    ) -> bytes:
         """The chunk from the first peer that sends a verified copy.
 
         Candidates, best first: the owner (``fetch_through``: asked to read it through its
@@ -478,6 +541,11 @@ class PeerTier:
         time: every copy asked for is a 4 MiB transfer, and a second one is waste. The next
         is asked at once when one misses or fails, or when none has started answering after
         ``hedge_delay`` (a slow or frozen peer delays a read by that much, no more).
+
+        ``silent`` is set, once, when nobody is left to ask and every peer asked is silent:
+        none has started answering and no fetch-through owner answered a liveness probe
+        (``_alive``). The read goes on (a slow peer may still answer); the caller is
+        expected to race its next tier against it.
         """
         await self.live_peers()
         asked: set[str] = set()
@@ -491,6 +559,7 @@ class PeerTier:
         answering: set[str] = set()  # peers whose 200 headers arrived
         holders: asyncio.Task[list[PeerAddr]] | None = None
         looked_up = False
+        fetching: dict[str, float] = {}  # fetch-through peers asked → when
 
         def ask_next() -> bool:
             """Ask the next usable candidate, else the coordinator; False if none is left."""
@@ -502,6 +571,9 @@ class PeerTier:
                 asked.add(peer_id)
                 get = self._get_from(peer_id, digest, fetch=fetch, answering=answering)
                 pending[asyncio.ensure_future(get)] = peer_id
+                if fetch and silent is not None:
+                    fetching[peer_id] = self._clock()
+                    self._probe(peer_id)
                 return True
             if not looked_up:
                 looked_up = True
@@ -515,12 +587,22 @@ class PeerTier:
                 waiting: set[asyncio.Future[Any]] = set(pending)
                 if holders is not None:
                     waiting.add(holders)
-                hedge = None if answering or (not queue and looked_up) else self._hedge_delay
+                exhausted = not queue and looked_up
+                watch = silent is not None and not silent.is_set() and holders is None
+                hedge = None if answering or (exhausted and not watch) else self._hedge_delay
                 done, _ = await asyncio.wait(
                     waiting, timeout=hedge, return_when=asyncio.FIRST_COMPLETED
                 )
-                if not done:  # nobody has started answering: ask one more
+                if not done and not exhausted:  # nobody has started answering: ask one more
                     ask_next()
+                    continue
+                if not done:  # nobody left to ask: are the peers asked alive at all?
+                    if not any(
+                        self._alive(p, fetching[p]) for p in pending.values() if p in fetching
+                    ):
+                        self._counters["silent"] += 1
+                        assert silent is not None
+                        silent.set()
                     continue
                 for task in done:
                     if task is holders:

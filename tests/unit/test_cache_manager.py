@@ -188,7 +188,9 @@ class FakePeer(FakeTier):
     async def announce(self, digests: Any) -> int:
         return 0
 
-    async def read(self, digest: str, fetch_through: bool = False) -> bytes:
+    async def read(
+        self, digest: str, fetch_through: bool = False, silent: asyncio.Event | None = None
+    ) -> bytes:
         return await super().read(digest)
 
     def invalidate_peers(self) -> None:
@@ -266,7 +268,9 @@ class OwnerPeer(FakePeer):
     def owner(self, digest: str) -> str | None:
         return self.owners.get(digest, "me")
 
-    async def read(self, digest: str, fetch_through: bool = False) -> bytes:
+    async def read(
+        self, digest: str, fetch_through: bool = False, silent: asyncio.Event | None = None
+    ) -> bytes:
         if fetch_through and self.owner(digest) != self.self_id:
             await self._enter("read")
             self.through.append(digest)
@@ -302,6 +306,56 @@ def test_fetch_through_asks_the_owner_and_is_one_hop(tmp_path: Path) -> None:
             assert peer.through == [digest(theirs)]
             assert m.stats()["tiers"]["s3"]["hits"] == 2
             assert m.stats()["fetch_through_served"] == 1
+        finally:
+            await m.close()
+
+    run(main())
+
+
+class SilentPeer(FakePeer):
+    """Peers that fall silent (frozen): ``silent`` is set, then the read hangs until
+    ``wake`` is set, when it answers with what ``data`` holds (or misses)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wake = asyncio.Event()
+        self.cancelled = 0
+
+    async def read(
+        self, digest: str, fetch_through: bool = False, silent: asyncio.Event | None = None
+    ) -> bytes:
+        self.calls["read"] += 1
+        assert silent is not None
+        silent.set()
+        try:
+            await self.wake.wait()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return await super().read(digest)
+
+
+def test_silent_peers_are_raced_by_s3(tmp_path: Path) -> None:
+    """Peers that fall silent do not hold a read up: S3 is read beside them and the first
+    copy wins (the silent read is cancelled); if S3 lacks it, the peers may still answer."""
+
+    async def main() -> None:
+        rig = Rig(tmp_path)
+        rig.peer = peer = SilentPeer()
+        in_s3, only_peer = chunk_bytes("in-s3"), chunk_bytes("only-peer")
+        rig.s3.data[digest(in_s3)] = in_s3
+        peer.data[digest(only_peer)] = only_peer
+        m = await rig.open()
+        try:
+            assert await m.read_chunk(digest(in_s3)) == in_s3  # the peer never woke
+            assert (peer.cancelled, m.stats()["hedged_to_s3"]) == (1, 1)
+            late = asyncio.ensure_future(m.read_chunk(digest(only_peer)))
+            await until(lambda: rig.s3.calls["read"] == 2)  # S3 missed it ...
+            assert not late.done()
+            peer.wake.set()  # ... and the silent peer answers after all
+            assert await late == only_peer
+            assert m.stats()["hedged_to_s3"] == 2
+            assert m.stats()["tiers"]["s3"]["misses"] == 1
         finally:
             await m.close()
 

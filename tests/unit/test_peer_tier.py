@@ -496,3 +496,80 @@ def test_a_slow_first_choice_is_hedged() -> None:
             release.set()
 
     asyncio.run(_with_peers(apps, body))
+
+
+def owned_by(owner: str, peers: list[str], size: int = 5000) -> bytes:
+    while True:
+        data = os.urandom(size)
+        if rank_peers(digest(data), peers)[0] == owner:
+            return data
+
+
+def test_a_frozen_owner_is_reported_silent() -> None:
+    """The owner accepts connections but never answers (a SIGSTOPped process: the kernel
+    still completes the handshake): with nobody else to ask, ``silent`` is set while the
+    read still waits, so the caller can race S3 instead of waiting out the timeouts."""
+    data = owned_by("frozen", ["me", "frozen"])
+    d = digest(data)
+    frozen = socket.socket()
+    frozen.bind(("127.0.0.1", 0))
+    frozen.listen(64)  # never accepted, never answered
+    url = f"http://127.0.0.1:{frozen.getsockname()[1]}"
+
+    async def main() -> None:
+        directory = Directory([PeerAddr("me", "http://127.0.0.1:1"), PeerAddr("frozen", url)])
+        async with aiohttp.ClientSession() as session:
+            tier = PeerTier("me", directory, session, hedge_delay=0.01)
+            silent = asyncio.Event()
+            read = asyncio.ensure_future(tier.read(d, fetch_through=True, silent=silent))
+            try:
+                said = asyncio.ensure_future(silent.wait())
+                await asyncio.wait({read, said}, return_when=asyncio.FIRST_COMPLETED)
+                assert silent.is_set() and not read.done()  # said so, still waiting
+                stats = tier.stats()
+                assert stats["silent"] == 1 and stats["probes"] == 1
+                assert stats["fetch_through"] == 1
+            finally:
+                read.cancel()
+                await asyncio.gather(read, return_exceptions=True)
+                await tier.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        frozen.close()
+
+
+def test_a_busy_owner_that_answers_probes_is_waited_for() -> None:
+    """The owner takes its time over a fetch-through (an S3 read) but answers liveness
+    probes: the read waits for it, never reporting it silent (S3 would be read twice)."""
+    data = owned_by("owner", ["me", "owner"])
+    d = digest(data)
+    checks: list[bool] = []
+
+    async def fetch(request: web.Request) -> web.StreamResponse:
+        while len(checks) < 5:  # answer only after several silence checks found it alive
+            await asyncio.sleep(0.005)
+        return web.Response(body=data)
+
+    async def health(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"status": "ok"})
+
+    app = web.Application()
+    app.router.add_get("/api/chunks/{digest}", fetch)
+    app.router.add_get("/api/health", health)
+
+    async def body(tier: PeerTier, directory: Directory) -> None:
+        tier._hedge_delay = 0.01
+        alive = tier._alive
+
+        def counted(peer_id: str, asked_at: float) -> bool:
+            checks.append(alive(peer_id, asked_at))
+            return checks[-1]
+
+        tier._alive = counted  # type: ignore[method-assign]
+        silent = asyncio.Event()
+        assert await tier.read(d, fetch_through=True, silent=silent) == data
+        assert not silent.is_set() and all(checks) and tier.stats()["silent"] == 0
+
+    asyncio.run(_with_peers({"owner": app}, body))

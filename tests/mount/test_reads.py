@@ -1,0 +1,111 @@
+"""The read path through a real mount: a frozen or dead peer never stalls a read beyond the
+hedge delay plus one S3 fetch; reads return exactly the bytes written around every chunk and
+page boundary; a chunk file corrupted on NVMe is caught and refetched."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+from typing import Any
+
+from fastcache.chunks import digest
+from fastcache.tiers.peer import rank_peers
+from tests.helpers import wait_until
+from tests.integration.cluster import http
+from tests.mount.conftest import MountCluster, Node
+
+MiB = 1 << 20
+CHUNK = MiB  # the mount fixtures' --chunk-size
+# The peer tier's read timeout: a read that waited it out on a frozen peer was not hedged.
+# Reads below are joined within half of it (the hedge itself is 50 ms plus one S3 fetch).
+PEER_TIMEOUT = 10.0
+
+
+def stats(node: Node) -> dict[str, Any]:
+    answer = http("GET", f"{node.proc.url}/api/cache/stats")
+    assert answer.status == 200, answer.body
+    return answer.json()
+
+
+def owned_block(owner: str, peers: list[str]) -> bytes:
+    """One chunk's worth of random bytes whose chunk ``owner`` fetches for ``peers``."""
+    while True:
+        block = os.urandom(CHUNK)
+        if rank_peers(digest(block), peers)[0] == owner:
+            return block
+
+
+def stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped (SIGSTOP): state ``T`` in /proc/<pid>/stat."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2] == "T"
+
+
+def read_in_thread(path: Path) -> tuple[threading.Thread, dict[str, Any]]:
+    """Start reading ``path`` whole on a thread; its result lands in the dict."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["data"] = path.read_bytes()
+        except OSError as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, result
+
+
+def write_durably(node: Node, name: str, data: bytes) -> None:
+    """Write ``name`` on ``node`` and fsync it (its chunks are in S3 when this returns)."""
+    path = node.mnt / name
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def peer_stats(node: Node) -> dict[str, Any]:
+    return stats(node)["tiers"]["peer"]["tier"]
+
+
+def test_frozen_or_dead_owner_never_stalls_a_read(cluster_factory: MountCluster) -> None:
+    """A reader whose chunk's owner is frozen (SIGSTOP) hedges to S3 instead of waiting out
+    the peer timeout; once the owner is dead (SIGKILL) too."""
+    mc = cluster_factory
+    peers = ["client2", "client3"]  # the owner-to-be and the reader, started below
+    frozen_data = owned_block("client2", peers)
+    dead_data = owned_block("client2", peers)
+    writer = mc.add_node()  # client1: writes both files to S3, then leaves
+    write_durably(writer, "frozen", frozen_data)
+    write_durably(writer, "dead", dead_data)
+    mc.stop_node(writer)  # deregisters: no node holds the chunks now, S3 does
+    owner = mc.add_node()  # client2
+    reader = mc.add_node()  # client3: the owner is already registered when it starts
+    wait_until(lambda: peer_stats(reader)["live_peers"] == 1, 30, message="reader sees owner")
+
+    def read_hedged(path: Path, expected: bytes) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Read ``path`` on the reader; its peer-tier stats after and before."""
+        before = stats(reader)
+        thread, result = read_in_thread(path)
+        thread.join(PEER_TIMEOUT / 2)
+        assert not thread.is_alive(), "the read waited on the silent owner"
+        assert result.get("data") == expected, result.get("error")
+        now = stats(reader)
+        assert now["tiers"]["s3"]["hits"] == before["tiers"]["s3"]["hits"] + 1
+        return now["tiers"]["peer"]["tier"], before["tiers"]["peer"]["tier"]
+
+    owner.proc.signal(signal.SIGSTOP)
+    try:
+        peer_now, peer_before = read_hedged(reader.mnt / "frozen", frozen_data)
+        assert stopped(owner.pid)  # served while the owner was still frozen
+        assert peer_now["fetch_through"] == peer_before["fetch_through"] + 1
+        assert peer_now["silent"] == peer_before["silent"] + 1  # nobody else to ask ...
+        assert stats(reader)["hedged_to_s3"] == 1  # ... so S3 raced the frozen owner
+    finally:
+        mc.kill_node(owner)  # dead now (SIGKILL works on a stopped process)
+    peer_now, peer_before = read_hedged(reader.mnt / "dead", dead_data)
+    assert peer_now["silent"] == peer_before["silent"]  # refused at once: nothing to wait on
+    assert stats(reader)["hedged_to_s3"] == 1
