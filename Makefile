@@ -10,7 +10,7 @@ EXT_SOURCES := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: all deps bench-deps venv build dev-setup test test-verbose test-race bench bench-smoke \
+.PHONY: all deps bench-deps venv build dev-setup test test-verbose test-race test-long bench bench-smoke \
         lint annotate clean run-coordinator run-client-1 run-client-2 run-client-3 \
         dev-start dev-stop
 
@@ -63,6 +63,11 @@ test: build
 
 test-verbose: build
 	$(PY) -m pytest -v $(PYTEST_ARGS)
+
+## test-long: the randomised mount tests with a long, random budget (a failure prints the
+## shrunk steps and a @reproduce_failure blob); `make test` runs them briefly, seed fixed
+test-long: build
+	FASTCACHE_TEST_LONG=1 $(PY) -m pytest -v -p no:randomly tests/mount/test_model_fs.py --timeout 7200 $(PYTEST_ARGS)
 
 ## test-race: the concurrency stress tests with Python's dev mode and asyncio debug
 test-race: build
