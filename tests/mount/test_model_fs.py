@@ -145,7 +145,7 @@ class _Ops:
 
     @staticmethod
     def chmod(root: Path, p: str, mode: int) -> Any:
-        return os.chmod(root / p, mode, follow_symlinks=False)
+        return os.chmod(root / p, mode)  # Linux cannot chmod a symlink itself: its target
 
     @staticmethod
     def utime(root: Path, p: str, mtime_ns: int) -> Any:
