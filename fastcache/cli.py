@@ -6,9 +6,11 @@ Bad flags get a one-line message and exit status 2; no traceback reaches the use
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from fastcache import __version__
 from fastcache.config import (
@@ -30,41 +32,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fastcache",
-        description="A distributed FUSE filesystem with a 3-tier cache: NVMe, peers, S3.",
-    )
-    parser.add_argument("--version", action="version", version=f"fastcache {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    c = sub.add_parser("coordinator", help="run the coordinator (peers, locations, namespace)")
-    c.add_argument("--host", default="127.0.0.1")
-    c.add_argument("--port", type=int, default=8080)
-    c.add_argument("--state-dir", type=Path, default=Path("coordinator-state"))
-    c.add_argument(
-        "--peer-timeout",
-        type=float,
-        default=60.0,
-        help="seconds of silence after which a peer is dropped (default 60)",
-    )
-    c.add_argument(
-        "--sync-interval",
-        type=float,
-        default=0.1,
-        help="seconds from a namespace change to its fsync at the latest (default 0.1; "
-        "a change survives a coordinator crash at once, power loss after this or a sync)",
-    )
-    c.add_argument(
-        "--lease-term",
-        type=float,
-        default=2.0,
-        help="seconds a node's session lease on cached metadata lasts; the most a frozen "
-        "node delays another node's conflicting change (default 2)",
-    )
-    _add_common(c)
-
-    n = sub.add_parser("client", help="run a client node: API, peer cache, optional mount")
+def _add_node_args(n: argparse.ArgumentParser) -> None:
+    """The flags of a client node (``client`` and ``mount``)."""
     n.add_argument("--coordinator", default="http://127.0.0.1:8080", help="coordinator URL")
     n.add_argument("--host", default="127.0.0.1")
     n.add_argument("--port", type=int, default=8081)
@@ -82,7 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--s3-endpoint", help="S3 endpoint URL (default: AWS, or $AWS_ENDPOINT_URL)")
     n.add_argument("--bucket", default=None, help="S3 bucket (default fuse-client-cache)")
     n.add_argument("--region", default=None, help="S3 region (default us-east-1)")
-    n.add_argument("--mount", type=Path, help="mount point for the FUSE filesystem")
     n.add_argument("--heartbeat-interval", type=float, default=10.0)
     n.add_argument(
         "--attr-timeout",
@@ -141,6 +109,45 @@ def build_parser() -> argparse.ArgumentParser:
         default=120.0,
         help="seconds fsync() waits for S3 and the coordinator's sync before EIO (default 120)",
     )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastcache",
+        description="A distributed FUSE filesystem with a 3-tier cache: NVMe, peers, S3.",
+    )
+    parser.add_argument("--version", action="version", version=f"fastcache {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    c = sub.add_parser("coordinator", help="run the coordinator (peers, locations, namespace)")
+    c.add_argument("--host", default="127.0.0.1")
+    c.add_argument("--port", type=int, default=8080)
+    c.add_argument("--state-dir", type=Path, default=Path("coordinator-state"))
+    c.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=60.0,
+        help="seconds of silence after which a peer is dropped (default 60)",
+    )
+    c.add_argument(
+        "--sync-interval",
+        type=float,
+        default=0.1,
+        help="seconds from a namespace change to its fsync at the latest (default 0.1; "
+        "a change survives a coordinator crash at once, power loss after this or a sync)",
+    )
+    c.add_argument(
+        "--lease-term",
+        type=float,
+        default=2.0,
+        help="seconds a node's session lease on cached metadata lasts; the most a frozen "
+        "node delays another node's conflicting change (default 2)",
+    )
+    _add_common(c)
+
+    n = sub.add_parser("client", help="run a client node: API, peer cache, optional mount")
+    _add_node_args(n)
+    n.add_argument("--mount", type=Path, help="mount point for the FUSE filesystem")
     _add_common(n)
 
     d = sub.add_parser("dev-start", help="start S3, a coordinator and 3 mounted clients")
@@ -163,7 +170,83 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="benchmark fastcache beside other filesystems")
     b.add_argument("rest", nargs=argparse.REMAINDER, help="harness flags (fastcache bench --help)")
+    _add_admin_commands(sub)
     return parser
+
+
+def _add_coordinator_url(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--coordinator",
+        action="append",
+        help="coordinator URL (default http://127.0.0.1:8080; repeat for several)",
+    )
+    p.add_argument("--token", help="cluster token (default: $FASTCACHE_TOKEN)")
+    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING, ERROR")
+
+
+def _add_s3(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--s3-endpoint", help="S3 endpoint URL (default: AWS, or $AWS_ENDPOINT_URL)")
+    p.add_argument("--bucket", default=None, help="S3 bucket (default fuse-client-cache)")
+    p.add_argument("--region", default=None, help="S3 region (default us-east-1)")
+    p.add_argument("--threads", type=int, default=16, help="S3 requests in flight (default 16)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _add_admin_commands(sub: Any) -> None:
+    st = sub.add_parser("status", help="the cluster at a glance: coordinators, nodes, namespace")
+    _add_coordinator_url(st)
+    st.add_argument("--json", action="store_true", help="print the status as JSON")
+
+    w = sub.add_parser("warmup", help="fetch files or trees into a node's NVMe cache")
+    w.add_argument("paths", nargs="+", metavar="PATH", help="in a local mount, or /namespace/path")
+    w.add_argument("--node", help="node URL (default: the node serving the mount PATH is in)")
+    w.add_argument("--threads", type=int, default=16, help="chunk fetches in flight (default 16)")
+    w.add_argument(
+        "--cluster",
+        action="store_true",
+        help="warm every live node with the chunks it owns instead of one node",
+    )
+    _add_coordinator_url(w)
+
+    f = sub.add_parser("fsck", help="check that every chunk the namespace lists is in S3")
+    _add_coordinator_url(f)
+    _add_s3(f)
+    f.add_argument("--verify-data", action="store_true", help="GET and hash every chunk")
+    f.add_argument(
+        "--repair", action="store_true", help="re-upload missing or bad chunks from the nodes"
+    )
+
+    g = sub.add_parser("gc", help="find (and with --delete remove) unreferenced S3 chunks")
+    _add_coordinator_url(g)
+    _add_s3(g)
+    g.add_argument(
+        "--grace",
+        default="1h",
+        help="keep unreferenced chunks younger than this (seconds, or 30m, 1h, 2d; default 1h)",
+    )
+    g.add_argument(
+        "--delete", action="store_true", help="delete them (default: only list them, a dry run)"
+    )
+    g.add_argument("--dry-run", action="store_true", help="only list (the default)")
+
+    m = sub.add_parser(
+        "mount", help="mount the filesystem: run a client node, foreground or --daemon"
+    )
+    m.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    _add_node_args(m)
+    m.add_argument("--daemon", action="store_true", help="run in the background once mounted")
+    m.add_argument("--pid-file", type=Path, help="default /run/fastcache/<mountpoint>.pid")
+    m.add_argument("--log-file", type=Path, help="--daemon's log (default: beside the PID file)")
+    m.add_argument(
+        "--env-file", type=Path, help="KEY=VALUE lines (AWS_*, FASTCACHE_TOKEN) for the node"
+    )
+    _add_common(m)
+
+    u = sub.add_parser("umount", help="unmount: stop the node serving MOUNTPOINT")
+    u.add_argument("mountpoint", type=Path, metavar="MOUNTPOINT")
+    u.add_argument("--pid-file", type=Path, help="as given to fastcache mount")
+    u.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    u.add_argument("--log-level", default="WARNING")
 
 
 def coordinator_config(args: argparse.Namespace) -> CoordinatorConfig:
@@ -178,7 +261,7 @@ def coordinator_config(args: argparse.Namespace) -> CoordinatorConfig:
     )
 
 
-def client_config(args: argparse.Namespace) -> ClientConfig:
+def client_config(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ClientConfig:
     cache = CacheConfig(
         nvme_dir=args.nvme_dir,
         nvme_capacity=parse_capacity(args.nvme_capacity, args.nvme_dir),
@@ -187,7 +270,7 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
         verify_cache=args.verify_cache,
         replication=args.replication,
     )
-    s3 = S3Config.from_env(endpoint=args.s3_endpoint, bucket=args.bucket, region=args.region)
+    s3 = S3Config.from_env(env, endpoint=args.s3_endpoint, bucket=args.bucket, region=args.region)
     return ClientConfig(
         cache=cache,
         s3=s3,
@@ -196,7 +279,7 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
         port=args.port,
         advertise_url=args.advertise_url,
         peer_id=args.peer_id or f"{args.host}:{args.port}",
-        token=args.token or token_from_env(),
+        token=args.token or token_from_env(env),
         heartbeat_interval=args.heartbeat_interval,
         mount=args.mount,
         attr_timeout=args.attr_timeout,
@@ -208,6 +291,26 @@ def client_config(args: argparse.Namespace) -> ClientConfig:
         fsync_timeout=args.fsync_timeout,
         max_file_size=parse_size(args.max_file_size),
     )
+
+
+ADMIN_COMMANDS = ("status", "warmup", "fsck", "gc", "mount", "umount")
+
+
+def _admin(args: argparse.Namespace, argv: list[str]) -> int:
+    """The operator commands (``fastcache.admin``): their config from flags and env here."""
+    from fastcache.admin import commands, mounting
+
+    token = getattr(args, "token", None) or token_from_env()
+    if args.command in ("fsck", "gc"):
+        s3 = S3Config.from_env(endpoint=args.s3_endpoint, bucket=args.bucket, region=args.region)
+        return commands.check_bucket(args, token, s3)
+    if args.command == "mount":
+        env = None
+        if args.env_file is not None:
+            env = {**os.environ, **mounting.read_env_file(args.env_file)}
+        args.mount = args.mountpoint
+        return commands.mount(args, argv, client_config(args, env), env)
+    return commands.run(args, token)
 
 
 def _fuse_tuning(args: argparse.Namespace) -> dict[str, object]:
@@ -255,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from fastcache import devcluster
 
             return devcluster.stop(args)
+        if args.command in ADMIN_COMMANDS:
+            return _admin(args, argv)
     except ConfigError as exc:
         print(f"fastcache: {exc}", file=sys.stderr)
         return 2
@@ -268,6 +373,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def mount_helper(argv: Sequence[str] | None = None) -> int:
+    """``mount.fastcache SOURCE MOUNTPOINT -o key=value,...``: what mount(8) runs for
+    ``mount -t fastcache`` and /etc/fstab lines; mounts as a daemon (``fastcache mount``)."""
+    from fastcache.admin.mounting import helper_argv
+
+    try:
+        translated = helper_argv(list(sys.argv[1:] if argv is None else argv))
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1  # mount(8): incorrect invocation
+    return 0 if translated is None else main(translated)
 
 
 def _bench_on_path() -> None:

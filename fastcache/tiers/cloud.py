@@ -304,16 +304,20 @@ class CloudTier:
     # --- tooling ---------------------------------------------------------------------------
     async def list_chunks(self) -> list[str]:
         """Every chunk digest in the bucket (paginated listing; for tests and tooling)."""
-        return [d for d, _ in await self._call("list", self._list_sync)]
+        return [d for d, _, _ in await self._call("list", self._list_sync)]
 
-    def _list_sync(self) -> list[tuple[str, int]]:
-        out: list[tuple[str, int]] = []
+    async def list_objects(self) -> list[tuple[str, int, float]]:
+        """``(digest, size, last modified in epoch seconds)`` of every chunk (``fastcache gc``)."""
+        return await self._call("list", self._list_sync)
+
+    def _list_sync(self) -> list[tuple[str, int, float]]:
+        out: list[tuple[str, int, float]] = []
         paginator = self._client.get_paginator("list_objects_v2")
         for page in paginator.paginate(Bucket=self.bucket, Prefix=PREFIX):
             for obj in page.get("Contents", ()):
                 name = obj["Key"][len(PREFIX) :]
                 if is_digest(name):
-                    out.append((name, int(obj["Size"])))
+                    out.append((name, int(obj["Size"]), obj["LastModified"].timestamp()))
         return out
 
     async def usage(self, max_age: float = 60.0) -> dict[str, Any]:
@@ -325,7 +329,7 @@ class CloudTier:
         self._usage = {
             "at": time.monotonic(),
             "chunks": len(listing),
-            "bytes": sum(n for _, n in listing),
+            "bytes": sum(n for _, n, _ in listing),
         }
         return {"chunks": self._usage["chunks"], "bytes": self._usage["bytes"]}
 
