@@ -66,7 +66,25 @@ class ReadOnly(FastcacheError):
 
 
 class Unsupported(FastcacheError):
-    """A feature fastcache does not implement."""
+    """A feature fastcache does not implement (ENOTSUP), e.g. an unknown xattr namespace."""
+
+
+# --- extended attributes ---------------------------------------------------------------
+class NoAttribute(FastcacheError):
+    """No extended attribute of that name (ENODATA, which Linux also calls ENOATTR)."""
+
+
+class OutOfRange(FastcacheError):
+    """A name or buffer outside what the call allows (ERANGE): an xattr name of 0 or more
+    than 255 bytes, a value larger than the caller's buffer."""
+
+
+class ValueTooLarge(FastcacheError):
+    """An extended attribute's value larger than 64 KiB (E2BIG)."""
+
+
+class NoSpace(FastcacheError):
+    """An inode's room for extended attributes is used up (ENOSPC, as ext4 answers)."""
 
 
 # --- tiers and data ------------------------------------------------------------------
@@ -120,6 +138,10 @@ _ERRNO: list[tuple[type[BaseException], int]] = [
     (Conflict, _errno.EAGAIN),
     (ReadOnly, _errno.EROFS),
     (Unsupported, _errno.EOPNOTSUPP),
+    (NoAttribute, _errno.ENODATA),
+    (OutOfRange, _errno.ERANGE),
+    (ValueTooLarge, _errno.E2BIG),
+    (NoSpace, _errno.ENOSPC),
     (TierFull, _errno.ENOSPC),
     (PayloadTooLarge, _errno.EFBIG),
     (ChunkCorrupt, _errno.EIO),
@@ -136,13 +158,17 @@ _HTTP: list[tuple[type[BaseException], int]] = [
     (PermissionDenied, 403),
     (NotPermitted, 403),
     (NotFound, 404),  # includes ChunkNotFound
+    (NoAttribute, 404),
+    (OutOfRange, 400),
     (Exists, 409),
     (NotEmpty, 409),
     (Conflict, 409),
     (NotADirectory, 409),
     (IsADirectory, 409),
     (PayloadTooLarge, 413),
-    (Unsupported, 501),
+    (ValueTooLarge, 413),
+    (Unsupported, 400),  # a well-formed request for what is not implemented (ENOTSUP)
+    (NoSpace, 507),
     (ReadOnly, 403),
     (TierFull, 507),
     (ChunkCorrupt, 502),
@@ -209,6 +235,10 @@ _BY_KIND: dict[str, type[FastcacheError]] = {
         Conflict,
         ReadOnly,
         Unsupported,
+        NoAttribute,
+        OutOfRange,
+        ValueTooLarge,
+        NoSpace,
         ChunkNotFound,
         ChunkCorrupt,
         TierUnavailable,

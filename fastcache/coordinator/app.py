@@ -18,6 +18,8 @@ syncs before it exits.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import logging
 import signal
@@ -42,6 +44,10 @@ from fastcache.coordinator.model import (
     STATUS_PATTERN,
     UID_MAX,
     URL_PATTERN,
+    XATTR_CREATE,
+    XATTR_NAME_MAX,
+    XATTR_REPLACE,
+    XATTR_SIZE_MAX,
 )
 from fastcache.coordinator.service import CoordinatorService, location_key
 from fastcache.coordinator.session import Op, SessionHub
@@ -120,6 +126,7 @@ ATTRS = _obj(
         "target",
         "version",
         "blocks",
+        "xattrs",
         "manifest",
     ],
     ino=_INO,
@@ -136,6 +143,7 @@ ATTRS = _obj(
     target={"type": "string", "nullable": True},
     version=_INT64,
     blocks=_INT64,
+    xattrs={**_INT64, "description": "how many extended attributes the inode has"},
     manifest={**_MANIFEST, "nullable": True},
 )
 # create's answer: the new inode, and its parent after and (version) before the change
@@ -220,6 +228,46 @@ PUT_PATH = _obj(
     make_parents={"type": "boolean"},
 )
 
+# Extended attributes. Names are text; their limits are the service's (ERANGE, ENOTSUP), not
+# the schema's. Values travel as base64 (standard alphabet, padded) over REST and the
+# session alike; the schema bounds the text, the service the bytes (E2BIG beyond 64 KiB).
+_XATTR_NAME: Schema = {
+    "type": "string",
+    "description": (
+        f"namespace.name, 1 to {XATTR_NAME_MAX} UTF-8 bytes (ERANGE beyond); namespaces"
+        " user, trusted, security (others, system.posix_acl_* included: ENOTSUP)"
+    ),
+}
+_XATTR_VALUE: Schema = {
+    "type": "string",
+    "pattern": "^[A-Za-z0-9+/]*={0,2}$",
+    "maxLength": 2 * 4 * -(-XATTR_SIZE_MAX // 3),
+    "description": f"the value in base64; at most {XATTR_SIZE_MAX} bytes (E2BIG beyond)",
+}
+_GIDS: Schema = {"type": "array", "items": _ID, "maxItems": 65536}
+_XATTR_FLAGS: Schema = {
+    "type": "integer",
+    "minimum": 0,
+    "maximum": XATTR_CREATE | XATTR_REPLACE,
+    "description": f"{XATTR_CREATE}: XATTR_CREATE (EEXIST if it exists), {XATTR_REPLACE}:"
+    " XATTR_REPLACE (ENODATA if it does not)",
+}
+_WHO_DOC = (
+    "as whom (Linux's rules: user.* needs read or write permission, trusted.* is root's);"
+    " without uid, as the cluster (no check)"
+)
+SETXATTR = _obj(
+    ["name", "value"],
+    name=_XATTR_NAME,
+    value=_XATTR_VALUE,
+    flags=_XATTR_FLAGS,
+    uid={**_ID, "description": _WHO_DOC},
+    gids=_GIDS,
+)
+XATTR = _obj(["name", "value"], name=_XATTR_NAME, value=_XATTR_VALUE)
+XATTR_NAMES = _obj(["names"], names={"type": "array", "items": _XATTR_NAME})
+XATTR_GET = _obj([], **XATTR["properties"], **XATTR_NAMES["properties"])  # one or the other
+
 P_INO = Param("ino", "path", _INO)
 P_PEER = Param("peer_id", "path", _PEER_ID)
 P_PATH = Param("path", "query", _PATH, description="a path in the namespace")
@@ -233,6 +281,15 @@ P_REPLY = Param(
     description="answer with the parent's attributes instead of 204",
 )
 P_LIMIT = Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_READDIR})
+P_XNAME = Param("name", "query", _XATTR_NAME, description="one attribute (without: the names)")
+P_XNAME_REQ = Param("name", "query", _XATTR_NAME, required=True)
+P_UID = Param("uid", "query", _ID, description=_WHO_DOC)
+P_GIDS = Param(
+    "gids",
+    "query",
+    {"type": "string", "pattern": "^[0-9]{1,10}(,[0-9]{1,10}){0,65535}$"},
+    description="the caller's groups, comma-separated",
+)
 
 
 # --- the namespace operations: one table for REST and the session ------------------------
@@ -262,6 +319,9 @@ SYMLINK_ARGS = _obj(
 REMOVE_ARGS = _with(LOOKUP, ["is_dir"], is_dir={"type": "boolean"})
 COMMIT_ARGS = _with(COMMIT, ["ino"], ino=_INO)
 NO_ARGS = _obj([])
+XATTR_ARGS = _obj(["ino", "name"], ino=_INO, name=_XATTR_NAME, uid=_ID, gids=_GIDS)
+XATTRS_ARGS = _obj(["ino"], ino=_INO, uid=_ID, gids=_GIDS)
+SETXATTR_ARGS = _with(SETXATTR, ["ino"], ino=_INO)
 LOCATIONS_ARGS = _obj(
     ["peer_id", "chunks"],
     peer_id=_PEER_ID,
@@ -359,6 +419,39 @@ async def _op_commit(svc: CoordinatorService, a: dict[str, Any]) -> Any:
     return attrs.to_json()
 
 
+def _who(a: dict[str, Any]) -> dict[str, Any]:
+    """The caller an xattr op checks permissions for (``uid`` absent: no check)."""
+    return {"uid": opt_int(a, "uid"), "gids": a.get("gids") or ()}
+
+
+def _unbase64(text: str) -> bytes:
+    try:
+        return base64.b64decode(text, validate=True)
+    except binascii.Error:
+        raise BadRequest("value is not base64") from None
+
+
+async def _op_getxattr(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    name = req_str(a, "name")
+    value = await svc.getxattr(req_int(a, "ino"), name, **_who(a))
+    return {"name": name, "value": base64.b64encode(value).decode()}
+
+
+async def _op_listxattr(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    return {"names": await svc.listxattr(req_int(a, "ino"), **_who(a))}
+
+
+async def _op_setxattr(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    value = _unbase64(req_str(a, "value"))
+    flags = opt_int(a, "flags") or 0
+    attrs = await svc.setxattr(req_int(a, "ino"), req_str(a, "name"), value, flags, **_who(a))
+    return attrs.to_json()
+
+
+async def _op_removexattr(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    return (await svc.removexattr(req_int(a, "ino"), req_str(a, "name"), **_who(a))).to_json()
+
+
 async def _op_statfs(svc: CoordinatorService, a: dict[str, Any]) -> Any:
     return await svc.statfs()
 
@@ -389,6 +482,10 @@ NS_OPS: dict[str, Op] = {
     "remove_entry": Op(REMOVE_ARGS, _op_remove_entry),
     "rename": Op(RENAME, _op_rename),
     "commit_manifest": Op(COMMIT_ARGS, _op_commit),
+    "getxattr": Op(XATTR_ARGS, _op_getxattr),
+    "listxattr": Op(XATTRS_ARGS, _op_listxattr),
+    "setxattr": Op(SETXATTR_ARGS, _op_setxattr),
+    "removexattr": Op(XATTR_ARGS, _op_removexattr),
     "statfs": Op(NO_ARGS, _op_statfs),
     "sync": Op(NO_ARGS, _op_sync),
     "add_locations": Op(LOCATIONS_ARGS, _op_add_locations),
@@ -536,6 +633,30 @@ class _Views:
         ino = P_INO.get(request)
         doc = await read_json(request, COMMIT)
         return _json(await self._op("commit_manifest", {**doc, "ino": ino}))
+
+    def _xattr_args(self, request: web.Request, name: Param | None) -> dict[str, Any]:
+        args: dict[str, Any] = {"ino": P_INO.get(request), "uid": P_UID.get(request)}
+        gids = P_GIDS.get(request)
+        if gids is not None:
+            args["gids"] = [int(g) for g in gids.split(",")]
+        if name is not None:
+            args["name"] = name.get(request)
+        return args
+
+    async def getxattr(self, request: web.Request) -> web.Response:
+        """With ``?name=``: that attribute's value; without: the names."""
+        args = self._xattr_args(request, P_XNAME)
+        if args["name"] is None:
+            del args["name"]
+            return _json(await self._op("listxattr", args))
+        return _json(await self._op("getxattr", args))
+
+    async def setxattr(self, request: web.Request) -> web.Response:
+        doc = await read_json(request, SETXATTR)
+        return _json(await self._op("setxattr", {**doc, "ino": P_INO.get(request)}))
+
+    async def removexattr(self, request: web.Request) -> web.Response:
+        return _json(await self._op("removexattr", self._xattr_args(request, P_XNAME_REQ)))
 
     async def resolve(self, request: web.Request) -> web.Response:
         return _json((await self.svc.resolve(P_PATH_REQ.get(request))).to_json())
@@ -731,6 +852,35 @@ def _routes(app: web.Application, api: OpenAPI, v: _Views) -> None:
         params=[P_INO],
         body=COMMIT,
         responses={200: ATTRS, **ns_err},
+    )
+    xattr_err = {**ns_err, 403: ERROR_SCHEMA}
+    add(
+        r,
+        "GET",
+        "/api/ns/inodes/{ino}/xattrs",
+        v.getxattr,
+        summary="An extended attribute's value (?name=), or without a name every name",
+        params=[P_INO, P_XNAME, P_UID, P_GIDS],
+        responses={200: XATTR_GET, **xattr_err},
+    )
+    add(
+        r,
+        "PUT",
+        "/api/ns/inodes/{ino}/xattrs",
+        v.setxattr,
+        summary="Set an extended attribute (flags: XATTR_CREATE, XATTR_REPLACE); 413: E2BIG",
+        params=[P_INO],
+        body=SETXATTR,
+        responses={200: ATTRS, 507: ERROR_SCHEMA, **xattr_err},
+    )
+    add(
+        r,
+        "DELETE",
+        "/api/ns/inodes/{ino}/xattrs",
+        v.removexattr,
+        summary="Remove an extended attribute",
+        params=[P_INO, P_XNAME_REQ, P_UID, P_GIDS],
+        responses={200: ATTRS, **xattr_err},
     )
     add(
         r,

@@ -12,7 +12,8 @@ disk (it survives power loss): what a node's ``fsync``/``syncfs`` waits for.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import base64
+from collections.abc import Iterable, Sequence
 from types import TracebackType
 from typing import Any
 from urllib.parse import quote
@@ -369,6 +370,52 @@ class CoordinatorClient:
         return InodeAttrs.from_json(
             await self._request("PUT", f"/api/ns/inodes/{ino}/manifest", body=body)
         )
+
+    # --- extended attributes (values travel as base64) -------------------------------------
+    # ``uid``/``gids``: check Linux's permission rules for that caller; without: none.
+    @staticmethod
+    def _who(uid: int | None, gids: Sequence[int]) -> dict[str, Any]:
+        return {"uid": uid, "gids": ",".join(map(str, gids)) if gids else None}
+
+    async def getxattr(
+        self, ino: int, name: str, *, uid: int | None = None, gids: Sequence[int] = ()
+    ) -> bytes:
+        params = {"name": name, **self._who(uid, gids)}
+        doc = await self._request("GET", f"/api/ns/inodes/{ino}/xattrs", params=params)
+        return base64.b64decode(doc["value"])
+
+    async def listxattr(
+        self, ino: int, *, uid: int | None = None, gids: Sequence[int] = ()
+    ) -> list[str]:
+        params = self._who(uid, gids)
+        doc = await self._request("GET", f"/api/ns/inodes/{ino}/xattrs", params=params)
+        return list(doc["names"])
+
+    async def setxattr(
+        self,
+        ino: int,
+        name: str,
+        value: bytes,
+        flags: int = 0,
+        *,
+        uid: int | None = None,
+        gids: Sequence[int] = (),
+    ) -> InodeAttrs:
+        body: dict[str, Any] = {"name": name, "value": base64.b64encode(value).decode()}
+        if flags:
+            body["flags"] = flags
+        if uid is not None:
+            body["uid"] = uid
+            body["gids"] = list(gids)
+        doc = await self._request("PUT", f"/api/ns/inodes/{ino}/xattrs", body=body)
+        return InodeAttrs.from_json(doc)
+
+    async def removexattr(
+        self, ino: int, name: str, *, uid: int | None = None, gids: Sequence[int] = ()
+    ) -> InodeAttrs:
+        params = {"name": name, **self._who(uid, gids)}
+        doc = await self._request("DELETE", f"/api/ns/inodes/{ino}/xattrs", params=params)
+        return InodeAttrs.from_json(doc)
 
     async def resolve(self, path: str) -> InodeAttrs:
         return InodeAttrs.from_json(

@@ -20,7 +20,13 @@ from typing import Any
 
 import xxhash
 
-from fastcache.errors import BadRequest
+from fastcache.errors import (
+    BadRequest,
+    InvalidArgument,
+    OutOfRange,
+    Unsupported,
+    ValueTooLarge,
+)
 from fastcache.paths import is_digest
 
 # --- limits ------------------------------------------------------------------------------
@@ -42,6 +48,15 @@ PEER_ID_RE = re.compile(PEER_ID_PATTERN)
 URL_RE = re.compile(URL_PATTERN)
 STATUS_RE = re.compile(STATUS_PATTERN)
 BLOCK = 4096  # allocation unit ``st_blocks`` rounds to
+# Extended attributes: Linux's limits (``XATTR_NAME_MAX``, ``XATTR_SIZE_MAX``,
+# ``XATTR_LIST_MAX``) and the room one inode has for them (ext4 answers ENOSPC when full).
+XATTR_NAME_MAX = 255  # bytes of a name, its namespace prefix included
+XATTR_SIZE_MAX = 65536  # bytes of one value
+XATTR_LIST_MAX = 65536  # bytes of an inode's names, one NUL after each (listxattr's answer)
+XATTR_TOTAL_MAX = 1 << 20  # bytes of an inode's names and values together
+XATTR_CREATE = 1  # setxattr flags, as in <sys/xattr.h>
+XATTR_REPLACE = 2
+XATTR_NAMESPACES = ("user", "trusted", "security")  # stored; ``system.*`` (ACLs) is not
 
 
 # --- the wire types ----------------------------------------------------------------------
@@ -63,6 +78,10 @@ class InodeAttrs:
     target: str | None = None
     version: int = 0
     blocks: int = 0  # 512-byte blocks of the file's data chunks (``st_blocks``; holes free)
+    # How many extended attributes it has (the coordinator always says; ``None``: unknown).
+    # A node holding the attributes answers "none" itself: the kernel asks for
+    # ``security.capability`` before every write and ``ls -l`` for ACLs and labels.
+    xattrs: int | None = None
     manifest: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -118,6 +137,42 @@ class PeerInfo:
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> PeerInfo:
         return cls(**{name: doc[name] for name in cls.__dataclass_fields__})
+
+
+# --- extended attributes -------------------------------------------------------------------
+def xattr_namespace(name: Any) -> str:
+    """Check an extended attribute's name as Linux does; its namespace (``XATTR_NAMESPACES``).
+
+    ``OutOfRange`` (ERANGE) for an empty name or one over ``XATTR_NAME_MAX`` UTF-8 bytes;
+    ``InvalidArgument`` (EINVAL) for a name that is not a string, holds a NUL or is a bare
+    prefix (``user.``); ``Unsupported`` (ENOTSUP) for any other namespace, ``system.*``
+    (POSIX ACLs) included. Names are UTF-8 (the wire carries text).
+    """
+    if not isinstance(name, str):
+        raise InvalidArgument("an xattr name is a string")
+    try:
+        size = len(name.encode())
+    except UnicodeEncodeError:
+        raise InvalidArgument("an xattr name must be valid UTF-8") from None
+    if not 0 < size <= XATTR_NAME_MAX:
+        raise OutOfRange(f"an xattr name has 1 to {XATTR_NAME_MAX} bytes")
+    if "\0" in name:
+        raise InvalidArgument("an xattr name has no NUL")
+    space, dot, rest = name.partition(".")
+    if not dot or space not in XATTR_NAMESPACES:
+        raise Unsupported(f"xattr namespace of {name!r} not supported (user, trusted, security)")
+    if not rest:
+        raise InvalidArgument(f"{name!r}: a namespace needs a name after it")
+    return space
+
+
+def check_xattr_value(value: Any) -> bytes:
+    """A value is bytes of at most ``XATTR_SIZE_MAX``; ``ValueTooLarge`` (E2BIG) beyond."""
+    if not isinstance(value, bytes | bytearray | memoryview):
+        raise InvalidArgument("an xattr value is bytes")
+    if len(value) > XATTR_SIZE_MAX:
+        raise ValueTooLarge(f"an xattr value has at most {XATTR_SIZE_MAX} bytes")
+    return bytes(value)
 
 
 # --- manifests ---------------------------------------------------------------------------

@@ -18,6 +18,7 @@ Namespace rules, as POSIX and ext4 have them:
 
 from __future__ import annotations
 
+import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -37,11 +38,17 @@ from fastcache.coordinator.model import (
     STATUS_RE,
     UID_MAX,
     URL_RE,
+    XATTR_CREATE,
+    XATTR_LIST_MAX,
+    XATTR_REPLACE,
+    XATTR_TOTAL_MAX,
     Entry,
     InodeAttrs,
     PeerInfo,
     allocated_blocks,
+    check_xattr_value,
     validate_manifest,
+    xattr_namespace,
 )
 from fastcache.coordinator.store import DEFAULT_SYNC_INTERVAL, SQLiteStore, Store, Txn
 from fastcache.errors import (
@@ -50,10 +57,13 @@ from fastcache.errors import (
     Exists,
     InvalidArgument,
     IsADirectory,
+    NoAttribute,
+    NoSpace,
     NotADirectory,
     NotEmpty,
     NotFound,
     NotPermitted,
+    PermissionDenied,
 )
 from fastcache.paths import is_digest, join_path, split_path, validate_name
 
@@ -73,6 +83,13 @@ def _int(value: Any, name: str, lo: int, hi: int) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
         raise InvalidArgument(f"{name} must be an integer in [{lo}, {hi}]")
     return value
+
+
+def _caller(uid: int | None, gids: Sequence[int]) -> None:
+    if uid is not None:
+        _int(uid, "uid", 0, UID_MAX)
+    for gid in gids:
+        _int(gid, "gid", 0, UID_MAX)
 
 
 def location_key(path: str | None = None, chunk: str | None = None) -> str:
@@ -128,6 +145,46 @@ def _not_into_itself(tx: Txn, moving: int, new_parent: int) -> None:
         if cur == moving:
             raise InvalidArgument("cannot move a directory into its own subtree")
         cur = tx.parent_of(cur)
+
+
+def _may(attrs: InodeAttrs, uid: int, gids: Sequence[int], want: int) -> bool:
+    """POSIX mode bits: the owner's, else the group's (any of ``gids``), else the others'."""
+    if uid == attrs.uid:
+        bits = attrs.mode >> 6
+    elif attrs.gid in gids:
+        bits = attrs.mode >> 3
+    else:
+        bits = attrs.mode
+    return bits & want == want
+
+
+def _xattr_access(
+    attrs: InodeAttrs, name: str, space: str, write: bool, uid: int | None, gids: Sequence[int]
+) -> None:
+    """Linux's ``xattr_permission`` (and the capability module's rule for ``security.*``).
+
+    ``user.*`` lives on regular files and directories only (elsewhere: EPERM to change,
+    ENODATA to read, for root too), needs write permission to change (on a sticky
+    directory, ownership) and read permission to read; ``trusted.*`` is root's alone
+    (EPERM to change, ENODATA to read); anyone reads ``security.*``, root alone changes it.
+    ``uid`` ``None``: a caller that has checked already (a node, after its kernel did).
+    """
+    if space == "user" and attrs.type not in ("file", "dir"):
+        if write:
+            raise NotPermitted(f"user.* attributes live on files and directories only ({name!r})")
+        raise NoAttribute(f"no attribute {name!r} on inode {attrs.ino}")
+    if uid is None or uid == 0:
+        return
+    if space == "trusted" or (space == "security" and write):
+        if write:
+            raise NotPermitted(f"only root may change {name!r}")
+        raise NoAttribute(f"no attribute {name!r} on inode {attrs.ino}")
+    if space == "security":
+        return
+    if write and attrs.is_dir and attrs.mode & stat.S_ISVTX and uid != attrs.uid:
+        raise NotPermitted("only the owner changes user.* attributes of a sticky directory")
+    if not _may(attrs, uid, gids, 2 if write else 4):
+        raise PermissionDenied(f"no {'write' if write else 'read'} permission on inode {attrs.ino}")
 
 
 def _walk(tx: Txn, parts: tuple[str, ...]) -> int:
@@ -431,6 +488,7 @@ class CoordinatorService:
             nlink=2 if is_dir else 1,
             rdev=rdev,
             target=target,
+            xattrs=0,
         )
         attrs.ino = tx.add_inode(attrs)
         tx.add_entry(parent, name, attrs.ino)
@@ -697,6 +755,98 @@ class CoordinatorService:
                 if peer is not None and self._live(peer, now):
                     tx.add_locations(keys, holder)
             return attrs
+
+        return await self._mutate(op, [attr_key(ino)])
+
+    # --- namespace: extended attributes ----------------------------------------------------
+    # Per inode, so hard links share them and a rename keeps them; they go with the inode.
+    # ``uid``/``gids``: the caller to check (Linux's rules, ``_xattr_access``); ``None`` for
+    # a caller that checked already (a node: its kernel did, with every group of the process).
+    async def getxattr(
+        self, ino: int, name: str, *, uid: int | None = None, gids: Sequence[int] = ()
+    ) -> bytes:
+        """One attribute's value; ``NoAttribute`` (ENODATA) if the inode has none of that name."""
+        space = xattr_namespace(name)
+        _caller(uid, gids)
+
+        def op(tx: Txn) -> bytes:
+            _xattr_access(_inode(tx, ino), name, space, False, uid, gids)
+            value = tx.get_xattr(ino, name)
+            if value is None:
+                raise NoAttribute(f"no attribute {name!r} on inode {ino}")
+            return value
+
+        return await self.store.transact(op, readonly=True)
+
+    async def listxattr(
+        self, ino: int, *, uid: int | None = None, gids: Sequence[int] = ()
+    ) -> list[str]:
+        """The names, in order. As on Linux no permission is needed, and a caller other than
+        root does not see ``trusted.*``."""
+        _caller(uid, gids)
+
+        def op(tx: Txn) -> list[str]:
+            _inode(tx, ino)
+            names = tx.list_xattrs(ino)
+            if uid not in (None, 0):
+                names = [n for n in names if not n.startswith("trusted.")]
+            return names
+
+        return await self.store.transact(op, readonly=True)
+
+    async def setxattr(
+        self,
+        ino: int,
+        name: str,
+        value: bytes,
+        flags: int = 0,
+        *,
+        uid: int | None = None,
+        gids: Sequence[int] = (),
+    ) -> InodeAttrs:
+        """Create or replace one attribute; the inode's attributes after it (ctime moves).
+
+        ``XATTR_CREATE``: ``Exists`` if it is there; ``XATTR_REPLACE``: ``NoAttribute`` if it
+        is not. Beyond the inode's room (``XATTR_LIST_MAX`` of names, ``XATTR_TOTAL_MAX`` of
+        names and values): ``NoSpace``. The version stays: it is the content's, which a
+        writer commits against.
+        """
+        space = xattr_namespace(name)
+        value = check_xattr_value(value)
+        _int(flags, "flags", 0, XATTR_CREATE | XATTR_REPLACE)
+        _caller(uid, gids)
+
+        def op(tx: Txn) -> InodeAttrs:
+            attrs = _inode(tx, ino)
+            _xattr_access(attrs, name, space, True, uid, gids)
+            exists = tx.get_xattr(ino, name) is not None
+            if exists and flags & XATTR_CREATE:
+                raise Exists(f"attribute {name!r} exists on inode {ino}")
+            if not exists and flags & XATTR_REPLACE:
+                raise NoAttribute(f"no attribute {name!r} on inode {ino}")
+            tx.set_xattr(ino, name, value)
+            count, names, total = tx.xattr_usage(ino)
+            if names + count > XATTR_LIST_MAX or total > XATTR_TOTAL_MAX:
+                raise NoSpace(f"no room for more extended attributes on inode {ino}")
+            tx.update_inode(ino, ctime_ns=time.time_ns(), xattrs=count)
+            return _inode(tx, ino)
+
+        return await self._mutate(op, [attr_key(ino)])
+
+    async def removexattr(
+        self, ino: int, name: str, *, uid: int | None = None, gids: Sequence[int] = ()
+    ) -> InodeAttrs:
+        """Remove one attribute (``NoAttribute`` if absent); the inode's attributes after it."""
+        space = xattr_namespace(name)
+        _caller(uid, gids)
+
+        def op(tx: Txn) -> InodeAttrs:
+            _xattr_access(_inode(tx, ino), name, space, True, uid, gids)
+            if not tx.remove_xattr(ino, name):
+                raise NoAttribute(f"no attribute {name!r} on inode {ino}")
+            count = tx.xattr_usage(ino)[0]
+            tx.update_inode(ino, ctime_ns=time.time_ns(), xattrs=count)
+            return _inode(tx, ino)
 
         return await self._mutate(op, [attr_key(ino)])
 

@@ -22,12 +22,13 @@ Callbacks (plain functions or coroutine functions):
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import inspect
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from itertools import count
 from types import TracebackType
@@ -546,6 +547,48 @@ class SessionClient:
                 args["holder"] = holder
                 args["held"] = names
         return InodeAttrs.from_json((await self._call("commit_manifest", args))["ok"])
+
+    # --- extended attributes (values travel as base64, as over REST) ---------------------
+    @staticmethod
+    def _xattr_args(ino: int, uid: int | None, gids: Sequence[int], **more: Any) -> dict[str, Any]:
+        args: dict[str, Any] = {"ino": ino, **more}
+        if uid is not None:
+            args["uid"] = uid
+            args["gids"] = list(gids)
+        return args
+
+    async def getxattr(
+        self, ino: int, name: str, *, uid: int | None = None, gids: Sequence[int] = ()
+    ) -> bytes:
+        args = self._xattr_args(ino, uid, gids, name=name)
+        return base64.b64decode((await self._call("getxattr", args, retry=True))["ok"]["value"])
+
+    async def listxattr(
+        self, ino: int, *, uid: int | None = None, gids: Sequence[int] = ()
+    ) -> list[str]:
+        args = self._xattr_args(ino, uid, gids)
+        return list((await self._call("listxattr", args, retry=True))["ok"]["names"])
+
+    async def setxattr(
+        self,
+        ino: int,
+        name: str,
+        value: bytes,
+        flags: int = 0,
+        *,
+        uid: int | None = None,
+        gids: Sequence[int] = (),
+    ) -> InodeAttrs:
+        args = self._xattr_args(
+            ino, uid, gids, name=name, value=base64.b64encode(value).decode(), flags=flags
+        )
+        return InodeAttrs.from_json((await self._call("setxattr", args))["ok"])
+
+    async def removexattr(
+        self, ino: int, name: str, *, uid: int | None = None, gids: Sequence[int] = ()
+    ) -> InodeAttrs:
+        args = self._xattr_args(ino, uid, gids, name=name)
+        return InodeAttrs.from_json((await self._call("removexattr", args))["ok"])
 
     async def statfs(self) -> dict[str, int]:
         return dict((await self._call("statfs", {}, retry=True))["ok"])

@@ -53,7 +53,7 @@ from fastcache.coordinator.model import (
 T = TypeVar("T")
 log = logging.getLogger("fastcache.coordinator.store")
 
-SCHEMA_VERSION = 2  # 2: inodes.blocks
+SCHEMA_VERSION = 3  # 2: inodes.blocks; 3: xattrs, inodes.xattrs
 DEFAULT_SYNC_INTERVAL = 0.1  # seconds from a commit to its fsync, at the latest
 MAX_GROUP = 1024  # queued calls the store's thread takes at once (one commit for the writes)
 
@@ -86,6 +86,11 @@ class Txn(Protocol):
     def remove_locations(self, keys: Sequence[str], peer_id: str) -> None: ...
     def location_peers(self, key: str) -> list[str]: ...
     def location_count(self) -> int: ...
+    def get_xattr(self, ino: int, name: str) -> bytes | None: ...
+    def list_xattrs(self, ino: int) -> list[str]: ...  # in name order
+    def set_xattr(self, ino: int, name: str, value: bytes) -> None: ...  # create or replace
+    def remove_xattr(self, ino: int, name: str) -> bool: ...
+    def xattr_usage(self, ino: int) -> tuple[int, int, int]: ...  # count, name bytes, all bytes
 
 
 class Store(Protocol):
@@ -127,6 +132,7 @@ CREATE TABLE IF NOT EXISTS inodes (
     target TEXT,
     version INTEGER NOT NULL DEFAULT 0,
     blocks INTEGER NOT NULL DEFAULT 0,
+    xattrs INTEGER NOT NULL DEFAULT 0,
     manifest TEXT
 );
 CREATE TABLE IF NOT EXISTS entries (
@@ -153,6 +159,12 @@ CREATE TABLE IF NOT EXISTS locations (
     PRIMARY KEY (key, peer_id)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS locations_by_peer ON locations (peer_id);
+CREATE TABLE IF NOT EXISTS xattrs (
+    ino INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (ino, name)
+) WITHOUT ROWID;
 """
 _INODE_COLS = ", ".join(INODE_FIELDS)
 _UPDATABLE = frozenset(INODE_FIELDS) - {"ino", "type"}
@@ -178,6 +190,7 @@ class _SQLiteTxn:
     def add_inode(self, attrs: InodeAttrs) -> int:
         values = attrs.to_json()
         values["manifest"] = None if attrs.manifest is None else json.dumps(attrs.manifest)
+        values["xattrs"] = 0  # a new inode has none
         cols = [c for c in INODE_FIELDS if c != "ino"]
         cur = self._c.execute(
             f"INSERT INTO inodes ({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
@@ -199,6 +212,7 @@ class _SQLiteTxn:
 
     def delete_inode(self, ino: int) -> None:
         self._c.execute("DELETE FROM inodes WHERE ino = ?", (ino,))
+        self._c.execute("DELETE FROM xattrs WHERE ino = ?", (ino,))
 
     def lookup(self, parent: int, name: str) -> int | None:
         row = self._c.execute(
@@ -316,6 +330,34 @@ class _SQLiteTxn:
     def location_count(self) -> int:
         return int(self._c.execute("SELECT COUNT(*) FROM locations").fetchone()[0])
 
+    def get_xattr(self, ino: int, name: str) -> bytes | None:
+        row = self._c.execute(
+            "SELECT value FROM xattrs WHERE ino = ? AND name = ?", (ino, name)
+        ).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def list_xattrs(self, ino: int) -> list[str]:
+        rows = self._c.execute("SELECT name FROM xattrs WHERE ino = ? ORDER BY name", (ino,))
+        return [str(r[0]) for r in rows.fetchall()]
+
+    def set_xattr(self, ino: int, name: str, value: bytes) -> None:
+        self._c.execute(
+            "INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?, ?, ?)", (ino, name, value)
+        )
+
+    def remove_xattr(self, ino: int, name: str) -> bool:
+        cur = self._c.execute("DELETE FROM xattrs WHERE ino = ? AND name = ?", (ino, name))
+        return cur.rowcount > 0
+
+    def xattr_usage(self, ino: int) -> tuple[int, int, int]:
+        row = self._c.execute(
+            "SELECT COUNT(*), COALESCE(SUM(LENGTH(CAST(name AS BLOB))), 0),"
+            " COALESCE(SUM(LENGTH(value)), 0) FROM xattrs WHERE ino = ?",
+            (ino,),
+        ).fetchone()
+        names = int(row[1])
+        return int(row[0]), names, names + int(row[2])
+
 
 def _migrate(conn: sqlite3.Connection) -> None:
     """Bring a store written by an older fastcache up to ``SCHEMA_VERSION``."""
@@ -330,6 +372,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
                 (allocated_blocks(json.loads(doc)), ino),
             )
         conn.execute("COMMIT")
+    if "xattrs" not in columns:  # version 2: no extended attributes anywhere yet
+        conn.execute("ALTER TABLE inodes ADD COLUMN xattrs INTEGER NOT NULL DEFAULT 0")
 
 
 class _Job:
