@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-APT_PACKAGES := fuse libfuse-dev pkg-config libxxhash-dev
+APT_PACKAGES := fuse libfuse-dev pkg-config libxxhash-dev rsync
 BENCH_APT_PACKAGES := fio s3fs
 EXT_SOURCES := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 PYTEST_ARGS ?=
@@ -12,11 +12,12 @@ BENCH_ARGS ?=
 
 .PHONY: all deps bench-deps venv build dev-setup test test-verbose test-race test-long bench bench-smoke \
         lint annotate clean run-coordinator run-client-1 run-client-2 run-client-3 \
-        dev-start dev-stop
+        dev-start dev-stop install-mount-helper
 
 all: build
 
-## deps: Debian packages (fuse for fusermount, headers for llfuse, libxxhash for the hashing)
+## deps: Debian packages (fuse for fusermount, headers for llfuse, libxxhash for the hashing,
+## rsync for the tests that copy extended attributes with rsync -aX)
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
@@ -55,7 +56,14 @@ fastcache/.built: $(VENV)/.installed setup.py $(EXT_SOURCES)
 
 build: deps fastcache/.built
 
+## dev-setup: build, and as root the mount(8) helper too
 dev-setup: build
+	@if [ "$$(id -u)" = 0 ]; then $(MAKE) --no-print-directory install-mount-helper; fi
+
+## install-mount-helper: /sbin/mount.fastcache -> the venv's helper, so that
+## `mount -t fastcache` and /etc/fstab lines work (root; docs/operations.md)
+install-mount-helper: venv
+	ln -sfn $(abspath $(VENV))/bin/mount.fastcache /sbin/mount.fastcache
 
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -126,7 +126,7 @@ def _warmup(args: argparse.Namespace, token: str | None) -> int:
     )
     for error in summary["errors"]:
         print(f"  {error}", file=sys.stderr)
-    return 1 if summary["failed_chunks"] else 0
+    return 1 if summary["failed_chunks"] or summary["failed_nodes"] else 0
 
 
 # --- fsck and gc ---------------------------------------------------------------------------

@@ -89,25 +89,41 @@ class WarmupRun:
     per_node: dict[str, dict[str, Any]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     finished: set[str] = field(default_factory=set)
+    failed_nodes: list[str] = field(default_factory=list)
 
     def total(self, key: str) -> int:
-        return sum(int(doc.get(key, 0)) for doc in self.per_node.values())
+        """Summed over the nodes; files are every node's (each walks them all): a file is
+        done when every node is done with it."""
+        values = [int(doc.get(key, 0)) for doc in self.per_node.values()]
+        if key == "files":
+            return max(values, default=0)
+        if key == "files_done":
+            return min(values, default=0)
+        return sum(values)
 
     def summary(self) -> dict[str, Any]:
         return {key: self.total(key) for key in _COUNTERS} | {
             "nodes": sorted(self.per_node),
-            "errors": self.errors,
+            "errors": self.failed_nodes + self.errors,
+            "failed_nodes": len(self.failed_nodes),
         }
 
     async def follow(
         self, api: NodeApi, url: str, paths: list[str], threads: int, owned: bool, tick: Callable
     ) -> None:
-        async for event in api.warmup(url, paths, threads, owned_only=owned):
-            self.per_node[url] = event
-            if event.get("event") == "done":
-                self.finished.add(url)
-                self.errors.extend(f"{url}: {e}" for e in event.get("errors", []))
-            tick()
+        """One node's events; with ``owned`` (``--cluster``) a node that fails is reported
+        and the others go on (its chunks are not warmed), alone its error ends the run."""
+        try:
+            async for event in api.warmup(url, paths, threads, owned_only=owned):
+                self.per_node[url] = event
+                if event.get("event") == "done":
+                    self.finished.add(url)
+                    self.errors.extend(f"{url}: {e}" for e in event.get("errors", []))
+                tick()
+        except FastcacheError as exc:
+            if not owned:
+                raise
+            self.failed_nodes.append(f"{url}: {exc}")
 
 
 async def run(

@@ -5,17 +5,21 @@ fastcache's back with botocore."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import botocore.session
 import pytest
 import xxhash
 
+from fastcache.tiers.peer import rank_peers
 from tests.conftest import S3Fixture
 from tests.integration.cluster import Cluster, Proc, http, wait_for
 
@@ -148,6 +152,8 @@ def test_status_lists_live_nodes_and_a_killed_one_as_dead(cluster: Cluster) -> N
     assert human.returncode == 0, human.stderr
     assert "client9" in human.stdout and "dead" in human.stdout
     assert cluster.s3.bucket in human.stdout
+    # gone for the other tests (the coordinator would list it for its 60 s peer timeout)
+    assert http("DELETE", f"{cluster.coordinator_url}/api/peers/client9", token=TOKEN).status == 204
 
 
 def test_status_of_an_unreachable_coordinator_fails(cluster: Cluster) -> None:
@@ -195,6 +201,73 @@ def test_warmup_on_node2_serves_the_tree_with_no_peer_or_s3_fetch(cluster: Clust
     again = fastcache("warmup", "--node", n2.url, "/warm/a", "/warm/sub", env=s3_env(cluster))
     assert again.returncode == 0, again.stderr
     assert "0 chunks fetched" in again.stdout and "7 already cached" in again.stdout
+
+
+def test_warmup_cluster_puts_each_chunk_on_its_owner(cluster: Cluster) -> None:
+    nodes = {name: cluster.client(name) for name in ("client1", "client2", "client3")}
+    cluster.wait_peers(set(nodes))
+    paths = [f"/cwarm/f{i}" for i in range(4)]
+    for path in paths:
+        put_file(nodes["client1"], path, os.urandom(2 * MiB + 9))
+    chunks = {d for path in paths for d in manifest(cluster, path)["chunks"]}
+
+    done = fastcache(
+        "warmup",
+        "--cluster",
+        "--coordinator",
+        cluster.coordinator_url,
+        "/cwarm",
+        env=s3_env(cluster),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "warmed 4 files" in done.stdout and "on 3 node(s)" in done.stdout
+    for name in ("client2", "client3"):  # client1 wrote them all: it holds every chunk
+        owned = {d for d in chunks if rank_peers(d, nodes)[0] == name}
+        wait_for(
+            lambda name=name, owned=owned: chunks & nvme_chunks(nodes[name]) == owned,
+            message=f"{name} holds the chunks it owns, only those",
+        )
+
+
+def connected_to(pid: int, port: int) -> bool:
+    """Whether process ``pid`` has an established TCP connection to ``port``."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[3] == "01" and int(fields[2].split(":")[1], 16) == port and fields[9] in inodes:
+            return True
+    return False
+
+
+def test_warmup_interrupted_exits_130_with_one_line(cluster: Cluster) -> None:
+    """Ctrl-C while the node works (here: frozen, so the warmup is surely in flight)."""
+    n3 = cluster.client("client3")
+    put_file(cluster.client("client1"), "/intr/f", os.urandom(100))
+    n3.signal(signal.SIGSTOP)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fastcache", "warmup", "--node", n3.url, "/intr"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=s3_env(cluster),
+        )
+        port = int(n3.url.rsplit(":", 1)[1])
+        wait_for(lambda: connected_to(proc.pid, port), message="warmup waiting on node 3")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        n3.signal(signal.SIGCONT)
+    assert proc.returncode == 130
+    assert err.strip().splitlines() == [
+        "fastcache warmup: interrupted at 0 of 0 chunks; run it again to resume"
+    ]
+    assert "Traceback" not in out
 
 
 def test_warmup_of_a_missing_path_fails_with_the_error(cluster: Cluster) -> None:
