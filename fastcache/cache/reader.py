@@ -11,6 +11,7 @@ state. Everything else runs on the event loop.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -21,6 +22,7 @@ from fastcache.cache.context import CacheContext
 from fastcache.chunks import Buffer, Manifest, hole_digest
 from fastcache.errors import ChunkCorrupt, ChunkNotFound, DataUnavailable, FastcacheError, TierFull
 from fastcache.tiers.base import verifies_reads, verify_async
+from fastcache.tiers.counters import PerThread
 
 log = logging.getLogger("fastcache.manager")
 
@@ -36,7 +38,8 @@ class RecentChunks:
     (on the FUSE thread, no event-loop hop) spares reading back what promotion just wrote to
     NVMe (O_DIRECT, so from the disk). First in, first out, not LRU: the chunks fetched
     ahead of a reader are older than the ones it just read, and must outlive them.
-    Thread-safe: FUSE threads read, the loop inserts.
+    Thread-safe: FUSE threads read without a lock (one dict lookup, atomic under the GIL;
+    hits counted per thread), the loop inserts under one.
     """
 
     def __init__(self, budget: int) -> None:
@@ -44,7 +47,11 @@ class RecentChunks:
         self._chunks: OrderedDict[str, bytes] = OrderedDict()
         self._bytes = 0
         self._budget = budget
-        self.hits = 0
+        self._hits = PerThread("hits")
+
+    @property
+    def hits(self) -> int:
+        return self._hits.totals()["hits"]
 
     def put(self, digest: str, data: bytes) -> None:
         if len(data) > self._budget:
@@ -59,15 +66,13 @@ class RecentChunks:
                 self._bytes -= len(dropped)
 
     def __contains__(self, digest: object) -> bool:
-        with self._lock:
-            return digest in self._chunks
+        return digest in self._chunks
 
     def get(self, digest: str) -> bytes | None:
-        with self._lock:
-            data = self._chunks.get(digest)
-            if data is not None:
-                self.hits += 1
-            return data
+        data = self._chunks.get(digest)
+        if data is not None:
+            self._hits.mine()[0] += 1
+        return data
 
     def read_into(self, digest: str, offset: int, out: memoryview) -> int | None:
         """Like ``NvmeTier.read_into``: bytes copied into ``out``, ``None`` if not here."""
@@ -105,6 +110,10 @@ class ChunkReader:
         self.recent = RecentChunks(
             (max(ctx.config.fetch_concurrency, _MIN_WINDOW) + 8) * ctx.config.chunk_size
         )
+        # the hit path: bound once; it counts nothing the NVMe tier counts itself
+        self._memory = self.recent._chunks
+        self._nvme_read_into = ctx.nvme.read_into
+        self._ticks = itertools.count()
 
     def inflight(self) -> list[asyncio.Task[Any]]:
         """The fetches and read-aheads running now (``close`` cancels them)."""
@@ -127,28 +136,31 @@ class ChunkReader:
     def read_local(self, digest: str, offset: int, out: memoryview) -> int | None:
         """Copy NVMe bytes of ``digest`` at ``offset`` into ``out``; ``None`` on a miss.
 
-        Synchronous and loop-free: FUSE threads call it directly for the hit path. An NVMe
-        I/O error is a miss too (counted as an error): the caller then asks ``read_chunk``.
-        A chunk fetched moments ago is copied from memory (``RecentChunks``).
+        Synchronous and loop-free: FUSE threads call it directly for the hit path. No lock
+        and no count: the memory check is one dict lookup, and the NVMe tier counts its hits
+        and misses itself (the stats show its counts). An NVMe I/O error is a miss too
+        (counted as an error here): the caller then asks ``read_chunk``. A chunk fetched
+        moments ago is copied from memory (``RecentChunks``).
         """
-        n = self.recent.read_into(digest, offset, out)
-        if n is not None:
-            return n
-        counters = self._ctx.counters.tiers["nvme"]
+        if digest in self._memory:
+            n = self.recent.read_into(digest, offset, out)
+            if n is not None:
+                return n
         # One hit in _LOCAL_SAMPLE_EVERY is timed: two timer reads and a sample on every hit
         # cost several percent of a 4 KiB read.
-        timed = counters.hits % _LOCAL_SAMPLE_EVERY == 0
-        start = time.perf_counter() if timed else 0.0
+        if next(self._ticks) % _LOCAL_SAMPLE_EVERY:
+            try:
+                return self._nvme_read_into(digest, offset, out)
+            except FastcacheError:  # an I/O error on NVMe: the lower tiers can still serve it
+                self._ctx.counters.tiers["nvme"].miss(error=True)
+                return None
+        start = time.perf_counter()
         try:
-            n = self._ctx.nvme.read_into(digest, offset, out)
-        except FastcacheError:  # an I/O error on NVMe: the lower tiers can still serve it
-            counters.miss(error=True)
+            n = self._nvme_read_into(digest, offset, out)
+        except FastcacheError:
+            self._ctx.counters.tiers["nvme"].miss(error=True)
             return None
-        if n is None:
-            counters.miss()
-            return None
-        counters.hit(n)
-        if timed:
+        if n is not None:
             self._ctx.counters.local_latency.add(time.perf_counter() - start)
         return n
 
@@ -216,12 +228,12 @@ class ChunkReader:
         recent = self.recent.get(digest)
         if recent is not None:
             return recent
-        if try_nvme:
+        if try_nvme:  # the tier counts its hits and misses; errors are counted here
             nvme = self._ctx.counters.tiers["nvme"]
             try:
                 data = await self._ctx.nvme.read(digest)
             except ChunkNotFound:
-                nvme.miss()
+                pass
             except ChunkCorrupt as exc:
                 # The NVMe tier deleted the bad file; a good copy is fetched and re-promoted.
                 log.info("refetching a corrupt NVMe chunk: %s", exc)  # the tier logged it
@@ -230,7 +242,6 @@ class ChunkReader:
             except FastcacheError:
                 nvme.miss(error=True)
             else:
-                nvme.hit(len(data))
                 return data
         fresh = self._fetches.get(digest) is None and self._through.get(digest) is None
         if through and fresh and self._ctx.peer is not None:

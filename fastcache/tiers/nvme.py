@@ -27,12 +27,22 @@ Invariants:
   concurrent writers never overshoot the capacity between them;
 - nothing is evicted at open: pins are only known once the manager replays its journal,
   so an oversized cache shrinks on the next write instead;
-- the hit path (``read_into``) keeps the last ``FD_CACHE`` chunk files open (an LRU of
-  descriptors by digest), so a sequential reader does not open and close a chunk file for
-  every 128 KiB request. A descriptor is closed only once no reader uses it (a reference
-  count), so its number is never reused under a ``pread``; a chunk that leaves the index
-  (evicted, deleted, corrupt) loses its descriptor too, and an open descriptor stays valid
-  after the unlink, so eviction never breaks a reader mid-read.
+- the hit path (``read_into``) keeps the last ``FD_CACHE`` chunk files open (descriptors
+  by digest, oldest opened first out), so a sequential reader does not open and close a
+  chunk file for every 128 KiB request. A descriptor is closed only once no reader uses it
+  (``_OpenChunk``), so its number is never reused under a ``pread``; a chunk that leaves the
+  index (evicted, deleted, corrupt) loses its descriptor too, and an open descriptor stays
+  valid after the unlink, so eviction never breaks a reader mid-read;
+- the hit path takes no lock: it reads the index and the descriptors with single dict
+  lookups (atomic under the GIL), marks the chunk used in ``_touched`` (applied to the LRU
+  order under the lock before anything is evicted) and counts per thread (``PerThread``).
+  Only opening a descriptor locks.
+
+Verification, one policy for every path: a read that covers a whole chunk checks it against
+its digest (``read``, and ``read_into`` from offset 0 with room for all of it: the client
+API, small files through FUSE); a part of a chunk is not hashed (it cannot be without
+reading the rest), except with ``--verify-cache`` or while the chunk is unverified after a
+power cut. A mismatch deletes the file and reads as a miss, so the caller refetches it.
 """
 
 from __future__ import annotations
@@ -62,12 +72,14 @@ from fastcache.errors import (
     TierFull,
     TierUnavailable,
 )
+from fastcache.tiers.counters import PerThread
 
 log = logging.getLogger("fastcache.client.nvme")
 
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 FD_CACHE = 1024  # chunk files kept open for the hit path (at most 1/8 of RLIMIT_NOFILE)
 _O_READ = os.O_RDONLY | os.O_CLOEXEC
+_HITS, _MISSES, _BYTES = 0, 1, 2  # PerThread slots of ``NvmeTier._reads``
 STATE_FILE = "nvme-state.json"  # boot id at open, clean close, chunks left to verify
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 RESERVE_MAX = 1 << 30  # disk space never claimed by the clamp: max(chunk, 1% of disk), <= 1 GiB
@@ -80,14 +92,41 @@ DIRECT_WRITES = False
 
 
 class _OpenChunk:
-    """A cached descriptor of one chunk file and the readers using it right now."""
+    """A cached descriptor of one chunk file and the readers using it right now.
 
-    __slots__ = ("dead", "fd", "users")
+    Lock-free: ``users`` holds one item per reader inside a ``pread`` and ``claim`` one
+    token, taken by whoever closes the descriptor (``list.append``/``pop`` are atomic under
+    the GIL). So it is closed exactly once, and only once it is retired and unused.
+    """
+
+    __slots__ = ("claim", "dead", "fd", "users")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
-        self.users = 0
+        self.users: list[None] = []
+        self.claim = [True]
         self.dead = False
+
+    # A reader: ``users.append(None)``, then gives up if ``dead`` (retired meanwhile);
+    # after its pread, ``leave()`` (``read_into`` inlines both).
+    def leave(self) -> None:
+        self.users.pop()
+        if self.dead and not self.users:
+            self.close_unused()
+
+    def close_unused(self) -> None:
+        """Close the retired descriptor, unless another caller claimed it first."""
+        fd = self.take()
+        if fd is not None:
+            os.close(fd)
+
+    def take(self) -> int | None:
+        """The descriptor to close, for the one caller that claims it; else ``None``."""
+        try:
+            self.claim.pop()
+        except IndexError:
+            return None
+        return self.fd
 
 
 def _tier_error(exc: OSError, what: str) -> Exception:
@@ -117,14 +156,14 @@ class NvmeTier:
         self._pinned: set[str] = set()
         self._unverified: set[str] = set()  # indexed, but maybe torn by a power cut
         self._clamp_logged = False
-        self._fds: OrderedDict[str, _OpenChunk] = OrderedDict()  # oldest first
+        self._fds: OrderedDict[str, _OpenChunk] = OrderedDict()  # oldest opened first
+        self._touched: set[str] = set()  # read by the hit path since the LRU last heard
         self._fd_limit = _fd_budget()
         self._chunk_root = str(self.chunk_dir)
         self._used = 0
         self._reserved = 0
-        self._hits = 0
-        self._misses = 0
-        self._bytes_read = 0
+        self._reads = PerThread("hits", "misses", "bytes_read")
+        self._local = self._reads.local  # the hit path's own counters: .counts
         self._bytes_written = 0
         self._evictions = 0
         self._corrupt = 0
@@ -325,52 +364,60 @@ class NvmeTier:
     def read_into(self, digest: str, offset: int, out: memoryview) -> int | None:
         """Copy chunk bytes at ``offset`` into ``out``; ``None`` on a miss.
 
-        Runs on the caller's thread (FUSE workers): no event loop, no hashing, no logging.
-        One lock round finds the chunk, touches the LRU and takes its cached descriptor
-        (opening it on first use), then one ``pread`` with the GIL released, then one lock
-        round gives the descriptor back. With ``verify_reads`` the whole chunk is hashed
-        first, and so is an unverified chunk (after a power cut) on its first read; a
-        corrupt file is deleted and reported as a miss, so the caller refetches from a
-        lower tier.
+        Runs on the caller's thread (FUSE workers): no event loop, no logging, no lock
+        (see the module docstring), one ``pread`` with the GIL released. A read of the whole
+        chunk is verified (one policy with ``read``): a corrupt file is deleted and reported
+        as a miss, so the caller refetches it from a lower tier. With ``verify_reads``, and
+        for a chunk unverified since a power cut, a partial read hashes the whole chunk.
         """
         if self.verify_reads or (self._unverified and digest in self._unverified):
             return self._read_verified(digest, offset, out)
-        lock = self._lock
-        with lock:
-            size = self._index.get(digest)
-            if size is None:
-                self._misses += 1
-                return None
-            self._index.move_to_end(digest)
-            n = size - offset
+        try:
+            counts = self._local.counts
+        except AttributeError:
+            counts = self._reads.mine()
+        size = self._index.get(digest)
+        if size is None:
+            counts[_MISSES] += 1
+            return None
+        self._touched.add(digest)
+        n = size - offset
+        room = len(out)
+        whole = offset == 0 and n <= room
+        if n < room:
             if n <= 0:
-                self._hits += 1
+                counts[_HITS] += 1
                 return 0
-            if n >= len(out):
-                n = len(out)
-            else:
-                out = out[:n]
-            self._hits += 1
-            self._bytes_read += n
-            entry = self._fds.get(digest)
-            if entry is not None:
-                self._fds.move_to_end(digest)
-                entry.users += 1
+            out = out[:n]
+        entry = self._fds.get(digest)
+        if entry is not None:  # _OpenChunk.enter, inlined
+            users = entry.users
+            users.append(None)
+            if entry.dead:
+                entry.leave()
+                entry = None
         if entry is None:
             entry = self._open_fd(digest)
             if entry is None:
+                counts[_MISSES] += 1
                 return None
+            users = entry.users
         try:
-            return chunks.pread_fd(entry.fd, offset, out)
+            n = chunks.pread_fd(entry.fd, offset, out)
         except OSError as exc:
             self._count_error()
             raise _tier_error(exc, f"reading chunk {digest}") from exc
         finally:
-            with lock:
-                entry.users -= 1
-                close = entry.dead and entry.users == 0
-            if close:
-                os.close(entry.fd)
+            users.pop()  # _OpenChunk.leave, inlined
+            if entry.dead and not users:
+                entry.close_unused()
+        if whole and (n != size or chunks.digest(out[:n]) != digest):
+            self._drop_corrupt(digest, self._path(digest))
+            counts[_MISSES] += 1
+            return None
+        counts[_HITS] += 1
+        counts[_BYTES] += n
+        return n
 
     def _open_fd(self, digest: str) -> _OpenChunk | None:
         """Open ``digest``'s file for the hit path and cache it (in use once); ``None`` if gone."""
@@ -383,7 +430,7 @@ class NvmeTier:
             self._count_error()
             raise _tier_error(exc, f"opening chunk {digest}") from exc
         closing: list[int] = []
-        with self._lock:
+        with self._lock:  # entries in _fds are live under it: retiring needs the lock
             entry = self._fds.get(digest)
             if entry is None and digest in self._index:
                 entry = self._fds[digest] = _OpenChunk(fd)
@@ -394,29 +441,30 @@ class NvmeTier:
                 entry.dead = True
             else:
                 closing.append(fd)  # another reader cached one first
-            entry.users += 1
+            entry.users.append(None)
         for old in closing:
             os.close(old)
         return entry
 
     def _read_verified(self, digest: str, offset: int, out: memoryview) -> int | None:
-        with self._lock:
-            size = self._index.get(digest)
-            if size is None:
-                self._misses += 1
-                return None
-            self._index.move_to_end(digest)
-            n = max(0, min(len(out), size - offset))
-            self._hits += 1
-            self._bytes_read += n
+        counts = self._reads.mine()
+        size = self._index.get(digest)
+        if size is None:
+            counts[_MISSES] += 1
+            return None
+        self._touched.add(digest)
+        n = max(0, min(len(out), size - offset))
         path = self._path(digest)
         try:
             data = chunks.read_chunk_file(path)
             if chunks.digest(data) != digest:
                 self._drop_corrupt(digest, path)
+                counts[_MISSES] += 1
                 return None
             self._verified(digest)
             out[:n] = memoryview(data)[offset : offset + n]
+            counts[_HITS] += 1
+            counts[_BYTES] += n
             return n
         except FileNotFoundError:
             self._forget(digest)  # deleted or evicted under us: a miss after all
@@ -447,17 +495,16 @@ class NvmeTier:
 
     def _read_sync(self, digest: str) -> bytes:
         path = self.path_for(digest)
-        with self._lock:
-            if digest not in self._index:
-                self._misses += 1
-                raise ChunkNotFound(f"chunk {digest} not on NVMe")
-            self._index.move_to_end(digest)
+        counts = self._reads.mine()
+        if digest not in self._index:
+            counts[_MISSES] += 1
+            raise ChunkNotFound(f"chunk {digest} not on NVMe")
+        self._touched.add(digest)
         try:
             data = chunks.read_chunk_file(path)
         except FileNotFoundError:
             self._forget(digest)
-            with self._lock:
-                self._misses += 1
+            counts[_MISSES] += 1
             raise ChunkNotFound(f"chunk {digest} not on NVMe") from None
         except OSError as exc:
             self._count_error()
@@ -465,10 +512,9 @@ class NvmeTier:
         if chunks.digest(data) != digest:
             self._drop_corrupt(digest, path)
             raise ChunkCorrupt(f"chunk {digest} on NVMe is corrupt; deleted")
-        with self._lock:
-            self._unverified.discard(digest)
-            self._hits += 1
-            self._bytes_read += len(data)
+        self._verified(digest)
+        counts[_HITS] += 1
+        counts[_BYTES] += len(data)
         return data
 
     async def write(self, digest: str, data: Buffer) -> None:
@@ -549,6 +595,7 @@ class NvmeTier:
         victims: list[tuple[str, int]] = []
         if need <= 0:
             return victims
+        self._touch_locked()
         freed = 0
         for d, n in self._index.items():  # oldest first
             if d in self._pinned:
@@ -558,6 +605,18 @@ class NvmeTier:
             if freed >= need:
                 return victims
         return None
+
+    def _touch_locked(self) -> None:
+        """Move the chunks the hit path read since last time to the LRU's recent end.
+
+        A snapshot of ``_touched`` (copied and cleared by single C calls, so readers may go
+        on adding): a touch added in between is lost, which only ages a chunk a little."""
+        touched = list(self._touched)
+        self._touched.difference_update(touched)
+        index = self._index
+        for d in touched:
+            if d in index:
+                index.move_to_end(d)
 
     def _evict_locked(self, victims: list[tuple[str, int]]) -> list[int]:
         """Take ``victims`` out of the index; the descriptors to close (outside the lock)."""
@@ -639,6 +698,7 @@ class NvmeTier:
     def digests(self) -> list[str]:
         """Cached digests, least recently used first."""
         with self._lock:
+            self._touch_locked()
             return list(self._index)
 
     def entries(self, after: str | None = None, limit: int = 1000) -> list[tuple[str, int, bool]]:
@@ -674,12 +734,13 @@ class NvmeTier:
         return {"capacity": self.capacity, "used": used, "free": free}
 
     def stats(self) -> dict[str, Any]:
+        reads = self._reads.totals()
         with self._lock:
             return {
                 "tier": self.name,
-                "hits": self._hits,
-                "misses": self._misses,
-                "bytes_read": self._bytes_read,
+                "hits": reads["hits"],
+                "misses": reads["misses"],
+                "bytes_read": reads["bytes_read"],
                 "bytes_written": self._bytes_written,
                 "evictions": self._evictions,
                 "corrupt": self._corrupt,
@@ -809,7 +870,10 @@ def _fd_budget() -> int:
 def _retire(entry: _OpenChunk) -> list[int]:
     """Mark a cached descriptor dead; its fd if nobody reads through it (else the last does)."""
     entry.dead = True
-    return [entry.fd] if entry.users == 0 else []
+    if entry.users:
+        return []
+    fd = entry.take()
+    return [] if fd is None else [fd]
 
 
 def _unlink_missing_ok(path: str) -> None:

@@ -109,3 +109,87 @@ def test_frozen_or_dead_owner_never_stalls_a_read(cluster_factory: MountCluster)
     peer_now, peer_before = read_hedged(reader.mnt / "dead", dead_data)
     assert peer_now["silent"] == peer_before["silent"]  # refused at once: nothing to wait on
     assert stats(reader)["hedged_to_s3"] == 1
+
+
+def manifest_of(mc: MountCluster, path: str) -> dict[str, Any]:
+    answer = http("GET", f"{mc.cluster.coordinator_url}/api/ns/resolve?path={path}")
+    assert answer.status == 200, answer.body
+    return answer.json()["manifest"]
+
+
+def read_direct(path: Path, offset: int, size: int) -> bytes:
+    """``size`` bytes at ``offset`` with O_DIRECT: the kernel asks the mount for exactly
+    this range (no page cache, no read-ahead rounding)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+
+
+def nvme_stats(node: Node) -> dict[str, Any]:
+    return stats(node)["tiers"]["nvme"]["tier"]
+
+
+def test_hits_return_the_bytes_written_around_every_boundary(one_node: MountCluster) -> None:
+    """NVMe hits through FUSE and through the client API, at page and chunk boundaries."""
+    node = one_node.nodes[0]
+    data = os.urandom(2 * CHUNK + 4097)
+    write_durably(node, "bounds", data)
+    path = node.mnt / "bounds"
+    size = len(data)
+    offsets = [0, 1, 4095, 4096, CHUNK - 1, CHUNK, CHUNK + 1, 2 * CHUNK, size - 1]
+    sizes = [1, 4095, 4096, 4097, 128 << 10, CHUNK - 1, CHUNK, CHUNK + 1]
+    before = stats(node)
+    for off in offsets:
+        for n in sizes:
+            assert read_direct(path, off, n) == data[off : off + n], (off, n)
+            answer = http(
+                "GET",
+                f"{node.proc.url}/api/files/bounds",
+                headers={"Range": f"bytes={off}-{off + n - 1}"},
+            )
+            assert answer.status == 206 and answer.body == data[off : off + n], (off, n)
+    assert read_direct(path, size, 10) == b""
+    after = stats(node)
+    assert after["tiers"]["nvme"]["hits"] > before["tiers"]["nvme"]["hits"]
+    assert after["tiers"]["s3"]["hits"] == before["tiers"]["s3"]["hits"]  # all from NVMe
+    assert after["tiers"]["peer"]["hits"] == before["tiers"]["peer"]["hits"]
+
+
+def corrupt_chunk_of(mc: MountCluster, node: Node, name: str) -> str:
+    """Flip a byte of the (only) chunk of ``/name`` in ``node``'s NVMe, in place."""
+    (chunk,) = manifest_of(mc, f"/{name}")["chunks"]
+    path = node.nvme / "chunks" / chunk[:2] / chunk[2:4] / chunk
+    with open(path, "r+b") as f:
+        first = f.read(1)
+        f.seek(0)
+        f.write(bytes([first[0] ^ 0xFF]))
+    return chunk
+
+
+def test_a_chunk_corrupted_on_nvme_is_caught_on_a_whole_chunk_read(
+    one_node: MountCluster,
+) -> None:
+    """One policy on every path: a read of a whole chunk is verified, through FUSE (a small
+    file) as through the client API; the bad file is dropped and the chunk refetched."""
+    node = one_node.nodes[0]
+    small, other = os.urandom(10_000), os.urandom(20_000)
+    write_durably(node, "small", small)  # its chunks are in S3 too
+    write_durably(node, "other", other)
+    for name, data, read in (
+        ("small", small, lambda: read_direct(node.mnt / "small", 0, 1 << 20)),
+        ("other", other, lambda: http("GET", f"{node.proc.url}/api/files/other").body),
+    ):
+        before = stats(node)
+        chunk = corrupt_chunk_of(one_node, node, name)
+        assert read() == data
+        after = stats(node)
+        assert nvme_stats(node)["corrupt"] == before["tiers"]["nvme"]["tier"]["corrupt"] + 1
+        assert after["tiers"]["s3"]["hits"] == before["tiers"]["s3"]["hits"] + 1  # refetched
+        stored = node.nvme / "chunks" / chunk[:2] / chunk[2:4] / chunk
+        wait_until(
+            lambda f=stored, d=data: f.exists() and f.read_bytes() == d, 30, message="promoted"
+        )
+        assert read() == data
+        assert nvme_stats(node)["corrupt"] == before["tiers"]["nvme"]["tier"]["corrupt"] + 1

@@ -124,6 +124,7 @@ class FakeNvme(FakeTier):
         self.pins: set[str] = set()
         self.cloud = cloud
         self.early_unpins: list[str] = []
+        self.reads: Counter[str] = Counter()
 
     @property
     def journal_dir(self) -> Path:
@@ -134,20 +135,33 @@ class FakeNvme(FakeTier):
         return self.root / "staging"
 
     async def read(self, digest: str) -> bytes:
-        data = await super().read(digest)
+        try:
+            data = await super().read(digest)
+        except ChunkNotFound:
+            self.reads["misses"] += 1
+            raise
         if globals()["digest"](data) != digest:
             del self.data[digest]
             raise ChunkCorrupt(f"{digest} on nvme")
+        self.reads["hits"] += 1
+        self.reads["bytes_read"] += len(data)
         return data
 
     def read_into(self, digest: str, offset: int, out: memoryview) -> int | None:
         self.calls["read_into"] += 1
         data = self.data.get(digest)
         if data is None:
+            self.reads["misses"] += 1
             return None
         piece = data[offset : offset + len(out)]
         out[: len(piece)] = piece
+        self.reads["hits"] += 1
+        self.reads["bytes_read"] += len(piece)
         return len(piece)
+
+    def stats(self) -> dict[str, Any]:
+        """Like ``NvmeTier``: the tier counts its own hits and misses."""
+        return {**super().stats(), **self.reads}
 
     def chunk_size(self, digest: str) -> int | None:
         data = self.data.get(digest)

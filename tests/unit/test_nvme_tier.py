@@ -276,16 +276,24 @@ def test_verify_reads_turns_corruption_into_a_miss(tmp_path: Path) -> None:
     run(tmp_path, body, verify_cache=True)
 
 
-def test_without_verify_reads_the_hit_path_does_not_hash(tmp_path: Path) -> None:
-    """The default hit path is one pread: corruption shows only on whole-chunk read()."""
+def test_one_policy_whole_chunks_are_verified_parts_are_not(tmp_path: Path) -> None:
+    """Without --verify-cache a part of a chunk is one pread, never hashed; a read of the
+    whole chunk is verified whichever way it comes (``read_into`` as ``read``)."""
     data = blob(5)
     d = digest(data)
 
     async def body(tier: NvmeTier) -> None:
         await tier.write(d, data)
         corrupt(tier.path_for(d))
-        assert read_all(tier, d) != data
-        assert tier.stats()["corrupt"] == 0
+        part = bytearray(CS - 1)
+        assert tier.read_into(d, 0, memoryview(part)) == CS - 1  # a part: not hashed
+        assert bytes(part) != data[:-1]
+        assert tier.stats()["corrupt"] == 0 and d in tier
+        assert read_all(tier, d, CS + 10) is None  # whole (room to spare): checked, dropped
+        assert tier.stats()["corrupt"] == 1
+        assert d not in tier and not Path(tier.path_for(d)).exists()
+        await tier.write(d, data)
+        assert read_all(tier, d) == data
 
     run(tmp_path, body)
 
