@@ -26,8 +26,16 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import llfuse
 
 from fastcache.config import ClientConfig
+from fastcache.coordinator.model import xattr_namespace
 from fastcache.coordinator.session_client import SessionClient
-from fastcache.errors import Exists, NameTooLong, NotFound, errno_for
+from fastcache.errors import (
+    Exists,
+    InvalidArgument,
+    NameTooLong,
+    NoAttribute,
+    NotFound,
+    errno_for,
+)
 from fastcache.journal import PendingCommits
 from fastcache.mount.files import FileTable, LoopCaller
 from fastcache.mount.metacache import MetaCache
@@ -83,6 +91,16 @@ def _name(raw: bytes) -> str:
     if len(raw) > NAME_MAX:
         raise NameTooLong(f"name longer than {NAME_MAX} bytes")
     return os.fsdecode(raw)
+
+
+def _xattr_name(raw: bytes) -> str:
+    """An xattr name checked here (ERANGE, ENOTSUP: no round trip); UTF-8 only (EINVAL)."""
+    try:
+        name = raw.decode()
+    except UnicodeDecodeError:
+        raise InvalidArgument("xattr names are UTF-8 here") from None
+    xattr_namespace(name)
+    return name
 
 
 def _data_key(attrs: InodeAttrs) -> int:
@@ -623,18 +641,55 @@ class Operations(llfuse.Operations):
     def access(self, inode: int, mode: int, ctx: Any) -> bool:
         raise llfuse.FUSEError(errno.ENOSYS)  # default_permissions: the kernel checks
 
+    # --- extended attributes ----------------------------------------------------------------
+    # The kernel has checked the caller already (the namespace rules, permissions with every
+    # group of the process, the name and size limits), so the coordinator is asked without
+    # an identity; it also calls in itself (``security.capability`` before every write, to
+    # drop it on a write by another user). The inode's attributes say how many it has: with
+    # none (most files) every answer is given here, without a round trip. Other namespaces
+    # (``system.posix_acl_*``, which ``ls -l`` asks for) are answered ENOTSUP here too.
+    def _xattr_count(self, inode: int) -> int:
+        """How many extended attributes ``inode`` has, as the attributes held here say (asked
+        again when they do not say: a listing's)."""
+        try:
+            attrs = self._attrs(inode)
+            if attrs.xattrs is None:
+                self.meta.invalidate(inode)
+                attrs = self._attrs(inode)
+        except NotFound:
+            if self.files.orphan(inode) is None:
+                raise
+            return 0  # unlinked while open here: its attributes went with the inode
+        return attrs.xattrs if attrs.xattrs is not None else 1
+
+    def _xattr_changed(self, attrs: InodeAttrs) -> None:
+        self.meta.invalidate(attrs.ino)
+        self.meta.put(attrs)
+
     @_handler
-    def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        raise llfuse.FUSEError(errno.ENOSYS)  # the kernel answers EOPNOTSUPP from then on
+    def getxattr(self, inode: int, name: bytes, ctx: Any = None) -> bytes:
+        # ``ctx`` None: llfuse's own existence check for XATTR_CREATE / XATTR_REPLACE, which
+        # FUSE 2 does not pass on (so neither is atomic against another node's setxattr)
+        n = _xattr_name(name)
+        if not self._xattr_count(inode):
+            raise NoAttribute(f"no attribute {n!r} on inode {inode}")
+        return self._wait(self.ns.getxattr(inode, n))
 
     @_handler
     def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        raise llfuse.FUSEError(errno.ENOSYS)
+        n = _xattr_name(name)
+        self._xattr_changed(self._wait(self.ns.setxattr(inode, n, value)))
 
     @_handler
     def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        raise llfuse.FUSEError(errno.ENOSYS)
+        if not self._xattr_count(inode):
+            return []
+        names = self._wait(self.ns.listxattr(inode))
+        if ctx.uid != 0:  # as ext4: trusted.* is listed to root only
+            names = [n for n in names if not n.startswith("trusted.")]
+        return [n.encode() for n in names]
 
     @_handler
     def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        raise llfuse.FUSEError(errno.ENOSYS)
+        n = _xattr_name(name)
+        self._xattr_changed(self._wait(self.ns.removexattr(inode, n)))

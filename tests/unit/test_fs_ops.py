@@ -306,7 +306,8 @@ def test_namespace_errors_are_errnos(a: Node, d: int) -> None:
     assert fuse_errno(a, "rmdir", d, b"sub", ctx) == errno.ENOTEMPTY
     assert fuse_errno(a, "rename", d, b"sub", sub, b"inside", ctx) == errno.EINVAL
     assert fuse_errno(a, "lookup", d, b"x" * 256, ctx) == errno.ENAMETOOLONG
-    assert fuse_errno(a, "getxattr", sub, b"user.x", ctx) == errno.ENOSYS
+    assert fuse_errno(a, "getxattr", sub, b"user.x", ctx) == errno.ENODATA
+    assert fuse_errno(a, "getxattr", sub, b"system.posix_acl_access", ctx) == errno.ENOTSUP
     assert fuse_errno(a, "access", sub, os.R_OK, ctx) == errno.ENOSYS
     assert fuse_errno(a, "read", 987654, 0, 10) == errno.EIO  # a bug answers, never escapes
 
