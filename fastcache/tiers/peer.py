@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -34,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
+import numpy as np
 
 from fastcache.chunks import Buffer, xxh64
 from fastcache.errors import ChunkCorrupt, ChunkNotFound, FastcacheError, TierUnavailable
@@ -51,19 +53,79 @@ _LIVE_FOR = 1.0  # a probe answered this recently shows a peer alive (seconds)
 
 
 # --- placement ---------------------------------------------------------------------------
+# Rendezvous (highest random weight) hashing: a chunk's owner is the live node with the
+# highest ``mix(hash(node) ^ hash(digest))``. A join moves only the chunks the new node wins
+# (1/N of them), a leave only the leaver's. Node hashes are computed once; with many nodes
+# the scores are computed in one numpy pass (1,000 nodes: tens of microseconds, not
+# milliseconds of Python per chunk).
+_MASK = (1 << 64) - 1
+_VECTOR_FROM = 32  # nodes from which numpy beats the Python loop
+_node_hashes: dict[str, int] = {}
+
+
+def _node_hash(peer_id: str) -> int:
+    h = _node_hashes.get(peer_id)
+    if h is None:
+        if len(_node_hashes) > 65536:
+            _node_hashes.clear()
+        h = _node_hashes[peer_id] = xxh64(peer_id.encode())
+    return h
+
+
+def _mix(x: int) -> int:
+    """splitmix64's finaliser: every input bit moves every output bit."""
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK
+    return x ^ (x >> 31)
+
+
+def _mix_all(x: np.ndarray) -> np.ndarray:
+    """``_mix`` over an array of uint64 (multiplication wraps modulo 2**64, as in ``_mix``)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
 def hrw_score(peer_id: str, digest: str) -> int:
-    """The rendezvous weight of ``peer_id`` for ``digest`` (a 64-bit hash of both)."""
-    return xxh64(f"{peer_id}\0{digest}".encode())
+    """The rendezvous weight of ``peer_id`` for ``digest`` (64 bits)."""
+    return _mix(_node_hash(peer_id) ^ xxh64(digest.encode()))
+
+
+@functools.lru_cache(maxsize=8)
+def _ring(ids: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """The nodes sorted by id (an object array) and their hashes: the same list, one ring."""
+    ordered = sorted(ids)
+    hashes = np.array([_node_hash(p) for p in ordered], dtype=np.uint64)
+    return np.array(ordered, dtype=object), hashes
+
+
+def top_peers(digest: str, peer_ids: Iterable[str], count: int) -> list[str]:
+    """The ``count`` best of ``peer_ids`` for ``digest``, best first (ties by id)."""
+    ids = tuple(peer_ids)
+    if len(ids) < _VECTOR_FROM:
+        return sorted(ids, key=lambda p: (-hrw_score(p, digest), p))[:count]
+    ordered, hashes = _ring(ids)
+    # ~score: the highest score sorts first; a stable sort keeps ties in id order
+    keys = ~_mix_all(hashes ^ np.uint64(xxh64(digest.encode())))
+    if count == 1:
+        return [ordered[int(np.argmin(keys))]]
+    if count < len(ids):
+        best = np.argpartition(keys, count - 1)[:count]
+        best = best[np.lexsort((best, keys[best]))]
+        return ordered[best].tolist()  # type: ignore[no-any-return]
+    return ordered[np.argsort(keys, kind="stable")].tolist()  # type: ignore[no-any-return]
 
 
 def rank_peers(digest: str, peer_ids: Iterable[str]) -> list[str]:
     """``peer_ids`` ordered by rendezvous weight for ``digest``, best first (ties by id)."""
-    return sorted(peer_ids, key=lambda p: (-hrw_score(p, digest), p))
+    ids = tuple(peer_ids)
+    return top_peers(digest, ids, len(ids))
 
 
 def replicas_for(digest: str, peer_ids: Iterable[str], self_id: str, count: int) -> list[str]:
     """The ``count`` peers, other than ``self_id``, that should hold ``digest``."""
-    return rank_peers(digest, (p for p in peer_ids if p != self_id))[:count]
+    return top_peers(digest, (p for p in peer_ids if p != self_id), count)
 
 
 # --- circuit breaker ---------------------------------------------------------------------
@@ -343,7 +405,7 @@ class PeerTier:
         choice among the live peers, this node included. None before any peer list."""
         if not self._peers:
             return None
-        return rank_peers(digest, self._peers)[0]
+        return top_peers(digest, self._peers, 1)[0]
 
     @property
     def alone(self) -> bool:

@@ -573,3 +573,23 @@ def test_a_busy_owner_that_answers_probes_is_waited_for() -> None:
         assert not silent.is_set() and all(checks) and tier.stats()["silent"] == 0
 
     asyncio.run(_with_peers({"owner": app}, body))
+
+
+def test_large_clusters_rank_with_the_same_weights_as_small_ones() -> None:
+    """From ``_VECTOR_FROM`` nodes the weights are computed in one numpy pass: the order
+    must be the one the per-node weights give, whatever order the nodes come in, and the
+    top ``k`` must be the head of the full ranking."""
+    import random
+
+    from fastcache.tiers.peer import _VECTOR_FROM, hrw_score, top_peers
+
+    rng = random.Random(7)
+    for n in (_VECTOR_FROM - 1, _VECTOR_FROM, 200):
+        nodes = [f"n{i}" for i in range(n)]
+        for d in DIGESTS[:40]:
+            expected = sorted(nodes, key=lambda p: (-hrw_score(p, d), p))
+            shuffled = nodes[:]
+            rng.shuffle(shuffled)
+            assert rank_peers(d, shuffled) == expected
+            for k in (1, 3, n):
+                assert top_peers(d, shuffled, k) == expected[:k]
