@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import socket
 from collections import Counter
 from collections.abc import Sequence
@@ -16,11 +17,14 @@ from aiohttp import web
 from fastcache.chunks import digest
 from fastcache.errors import ChunkNotFound, TierUnavailable
 from fastcache.tiers.peer import (
+    _VECTOR_FROM,
     CircuitBreaker,
     PeerAddr,
     PeerTier,
+    hrw_score,
     rank_peers,
     replicas_for,
+    top_peers,
 )
 from tests.helpers import serve_app
 
@@ -579,10 +583,6 @@ def test_large_clusters_rank_with_the_same_weights_as_small_ones() -> None:
     """From ``_VECTOR_FROM`` nodes the weights are computed in one numpy pass: the order
     must be the one the per-node weights give, whatever order the nodes come in, and the
     top ``k`` must be the head of the full ranking."""
-    import random
-
-    from fastcache.tiers.peer import _VECTOR_FROM, hrw_score, top_peers
-
     rng = random.Random(7)
     for n in (_VECTOR_FROM - 1, _VECTOR_FROM, 200):
         nodes = [f"n{i}" for i in range(n)]
