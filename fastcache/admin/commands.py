@@ -13,18 +13,18 @@ import json
 import re
 import sys
 from collections.abc import Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rich.console import Console
 
-from fastcache.admin import fsck as fsck_mod
-from fastcache.admin import gc as gc_mod
 from fastcache.admin import mounting, status, warmup
 from fastcache.admin.progress import Bar
 from fastcache.config import ClientConfig, ConfigError, S3Config
 from fastcache.coordinator.client import CoordinatorClient
 from fastcache.errors import FastcacheError
-from fastcache.tiers.cloud import CloudTier
+
+if TYPE_CHECKING:
+    from fastcache.tiers.cloud import CloudTier
 
 T = TypeVar("T")
 DEFAULT_COORDINATOR = "http://127.0.0.1:8080"
@@ -138,6 +138,7 @@ def check_bucket(args: argparse.Namespace, token: str | None, s3: S3Config) -> i
             raise ConfigError("--delete and --dry-run contradict each other")
         grace = parse_duration(args.grace)
     coordinator = _coordinators(args)[0]
+    from fastcache.tiers.cloud import CloudTier  # botocore: only fsck and gc need it
 
     async def go() -> int:
         cloud = await CloudTier.open(s3, create_bucket=False)
@@ -163,6 +164,8 @@ def _scan_note(bar: Bar) -> Callable[[int], None]:
 async def _fsck(
     args: argparse.Namespace, token: str | None, client: CoordinatorClient, cloud: CloudTier
 ) -> int:
+    from fastcache.admin import fsck as fsck_mod
+
     with Bar("fsck", unit_bytes=False, out=sys.stderr if args.json else None) as bar:
         report = await fsck_mod.fsck(
             client,
@@ -191,6 +194,8 @@ async def _fsck(
 async def _gc(
     args: argparse.Namespace, client: CoordinatorClient, cloud: CloudTier, grace: float
 ) -> int:
+    from fastcache.admin import gc as gc_mod
+
     with Bar("gc", unit_bytes=False, out=sys.stderr if args.json else None) as bar:
         report = await gc_mod.gc(
             client,

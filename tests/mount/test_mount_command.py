@@ -132,6 +132,11 @@ def test_foreground_mount_and_umount(cluster_factory: MountCluster, tmp_path: Pa
         wait_until(lambda: node.poll() is None and is_fuse_mount(mnt), 60, message="mounted")
         assert int(pid_file.read_text()) == node.pid
         use_mount(mnt)
+        # a path in the mount is warmed on the node serving it (asked of the coordinator's nodes)
+        warm = fastcache("warmup", str(mnt / "file"), "--coordinator", mc.cluster.coordinator_url)
+        assert warm.returncode == 0, warm.stderr
+        assert "warmed 1 files" in warm.stdout  # of one 4 MiB chunk, on NVMe since written
+        assert "1 already cached" in warm.stdout
         done = fastcache("umount", str(mnt), "--pid-file", str(pid_file))
         assert done.returncode == 0, done.stderr
         assert node.wait(30) == 0
