@@ -343,3 +343,27 @@ def test_gc_lists_an_orphan_in_a_dry_run_and_deletes_only_it(cluster: Cluster) -
     assert bucket_keys(cluster) == before - {key}
     kept = manifest(cluster, "/gc/kept")["chunks"]
     assert {f"chunks/{d}" for d in kept} <= bucket_keys(cluster)
+
+
+def test_manifest_pages_cover_every_file_once(cluster: Cluster) -> None:
+    n1 = cluster.client("client1")
+    for i in range(3):
+        put_file(n1, f"/pages/f{i}", os.urandom(10 + i))
+    url = f"{cluster.coordinator_url}/api/admin/manifests"
+    whole = http("GET", url, token=TOKEN).json()
+    assert whole["next_after"] is None
+    seen: list[int] = []
+    after = 0
+    while after is not None:
+        page = http("GET", f"{url}?limit=2&after={after}", token=TOKEN).json()
+        assert len(page["files"]) <= 2
+        seen += [f["ino"] for f in page["files"]]
+        after = page["next_after"]
+    assert seen == [f["ino"] for f in whole["files"]] == sorted(set(seen))
+    wanted = {manifest(cluster, f"/pages/f{i}")["chunks"][0] for i in range(3)}
+    assert wanted <= {d for f in whole["files"] for d in f["manifest"]["chunks"]}
+    for bad in ("limit=0", "limit=1001", "after=-1", "after=x"):
+        answer = http("GET", f"{url}?{bad}", token=TOKEN)
+        assert answer.status == 400 and "error" in answer.json(), bad
+    assert http("GET", url).status == 401
+    assert http("GET", f"{cluster.coordinator_url}/api/admin/status").status == 401
