@@ -66,7 +66,8 @@ def run(args: argparse.Namespace, token: str | None) -> int:
         if args.json:
             _print_json(doc)
         else:
-            status.render(doc, Console())
+            # a pipe gets whole lines, not a table cut to 80 columns
+            status.render(doc, Console() if sys.stdout.isatty() else Console(width=200))
         if not any(c["reachable"] for c in doc["coordinators"]):
             return 1
         return 0

@@ -12,6 +12,7 @@ import asyncio
 import time
 from typing import Any
 
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -109,7 +110,7 @@ def _size(n: int | None) -> str:
 
 
 def render(doc: dict[str, Any], console: Console) -> None:
-    coords = Table(title="coordinators", title_justify="left")
+    coords = Table(title="coordinators", title_justify="left", box=box.SIMPLE_HEAD)
     for col in ("url", "state", "version", "peer timeout"):
         coords.add_column(col)
     for c in doc["coordinators"]:
@@ -118,9 +119,10 @@ def render(doc: dict[str, Any], console: Console) -> None:
         coords.add_row(c["url"], state, c.get("version") or "", timeout)
     console.print(coords)
 
-    nodes = Table(title="nodes", title_justify="left")
-    for col in ("id", "url", "state", "last heartbeat", "NVMe used", "chunks", "pending"):
-        nodes.add_column(col, justify="right" if col in ("chunks", "pending") else "left")
+    nodes = Table(title="nodes", title_justify="left", box=box.SIMPLE_HEAD)
+    for col in ("id", "url", "state", "heartbeat", "NVMe used", "chunks", "pending"):
+        right = col in ("chunks", "pending")
+        nodes.add_column(col, justify="right" if right else "left", no_wrap=True)
     for n in doc["nodes"]:
         state = "[green]alive[/green]" if n["alive"] else "[red]dead[/red]"
         used = f"{_size(n['nvme_used'])} / {_size(n['nvme_capacity'])}"
