@@ -23,6 +23,7 @@ import binascii
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -281,6 +282,41 @@ P_REPLY = Param(
     description="answer with the parent's attributes instead of 204",
 )
 P_LIMIT = Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_READDIR})
+
+# --- operator tools (fastcache status, fsck, gc) -------------------------------------------
+MAX_MANIFEST_PAGE = 1000
+P_AFTER_INO = Param(
+    "after", "query", _INT64, description="inodes after this one (the last page's next_after)"
+)
+P_PAGE = Param("limit", "query", {"type": "integer", "minimum": 1, "maximum": MAX_MANIFEST_PAGE})
+ADMIN_PEER = _obj(
+    ["peer_id", "url", "capacity", "used", "status", "registered_at", "last_seen", "live"],
+    peer_id=_PEER_ID,
+    url=_URL,
+    capacity=_INT64,
+    used=_INT64,
+    status=_STATUS,
+    registered_at={"type": "number"},
+    last_seen={"type": "number"},
+    live={"type": "boolean", "description": "heard from within the peer timeout"},
+)
+ADMIN_STATUS = _obj(
+    ["version", "now", "peer_timeout", "peers", "namespace"],
+    version={"type": "string"},
+    now={"type": "number", "description": "the coordinator's clock (epoch seconds)"},
+    peer_timeout={"type": "number"},
+    peers={"type": "array", "items": ADMIN_PEER},
+    namespace={"type": "object", "description": "inodes by type, file bytes, location records"},
+    sessions={"type": "object"},
+)
+MANIFEST_PAGE = _obj(
+    ["files", "next_after"],
+    files={
+        "type": "array",
+        "items": _obj(["ino", "manifest"], ino=_INO, manifest=_MANIFEST),
+    },
+    next_after={**_INO, "nullable": True, "description": "pass as after; null: the last page"},
+)
 P_XNAME = Param("name", "query", _XATTR_NAME, description="one attribute (without: the names)")
 P_XNAME_REQ = Param("name", "query", _XATTR_NAME, required=True)
 P_UID = Param("uid", "query", _ID, description=_WHO_DOC)
@@ -590,6 +626,27 @@ class _Views:
     async def health(self, request: web.Request) -> web.Response:
         return _json({"status": "ok", "service": "coordinator", "version": __version__})
 
+    # operator tools
+    async def admin_status(self, request: web.Request) -> web.Response:
+        peers = [{**p.to_json(), "live": live} for p, live in await self.svc.peers_status()]
+        namespace = await self.svc.stats()
+        return _json(
+            {
+                "version": __version__,
+                "now": time.time(),
+                "peer_timeout": self.svc.peer_timeout,
+                "peers": peers,
+                "namespace": {k: namespace[k] for k in ("inodes", "bytes", "locations")},
+                "sessions": self._app[SESSIONS].stats(),
+            }
+        )
+
+    async def manifests(self, request: web.Request) -> web.Response:
+        limit = P_PAGE.get(request) or MAX_MANIFEST_PAGE
+        page = await self.svc.manifests(P_AFTER_INO.get(request) or 0, limit)
+        files = [{"ino": ino, "manifest": doc} for ino, doc in page]
+        return _json({"files": files, "next_after": page[-1][0] if len(page) == limit else None})
+
     # namespace: the body (and path/query parameters) are the op's arguments (``NS_OPS``)
     async def _op(self, name: str, args: dict[str, Any]) -> Any:
         return await NS_OPS[name].run(self.svc, args)
@@ -750,6 +807,23 @@ def _routes(app: web.Application, api: OpenAPI, v: _Views) -> None:
         summary="Liveness",
         responses={200: ANY_OBJECT},
         public=True,
+    )
+    add(
+        r,
+        "GET",
+        "/api/admin/status",
+        v.admin_status,
+        summary="Every recorded peer (live or not), namespace totals (fastcache status)",
+        responses={200: ADMIN_STATUS},
+    )
+    add(
+        r,
+        "GET",
+        "/api/admin/manifests",
+        v.manifests,
+        summary="Every inode's manifest, a page at a time in inode order (fsck, gc)",
+        params=[P_AFTER_INO, P_PAGE],
+        responses={200: MANIFEST_PAGE},
     )
     add(
         r,

@@ -201,6 +201,21 @@ class CoordinatorClient:
     async def health(self) -> dict[str, Any]:
         return dict(await self._request("GET", "/api/health"))
 
+    # --- operator tools ------------------------------------------------------------------
+    async def admin_status(self) -> dict[str, Any]:
+        """Every recorded peer with ``live``, namespace totals, the peer timeout."""
+        return dict(await self._request("GET", "/api/admin/status"))
+
+    async def manifests(
+        self, after: int = 0, limit: int | None = None
+    ) -> tuple[list[tuple[int, dict[str, Any]]], int | None]:
+        """One page of ``(ino, manifest)`` after inode ``after``, and the next ``after``
+        (``None`` after the last page)."""
+        doc = await self._request(
+            "GET", "/api/admin/manifests", params={"after": after, "limit": limit}
+        )
+        return [(f["ino"], f["manifest"]) for f in doc["files"]], doc["next_after"]
+
     async def sync(self) -> None:
         """Barrier: returns once every change the coordinator acknowledged before it (to any
         client) is on its disk. Retried once on a dropped connection, like a GET."""
