@@ -367,3 +367,26 @@ def test_manifest_pages_cover_every_file_once(cluster: Cluster) -> None:
         assert answer.status == 400 and "error" in answer.json(), bad
     assert http("GET", url).status == 401
     assert http("GET", f"{cluster.coordinator_url}/api/admin/status").status == 401
+
+
+def test_fsck_verify_data_finds_a_chunk_overwritten_in_s3(cluster: Cluster) -> None:
+    """Same length, other bytes: a HEAD cannot tell, a GET hashed against the name can."""
+    n1 = cluster.client("client1")
+    put_file(n1, "/fsck/rotten", os.urandom(MiB + 3))
+    wait_for(lambda: uploaded(n1), message="node 1 uploads done")
+    victim = manifest(cluster, "/fsck/rotten")["chunks"][0]
+    key = f"chunks/{victim}"
+    raw_s3(cluster).put_object(Bucket=cluster.s3.bucket, Key=key, Body=os.urandom(MiB))
+    env = s3_env(cluster)
+
+    assert fastcache("fsck", *bucket_flags(cluster), env=env).returncode == 0  # sizes match
+    found = fastcache("fsck", *bucket_flags(cluster), "--verify-data", "--json", env=env)
+    assert found.returncode == 1, found.stderr
+    problems = json.loads(found.stdout)["problems"]
+    assert [(p["digest"], p["what"]) for p in problems] == [(victim, "corrupt")]
+
+    fixed = fastcache("fsck", *bucket_flags(cluster), "--verify-data", "--repair", env=env)
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert f"corrupt: chunk {victim}" in fixed.stdout and f"repaired from {n1.url}" in fixed.stdout
+    body = raw_s3(cluster).get_object(Bucket=cluster.s3.bucket, Key=key)["Body"].read()
+    assert xxhash.xxh3_128_hexdigest(body) == victim
