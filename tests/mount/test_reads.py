@@ -193,3 +193,21 @@ def test_a_chunk_corrupted_on_nvme_is_caught_on_a_whole_chunk_read(
         )
         assert read() == data
         assert nvme_stats(node)["corrupt"] == before["tiers"]["nvme"]["tier"]["corrupt"] + 1
+
+
+def test_a_sequential_reader_has_the_next_chunk_files_advised(one_node: MountCluster) -> None:
+    """Read-ahead for chunks already on NVMe: a sequential reader through the mount gets the
+    next chunk files handed to the kernel (WILLNEED), each once."""
+    node = one_node.nodes[0]
+    data = os.urandom(6 * CHUNK)
+    write_durably(node, "sequential", data)
+    path = node.mnt / "sequential"
+    before = nvme_stats(node)["advised"]
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        got = b"".join(os.pread(fd, 128 << 10, off) for off in range(0, len(data), 128 << 10))
+    finally:
+        os.close(fd)
+    assert got == data
+    # chunks 1..5 advised as the reader reached the chunk before each (chunk 0 is read first)
+    wait_until(lambda: nvme_stats(node)["advised"] == before + 5, 30, message="advised")

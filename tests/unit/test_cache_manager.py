@@ -125,6 +125,7 @@ class FakeNvme(FakeTier):
         self.cloud = cloud
         self.early_unpins: list[str] = []
         self.reads: Counter[str] = Counter()
+        self.advised: list[str] = []  # will_read, in order
 
     @property
     def journal_dir(self) -> Path:
@@ -158,6 +159,11 @@ class FakeNvme(FakeTier):
         self.reads["hits"] += 1
         self.reads["bytes_read"] += len(piece)
         return len(piece)
+
+    async def will_read(self, digests: Any) -> int:
+        names = [d for d in digests if d in self.data]
+        self.advised.extend(names)
+        return len(names)
 
     def stats(self) -> dict[str, Any]:
         """Like ``NvmeTier``: the tier counts its own hits and misses."""
@@ -981,6 +987,32 @@ def test_prefetch_dedups_inflight_fetches(tmp_path: Path) -> None:
             m.prefetch(manifest, 0, 6)  # all on NVMe: nothing fetched
             await until(lambda: not m.reader._prefetches)
             assert rig.s3.calls["read"] - reads_before == 6
+        finally:
+            await m.close()
+
+    run(main())
+
+
+def test_a_sequential_reader_has_the_next_nvme_chunks_advised(tmp_path: Path) -> None:
+    """The read-ahead of chunks already on NVMe: the next two chunk files are handed to the
+    kernel (``will_read``), each once in a while, not fetched; those not on NVMe are fetched."""
+
+    async def main() -> None:
+        rig = Rig(tmp_path)
+        src = _source(6 * CHUNK, seed=5)
+        m = await rig.open(with_peer=False)
+        try:
+            manifest = await m.write_bytes(src)
+            await m.sync()
+            chunks = manifest.chunks
+            del rig.nvme.data[chunks[3]]  # not on NVMe: fetched, not advised
+            m.prefetch(manifest, 1, 4)
+            await until(lambda: rig.nvme.advised == chunks[1:3])
+            m.prefetch(manifest, 2, 4)  # the stream went on: chunk 2 was advised lately
+            await until(lambda: chunks[3] in rig.nvme.data)  # fetched and promoted
+            m.prefetch(manifest, 3, 4)
+            await until(lambda: rig.nvme.advised == [chunks[1], chunks[2], chunks[4]])
+            assert rig.s3.calls["read"] == 1
         finally:
             await m.close()
 

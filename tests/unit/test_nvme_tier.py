@@ -298,6 +298,22 @@ def test_one_policy_whole_chunks_are_verified_parts_are_not(tmp_path: Path) -> N
     run(tmp_path, body)
 
 
+def test_will_read_advises_cached_chunk_files(tmp_path: Path) -> None:
+    """``will_read`` hands the cached chunks' files to the kernel (WILLNEED) through the
+    descriptor cache, skips the others, and counts them."""
+    a, b = blob(11), blob(12)
+
+    async def body(tier: NvmeTier) -> None:
+        await tier.write(digest(a), a)
+        assert await tier.will_read([digest(a), digest(b)]) == 1
+        assert await tier.will_read([digest(b)]) == 0
+        assert tier.stats()["advised"] == 1
+        assert _open_chunk_files(tier) == [digest(a)]  # kept open for the reads to come
+        assert read_all(tier, digest(a)) == a
+
+    run(tmp_path, body)
+
+
 # --- failures ----------------------------------------------------------------------------
 def test_unusable_directory_is_unavailable(tmp_path: Path) -> None:
     data = blob(6)
