@@ -174,7 +174,10 @@ def daemonize(
             return 1
         if time.monotonic() > deadline:
             child.terminate()
-            print(f"fastcache: {mountpoint} not mounted after {timeout:.0f}s; see {log_file}")
+            print(
+                f"fastcache: {mountpoint} not mounted after {timeout:.0f}s; see {log_file}",
+                file=sys.stderr,
+            )
             return 1
         time.sleep(POLL)
     print(f"fastcache: mounted {mountpoint} (pid {child.pid}, log {log_file})")
