@@ -23,6 +23,7 @@ from aiohttp import web
 from fastcache import __version__
 from fastcache.chunks import Manifest
 from fastcache.config import ClientConfig
+from fastcache.coordinator.model import max_file_size
 from fastcache.errors import (
     BadRequest,
     ChunkNotFound,
@@ -73,7 +74,10 @@ class NodeState:
 
     @property
     def max_file_size(self) -> int:
-        return self.config.max_file_size
+        """``--max-file-size``, within what a manifest of this node's chunks can hold."""
+        cdc = self.manager.cdc_params
+        limit = max_file_size(self.config.cache.chunk_size, cdc.min if cdc is not None else None)
+        return min(self.config.max_file_size, limit)
 
 
 STATE = web.AppKey("state", NodeState)

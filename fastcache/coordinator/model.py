@@ -57,6 +57,28 @@ XATTR_TOTAL_MAX = 1 << 20  # bytes of an inode's names and values together
 XATTR_CREATE = 1  # setxattr flags, as in <sys/xattr.h>
 XATTR_REPLACE = 2
 XATTR_NAMESPACES = ("user", "trusted", "security")  # stored; ``system.*`` (ACLs) is not
+# File size. A manifest lists every chunk of its file, holes included (``hole_digest``), and
+# a commit travels in one session frame (``session.MAX_FRAME``, 1 MiB of msgpack): its
+# chunks (34 bytes each, 39 with CDC lengths) plus up to ``MAX_LOCATION_BATCH`` held
+# digests must fit, so a manifest lists at most ``MAX_MANIFEST_CHUNKS`` chunks (778 KiB at
+# worst). A file may therefore hold ``MAX_MANIFEST_CHUNKS`` times the smallest chunk its
+# node cuts (``max_file_size``): 64 GiB at the default 4 MiB fixed chunks, 16 GiB with CDC
+# at 4 MiB (whose chunks may be as small as 1 MiB), 1 TiB at the largest chunk size
+# (64 MiB). ``MAX_FILE_SIZE`` is that ceiling for any node, far inside the int64 offsets of
+# POSIX, FUSE and the manifest format (2**63 - 1). Beyond it a node answers EFBIG (413 on
+# its API) at once and the coordinator refuses the manifest (400): nothing does work in
+# proportion to a size that is refused.
+MAX_MANIFEST_CHUNKS = 16_384
+MAX_FILE_SIZE = 1 << 40  # 1 TiB = MAX_MANIFEST_CHUNKS * 64 MiB, the largest chunk size
+
+
+def max_file_size(chunk_size: int, cdc_min: int | None = None) -> int:
+    """The largest file a node can commit: ``MAX_MANIFEST_CHUNKS`` chunks of ``chunk_size``
+    (fixed chunking) or, chunking by content, chunks of at least ``cdc_min`` bytes each but
+    the last; never more than ``MAX_FILE_SIZE``."""
+    if cdc_min is None:
+        return min(MAX_FILE_SIZE, MAX_MANIFEST_CHUNKS * chunk_size)
+    return min(MAX_FILE_SIZE, (MAX_MANIFEST_CHUNKS - 1) * cdc_min)
 
 
 # --- the wire types ----------------------------------------------------------------------
@@ -228,6 +250,20 @@ def validate_manifest(doc: Any) -> dict[str, Any]:
             f" needs {-(-size // chunk_size)}"
         )
     return out
+
+
+def check_file_limits(manifest: dict[str, Any]) -> None:
+    """Refuse (``BadRequest``, HTTP 400) a valid manifest beyond the file limits: a size over
+    ``MAX_FILE_SIZE`` or more than ``MAX_MANIFEST_CHUNKS`` chunks. The coordinator's check on
+    what it commits; not part of ``validate_manifest``, so a node still reads any file."""
+    if manifest["size"] > MAX_FILE_SIZE:
+        raise BadRequest(
+            f"file size {manifest['size']} exceeds the maximum file size {MAX_FILE_SIZE}"
+        )
+    if len(manifest["chunks"]) > MAX_MANIFEST_CHUNKS:
+        raise BadRequest(
+            f"manifest has {len(manifest['chunks'])} chunks; at most {MAX_MANIFEST_CHUNKS}"
+        )
 
 
 @functools.lru_cache(maxsize=64)

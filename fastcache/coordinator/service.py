@@ -29,6 +29,7 @@ from fastcache.coordinator.model import (
     DEFAULT_READDIR,
     INODE_TYPES,
     INT64_MAX,
+    MAX_FILE_SIZE,
     MAX_LOCATION_BATCH,
     MAX_READDIR,
     MAX_TARGET_BYTES,
@@ -46,6 +47,7 @@ from fastcache.coordinator.model import (
     InodeAttrs,
     PeerInfo,
     allocated_blocks,
+    check_file_limits,
     check_xattr_value,
     validate_manifest,
     xattr_namespace,
@@ -420,7 +422,7 @@ class CoordinatorService:
         if mtime_ns is not None:
             changes["mtime_ns"] = _int(mtime_ns, "mtime_ns", -INT64_MAX, INT64_MAX)
         if size is not None:
-            _int(size, "size", 0, INT64_MAX)
+            _int(size, "size", 0, MAX_FILE_SIZE)
 
         def op(tx: Txn) -> InodeAttrs:
             attrs = _inode(tx, ino)
@@ -740,6 +742,7 @@ class CoordinatorService:
         Best effort like a publish: an unknown or timed-out holder records nothing.
         """
         canonical = validate_manifest(manifest)
+        check_file_limits(canonical)
         _int(expected_version, "expected_version", 0, INT64_MAX)
         keys = [location_key(chunk=digest) for digest in dict.fromkeys(held)]
         if len(keys) > MAX_LOCATION_BATCH:
@@ -874,6 +877,7 @@ class CoordinatorService:
         if not parts:
             raise IsADirectory("/ is a directory")
         canonical = validate_manifest(manifest)
+        check_file_limits(canonical)
         _int(mode, "mode", 0, 0o7777)
         _int(uid, "uid", 0, UID_MAX)
         _int(gid, "gid", 0, UID_MAX)

@@ -55,8 +55,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from fastcache.chunks import Manifest, digest
-from fastcache.coordinator.model import MAX_LOCATION_BATCH, hole_digest
-from fastcache.errors import Conflict, FastcacheError, NotFound, TierUnavailable
+from fastcache.coordinator.model import MAX_LOCATION_BATCH, hole_digest, max_file_size
+from fastcache.errors import Conflict, FastcacheError, NotFound, PayloadTooLarge, TierUnavailable
 from fastcache.journal import PendingCommits
 
 if TYPE_CHECKING:
@@ -250,6 +250,7 @@ class FileTable:
         pending: PendingCommits | None = None,
         commit_timeout: float = 30.0,
         fsync_timeout: float = 60.0,
+        max_size: int | None = None,
     ) -> None:
         self.manager = manager
         self.ns = namespace
@@ -261,6 +262,10 @@ class FileTable:
         self.commit_timeout = commit_timeout
         self.fsync_timeout = fsync_timeout
         self.cdc = manager.cdc_params is not None
+        # The largest file this node can commit (``model.max_file_size``), capped at
+        # ``max_size`` (``--max-file-size``): EFBIG beyond it (truncate, write).
+        limit = max_file_size(chunk_size, manager.cdc_params.min if self.cdc else None)
+        self.max_size = limit if max_size is None else min(limit, max_size)
         self._lock = threading.Lock()
         self._files: dict[int, OpenFile] = {}
         self._handles: dict[int, Handle] = {}
@@ -586,11 +591,19 @@ class FileTable:
 
     # --- writes ----------------------------------------------------------------------------
     def write(self, fh: int, off: int, data: bytes) -> int:
+        """Write ``data`` at ``off``; as on Linux, a write that would cross the maximum file
+        size is cut short at it and one that starts there fails (``PayloadTooLarge``: EFBIG)."""
         handle = self._handles[fh]
         file = handle.file
         with file.lock:
             if handle.append:
                 off = file.size
+            if off + len(data) > self.max_size:
+                if off >= self.max_size:
+                    raise PayloadTooLarge(
+                        f"offset {off} is not below the maximum file size, {self.max_size}"
+                    )
+                data = data[: self.max_size - off]  # a copy, on this rare path only
             end = off + len(data)
             if not self._write_sequential(file, off, data):
                 self._write_staged(file, off, data)
@@ -724,6 +737,10 @@ class FileTable:
         handle's commit like its writes, so other nodes never see the file emptied
         half-way through a rewrite; by path it is committed at once.
         """
+        if size > self.max_size:  # refused before anything scales with it
+            raise PayloadTooLarge(
+                f"{size} bytes is more than the maximum file size, {self.max_size}"
+            )
         handle = self._handles.get(fh) if fh is not None else None
         if handle is not None:
             with handle.file.lock:

@@ -168,6 +168,7 @@ class Operations(llfuse.Operations):
             PendingCommits(manager.nvme.journal_dir),
             commit_timeout=config.commit_timeout,
             fsync_timeout=config.fsync_timeout,
+            max_size=config.max_file_size,
         )
         self.mounted = False  # set by mount(): kernel notifications need a live session
         self.kernel = KernelNotifier()
