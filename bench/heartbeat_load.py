@@ -2,8 +2,10 @@
 coordinator process with synthetic nodes (no mounts, no S3).
 
 Every synthetic node registers, then heartbeats every ``--heartbeat`` seconds and fetches
-the peer list every ``--peer-refresh`` seconds (what a client node does: see
-``ClientConfig.heartbeat_interval`` and ``PeerTier``'s refresh), each at a random phase.
+the peer list every ``--peer-refresh`` seconds with the last answer's ETag (what a client
+node does: see ``ClientConfig.heartbeat_interval``, ``PeerTier``'s refresh and
+``CoordinatorClient.list_peers``), each at a random phase. The load generator is one
+Python process: on a small machine it competes with the coordinator for the cores.
 Reported: the coordinator's CPU (% of one core, from /proc), the requests it answered per
 second against those offered, and p50/p99 latency per request kind.
 
@@ -80,14 +82,25 @@ async def _run(args: argparse.Namespace, url: str, pid: int) -> dict[str, Any]:
         errors = {"heartbeat": 0, "peers": 0}
         stop = time.monotonic() + args.seconds
 
-        async def timed(kind: str, method: str, path: str, body: Any = None) -> None:
+        etags: dict[str, str] = {}  # the last peer list's ETag, per node (as nodes keep it)
+
+        async def timed(
+            kind: str, method: str, path: str, body: Any = None, node: str = ""
+        ) -> None:
             t0 = time.perf_counter()
+            asked = {"If-None-Match": etags[node]} if node in etags else None
             try:
                 async with session.request(
-                    method, f"{url}{path}", json=body, timeout=aiohttp.ClientTimeout(total=10)
+                    method,
+                    f"{url}{path}",
+                    json=body,
+                    headers=asked,
+                    timeout=aiohttp.ClientTimeout(total=10),
                 ) as resp:
                     await resp.read()
-                    ok = resp.status == 200
+                    ok = resp.status in (200, 304)
+                    if kind == "peers" and resp.status == 200 and "ETag" in resp.headers:
+                        etags[node] = resp.headers["ETag"]
             except (aiohttp.ClientError, TimeoutError):
                 ok = False  # a request the coordinator did not answer within 10 s
             if ok:
@@ -115,7 +128,7 @@ async def _run(args: argparse.Namespace, url: str, pid: int) -> dict[str, Any]:
                     spawn(timed("heartbeat", "PUT", "/api/peers/status", body))
                 if now >= next_list:
                     next_list += args.peer_refresh
-                    spawn(timed("peers", "GET", "/api/peers"))
+                    spawn(timed("peers", "GET", "/api/peers", node=peer_id))
                 await asyncio.sleep(max(0.0, min(next_hb, next_list, stop) - time.monotonic()))
 
         cpu0, t0 = _cpu_seconds(pid), time.monotonic()
