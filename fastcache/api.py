@@ -18,9 +18,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from aiohttp import web
 
 from fastcache import __version__
+from fastcache.cache.warmup import DEFAULT_THREADS, WarmProgress, Warmup
 from fastcache.chunks import Manifest
 from fastcache.config import ClientConfig
 from fastcache.coordinator.model import max_file_size
@@ -436,6 +438,69 @@ async def cache_stats(request: web.Request) -> web.Response:
     return web.json_response(cache_stats_doc(_state(request)))
 
 
+# --- warmup ------------------------------------------------------------------------------
+WARMUP_BODY = {
+    "type": "object",
+    "required": ["paths"],
+    "additionalProperties": False,
+    "properties": {
+        "paths": {
+            "type": "array",
+            "minItems": 1,
+            "maxItems": 1000,
+            "items": {"type": "string", "minLength": 1, "maxLength": 4096},
+            "description": "files or directories (walked recursively) in the namespace",
+        },
+        "threads": {"type": "integer", "minimum": 1, "maximum": 64, "default": DEFAULT_THREADS},
+        "owned_only": {
+            "type": "boolean",
+            "description": "only the chunks this node owns (a cluster-wide warmup asks every node)",
+        },
+    },
+}
+WARMUP_EVENT = {
+    "type": "object",
+    "description": "one JSON object per line: event plan, then progress (every 0.25 s), then "
+    "done; counters files, chunks, bytes, files_done, chunks_done, bytes_done, "
+    "fetched_chunks, fetched_bytes, cached_chunks, failed_chunks, errors",
+    "properties": {"event": {"type": "string", "enum": ["plan", "progress", "done"]}},
+}
+
+
+async def warmup(request: web.Request) -> web.StreamResponse:
+    """Fetch the chunks of ``paths`` into this node's NVMe; progress streamed as NDJSON.
+
+    A missing path is a 404 before anything is streamed. Closing the connection stops it."""
+    state = _state(request)
+    doc = await read_json(request, WARMUP_BODY)
+    wanted = None
+    peer = state.peer
+    if doc.get("owned_only") and peer is not None:
+        peer.invalidate_peers()  # owners from the live nodes of now, as the caller saw them
+        await peer.live_peers()
+
+        def wanted(digest: str) -> bool:
+            return peer.owner(digest) in (None, peer.self_id)
+
+    job = Warmup(
+        state.manager, state.coordinator, doc.get("threads", DEFAULT_THREADS), wanted=wanted
+    )
+    await job.plan([normalize_path(p) for p in doc["paths"]])
+    resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await resp.prepare(request)
+
+    async def send(event: str, progress: WarmProgress) -> None:
+        await resp.write(orjson.dumps({"event": event, **progress.to_json()}) + b"\n")
+
+    try:
+        await send("plan", job.progress)
+        await send("done", await job.run(lambda p: send("progress", p)))
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass  # the client went away: run() has stopped its fetches
+    return resp
+
+
 async def health(request: web.Request) -> web.Response:
     state = _state(request)
     return web.json_response(
@@ -608,6 +673,15 @@ def make_app(state: NodeState) -> web.Application:
         cache_stats,
         summary="Cache and tier counters",
         responses={200: OBJECT},
+    )
+    api.add(
+        r,
+        "POST",
+        "/api/warmup",
+        warmup,
+        summary="Fetch files or trees into this node's NVMe (fastcache warmup); NDJSON progress",
+        body=WARMUP_BODY,
+        responses={200: WARMUP_EVENT, 400: ERROR_SCHEMA, 404: ERROR_SCHEMA},
     )
     api.add(
         r, "GET", "/api/health", health, summary="Liveness", responses={200: OBJECT}, public=True
