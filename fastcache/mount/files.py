@@ -496,7 +496,12 @@ class FileTable:
             name = manifest.chunks[index]
             if name == self._hole:
                 return bytes(size)
-            view = self._buffer(size)
+            try:  # this thread's buffer (``_buffer``, inlined: the hit path counts frames)
+                view = self._tls.view[:size]
+            except AttributeError:
+                view = self._buffer(size)
+            if len(view) < size:
+                view = self._buffer(size)
             if self._read_local(name, inner, view) == size:
                 if index != handle.prefetched and abs(off - handle.next_off) < SEQUENTIAL_WINDOW:
                     self._readahead(handle, index)
