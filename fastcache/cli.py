@@ -74,6 +74,11 @@ def _add_node_args(n: argparse.ArgumentParser) -> None:
     )
     n.add_argument("--fuse-options", default=None, help="extra comma-separated FUSE mount options")
     n.add_argument(
+        "--noatime",
+        action="store_true",
+        help="reads never move access times (default: relatime, sent in batches)",
+    )
+    n.add_argument(
         "--readahead",
         type=int,
         default=4,
@@ -284,6 +289,7 @@ def client_config(args: argparse.Namespace, env: Mapping[str, str] | None = None
         mount=args.mount,
         attr_timeout=args.attr_timeout,
         negative_timeout=args.negative_timeout,
+        noatime=args.noatime,
         **_fuse_tuning(args),
         readahead_chunks=args.readahead,
         shutdown_sync_timeout=args.shutdown_sync_timeout,

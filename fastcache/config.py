@@ -158,6 +158,7 @@ class ClientConfig:
     negative_timeout: float = 0.0
     fuse_workers: int = 4  # llfuse worker threads: 4 beat 16 and 8 on 2 cores (fio_mount.py)
     fuse_options: str = ""  # extra comma-separated FUSE mount options
+    noatime: bool = False  # True: reads never move access times (default: relatime)
     readahead_chunks: int = 4  # a reader's first window; a sequential one doubles it up to
     # CacheConfig.fetch_concurrency (DefaultCacheManager.prefetch)
     max_body: int = DEFAULT_MAX_BODY

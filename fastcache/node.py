@@ -48,6 +48,7 @@ class Node:
         self._stopping: asyncio.Event | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
         self._mount: MountHandle | None = None
+        self._atime_task: asyncio.Task[None] | None = None
         self._session: SessionClient | None = None
         self._registered_once = False
 
@@ -275,12 +276,20 @@ class Node:
         )
         self._session.on_invalidate = self._mount.ops.on_invalidate
         self._session.on_reset = self._mount.ops.on_reset
+        if self._mount.ops.atimes is not None:
+            self._atime_task = asyncio.get_running_loop().create_task(
+                self._mount.ops.atimes.run(), name="fastcache-atimes"
+            )
 
     async def _unmount(self) -> None:
         handle, self._mount = self._mount, None
         if handle is not None:
             # unmount() flushes open handles through this loop: run it off the loop thread.
             await asyncio.get_running_loop().run_in_executor(None, handle.unmount)
+        task, self._atime_task = self._atime_task, None
+        if task is not None:  # sends what was noted, then stops
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 def main(config: ClientConfig) -> int:

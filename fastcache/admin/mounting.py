@@ -10,7 +10,8 @@ unmount and exit 0.
 mount(8) runs ``/sbin/mount.fastcache SOURCE MOUNTPOINT -o OPTIONS`` for ``mount -t
 fastcache`` and ``/etc/fstab`` lines; the SOURCE is the coordinator URL and each option
 ``key=value`` is the ``fastcache mount`` flag ``--key value`` (``nvme_dir=/x`` →
-``--nvme-dir /x``, a bare ``verify_cache`` → ``--verify-cache``). mount(8)'s generic
+``--nvme-dir /x``, a bare ``verify_cache`` → ``--verify-cache``, ``noatime`` →
+``--noatime``). mount(8)'s generic
 options (``defaults``, ``_netdev``, ``nofail``, ``x-systemd.*``…) are dropped.
 """
 
@@ -44,7 +45,7 @@ _GENERIC = frozenset(
     (
         *("defaults", "auto", "noauto", "nofail", "_netdev", "user", "nouser", "users"),
         *("owner", "group", "rw", "exec", "noexec", "suid", "nosuid", "dev", "nodev"),
-        *("async", "atime", "noatime", "relatime", "strictatime", "nodiratime", "diratime"),
+        *("async", "atime", "relatime", "strictatime", "nodiratime", "diratime"),
         *("lazytime", "nolazytime", "silent", "loud"),
     )
 )

@@ -21,6 +21,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
 import logging
 import signal
 import time
@@ -37,6 +38,7 @@ from fastcache.coordinator.model import (
     DIGEST_PATTERN,
     INODE_TYPES,
     INT64_MAX,
+    MAX_ATIME_BATCH,
     MAX_LOCATION_BATCH,
     MAX_READDIR,
     MAX_TARGET_BYTES,
@@ -49,6 +51,7 @@ from fastcache.coordinator.model import (
     XATTR_NAME_MAX,
     XATTR_REPLACE,
     XATTR_SIZE_MAX,
+    InodeAttrs,
 )
 from fastcache.coordinator.service import CoordinatorService, location_key
 from fastcache.coordinator.session import Op, SessionHub
@@ -353,6 +356,14 @@ SYMLINK_ARGS = _obj(
     gid=_ID,
 )
 REMOVE_ARGS = _with(LOOKUP, ["is_dir"], is_dir={"type": "boolean"})
+ATIMES_ARGS = _obj(
+    ["atimes"],
+    atimes={
+        "type": "array",
+        "maxItems": MAX_ATIME_BATCH,
+        "items": {"type": "array", "minItems": 2, "maxItems": 2, "items": _INT64},
+    },
+)
 COMMIT_ARGS = _with(COMMIT, ["ino"], ino=_INO)
 NO_ARGS = _obj([])
 XATTR_ARGS = _obj(["ino", "name"], ino=_INO, name=_XATTR_NAME, uid=_ID, gids=_GIDS)
@@ -432,8 +443,8 @@ async def _op_remove_entry(svc: CoordinatorService, a: dict[str, Any]) -> Any:
     return await (_op_rmdir if opt_bool(a, "is_dir") else _op_unlink)(svc, a)
 
 
-async def _op_rename(svc: CoordinatorService, a: dict[str, Any]) -> Any:
-    await svc.rename(
+async def _rename(svc: CoordinatorService, a: dict[str, Any]) -> list[InodeAttrs]:
+    return await svc.rename(
         req_int(a, "parent"),
         req_str(a, "name"),
         req_int(a, "new_parent"),
@@ -441,7 +452,22 @@ async def _op_rename(svc: CoordinatorService, a: dict[str, Any]) -> Any:
         noreplace=opt_bool(a, "noreplace"),
         exchange=opt_bool(a, "exchange"),
     )
+
+
+async def _op_touch_atimes(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    """A node's batch of read access times (``relatime``): the session's op only."""
+    return {"moved": await svc.touch_atimes([(int(i), int(ns)) for i, ns in a["atimes"]])}
+
+
+async def _op_rename(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    await _rename(svc, a)
     return None
+
+
+async def _op_rename_entry(svc: CoordinatorService, a: dict[str, Any]) -> Any:
+    """``rename``, answering the directories' attributes after it (the node's kernel
+    revalidates them next: no getattr needed)."""
+    return {"parents": [attrs.to_json() for attrs in await _rename(svc, a)]}
 
 
 async def _op_commit(svc: CoordinatorService, a: dict[str, Any]) -> Any:
@@ -517,6 +543,8 @@ NS_OPS: dict[str, Op] = {
     "rmdir": Op(LOOKUP, _op_rmdir),
     "remove_entry": Op(REMOVE_ARGS, _op_remove_entry),
     "rename": Op(RENAME, _op_rename),
+    "rename_entry": Op(RENAME, _op_rename_entry),
+    "touch_atimes": Op(ATIMES_ARGS, _op_touch_atimes),
     "commit_manifest": Op(COMMIT_ARGS, _op_commit),
     "getxattr": Op(XATTR_ARGS, _op_getxattr),
     "listxattr": Op(XATTRS_ARGS, _op_listxattr),
@@ -543,11 +571,15 @@ def _removed(request: web.Request, doc: Any) -> web.Response:
     return _json(doc)
 
 
+PEER_LIST_TTL = 1.0  # seconds one encoded peer list answers every node that asks
+
+
 class _Views:
     """The handlers: decode, one service call, encode."""
 
     def __init__(self, app: web.Application) -> None:
         self._app = app
+        self._peer_list: tuple[float, bytes, str] | None = None  # (made, body, ETag)
 
     @property
     def svc(self) -> CoordinatorService:
@@ -562,11 +594,28 @@ class _Views:
             req_int(doc, "capacity"),
             opt_int(doc, "used") or 0,
         )
+        self._peer_list = None
         log.info("peer %s registered at %s", peer.peer_id, peer.url)
         return _json(peer.to_json())
 
     async def peers(self, request: web.Request) -> web.Response:
-        return _json({"peers": [p.to_json() for p in await self.svc.list_peers()]})
+        """Every node asks every few seconds: one encoded answer serves them all for
+        ``PEER_LIST_TTL`` (a register or deregister here renews it at once), and its ETag
+        names the live set (ids and URLs), so an unchanged set is a 304 without a body.
+        ``used`` and ``last_seen`` may be that much older."""
+        now = time.monotonic()
+        cached = self._peer_list
+        if cached is None or now - cached[0] > PEER_LIST_TTL:
+            peers = await self.svc.list_peers()
+            body = orjson.dumps({"peers": [p.to_json() for p in peers]})
+            members = sorted((p.peer_id, p.url) for p in peers)
+            tag = hashlib.blake2b(orjson.dumps(members), digest_size=12).hexdigest()
+            cached = self._peer_list = (now, body, f'"{tag}"')
+        _, body, etag = cached
+        asked = {t.strip() for t in request.headers.get("If-None-Match", "").split(",")}
+        if etag in asked:
+            return web.Response(status=304, headers={"ETag": etag})
+        return web.Response(body=body, content_type="application/json", headers={"ETag": etag})
 
     async def status(self, request: web.Request) -> web.Response:
         doc = await read_json(request, STATUS)
@@ -578,6 +627,7 @@ class _Views:
     async def deregister(self, request: web.Request) -> web.Response:
         peer_id = P_PEER.get(request)
         await self.svc.deregister_peer(peer_id)
+        self._peer_list = None
         log.info("peer %s deregistered", peer_id)
         return web.Response(status=_NO_CONTENT)
 
@@ -750,7 +800,14 @@ def _routes(app: web.Application, api: OpenAPI, v: _Views) -> None:
         body=REGISTER,
         responses={200: PEER},
     )
-    add(r, "GET", "/api/peers", v.peers, summary="The live peers", responses={200: PEERS})
+    add(
+        r,
+        "GET",
+        "/api/peers",
+        v.peers,
+        summary="The live peers (If-None-Match with the last ETag: 304 while the set is the same)",
+        responses={200: PEERS, 304: None},
+    )
     add(
         r,
         "PUT",

@@ -39,6 +39,7 @@ class CoordinatorClient:
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._peer_list: tuple[str, list[PeerInfo]] | None = None  # (ETag, peers)
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
         self._session = session
         self._owns_session = session is None
@@ -78,11 +79,18 @@ class CoordinatorClient:
         params: dict[str, Any] | None = None,
         body: Any = None,
         idempotent: bool = False,
+        headers: dict[str, str] | None = None,
+        seen: dict[str, Any] | None = None,
     ) -> Any:
-        """One call; the decoded JSON answer (``None`` for 204), or the domain error."""
+        """One call; the decoded JSON answer (``None`` for 204 and 304), or the domain error.
+        ``headers``: more request headers; ``seen``: filled with the answer's ``status`` and
+        ``etag``."""
         url = self.base_url + path
         query = {k: str(v) for k, v in (params or {}).items() if v is not None}
         attempts = 2 if idempotent or method == "GET" else 1
+        sent = self._headers if body is None else self._json_headers
+        if headers:
+            sent = {**sent, **headers}
         for attempt in range(attempts):
             try:
                 async with self._get_session().request(
@@ -90,11 +98,13 @@ class CoordinatorClient:
                     url,
                     params=query,
                     data=None if body is None else orjson.dumps(body),
-                    headers=self._headers if body is None else self._json_headers,
+                    headers=sent,
                     timeout=self._timeout,
                 ) as resp:
                     raw = await resp.read()
                     status = resp.status
+                    if seen is not None:
+                        seen["status"], seen["etag"] = status, resp.headers.get("ETag")
             except aiohttp.ClientConnectionError as exc:
                 if attempt + 1 < attempts:  # e.g. a kept-alive connection the server closed
                     continue
@@ -130,8 +140,18 @@ class CoordinatorClient:
         return PeerInfo.from_json(doc)
 
     async def list_peers(self) -> list[PeerInfo]:
-        doc = await self._request("GET", "/api/peers")
-        return [PeerInfo.from_json(p) for p in doc["peers"]]
+        """The live peers. Asked again with the last answer's ETag: an unchanged peer set
+        costs the coordinator a 304 and no body (every node asks every few seconds)."""
+        seen: dict[str, Any] = {}
+        cached = self._peer_list
+        ask = {"If-None-Match": cached[0]} if cached is not None else None
+        doc = await self._request("GET", "/api/peers", headers=ask, seen=seen)
+        if seen.get("status") == 304 and cached is not None:
+            return list(cached[1])
+        peers = [PeerInfo.from_json(p) for p in doc["peers"]]
+        etag = seen.get("etag")
+        self._peer_list = None if etag is None else (etag, peers)
+        return list(peers)
 
     async def heartbeat(
         self, peer_id: str, used: int | None = None, status: str | None = None

@@ -36,6 +36,7 @@ MAX_TARGET_BYTES = 4095  # a symlink's target, UTF-8 encoded
 MAX_READDIR = 10_000  # entries per readdir answer
 DEFAULT_READDIR = 1000
 MAX_LOCATION_BATCH = 4096  # chunk locations per batch request (one transaction)
+MAX_ATIME_BATCH = 4096  # inodes per batch of read access times (one transaction)
 ROOT_INO = 1
 INODE_TYPES = ("file", "dir", "symlink", "fifo", "socket", "chr", "blk")
 # Patterns as strings for the OpenAPI schemas, compiled for the service's own checks.
@@ -141,6 +142,18 @@ class Entry:
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Entry:
         return cls(name=doc["name"], offset=doc["offset"], attrs=InodeAttrs.from_json(doc["attrs"]))
+
+
+# A listing row (the session's listings, ``Txn.list_rows``): one array per entry,
+# ``[name, offset, ino, type, …, blocks]`` (the inode's fields in ``INODE_FIELDS`` order,
+# without the manifest listings never carry): no per-entry map to build or unpack.
+LISTING_FIELDS = INODE_FIELDS[: INODE_FIELDS.index("manifest")]
+
+
+def entry_from_row(row: list[Any]) -> Entry:
+    if not isinstance(row, list) or len(row) != 2 + len(LISTING_FIELDS):
+        raise ValueError(f"a listing row has {2 + len(LISTING_FIELDS)} items")
+    return Entry(name=row[0], offset=row[1], attrs=InodeAttrs(*row[2:]))
 
 
 @dataclass

@@ -29,6 +29,7 @@ from fastcache.coordinator.model import (
     DEFAULT_READDIR,
     INODE_TYPES,
     INT64_MAX,
+    MAX_ATIME_BATCH,
     MAX_FILE_SIZE,
     MAX_LOCATION_BATCH,
     MAX_READDIR,
@@ -49,6 +50,7 @@ from fastcache.coordinator.model import (
     allocated_blocks,
     check_file_limits,
     check_xattr_value,
+    entry_from_row,
     validate_manifest,
     xattr_namespace,
 )
@@ -395,6 +397,29 @@ class CoordinatorService:
     async def getattr(self, ino: int) -> InodeAttrs:
         return await self.store.transact(lambda tx: _inode(tx, ino), readonly=True)
 
+    async def touch_atimes(self, atimes: list[tuple[int, int]]) -> int:
+        """Reads seen on a node (``relatime``): each inode's atime moves forward to the time
+        given, never back, and nothing else changes (no ctime, no version: a read is not a
+        change of the file). One transaction for the batch; inodes gone meanwhile are
+        skipped. How many moved."""
+        if len(atimes) > MAX_ATIME_BATCH:
+            raise BadRequest(f"at most {MAX_ATIME_BATCH} atimes per batch")
+        for ino, ns in atimes:
+            _int(ino, "ino", 1, INT64_MAX)
+            _int(ns, "atime_ns", 0, INT64_MAX)
+        keys: list[str] = []
+
+        def op(tx: Txn) -> int:
+            keys.clear()
+            for ino, ns in atimes:
+                attrs = tx.get_inode(ino)
+                if attrs is not None and attrs.atime_ns < ns:
+                    tx.update_inode(ino, atime_ns=ns)
+                    keys.append(attr_key(ino))
+            return len(keys)
+
+        return await self._mutate(op, keys)
+
     async def setattr(
         self,
         ino: int,
@@ -450,12 +475,18 @@ class CoordinatorService:
         Cookies are the entries' serial numbers, so entries added or removed while a
         listing is under way never shift the others.
         """
+        return [entry_from_row(row) for row in await self.readdir_rows(ino, offset, limit)]
+
+    async def readdir_rows(
+        self, ino: int, offset: int = 0, limit: int = DEFAULT_READDIR
+    ) -> list[list[Any]]:
+        """``readdir`` as listing rows (``model.entry_from_row``) (what the session sends)."""
         _int(offset, "offset", 0, INT64_MAX)
         _int(limit, "limit", 1, MAX_READDIR)
 
-        def op(tx: Txn) -> list[Entry]:
+        def op(tx: Txn) -> list[list[Any]]:
             _dir(tx, ino)
-            return tx.list_entries(ino, offset, limit)
+            return tx.list_rows(ino, offset, limit)
 
         return await self.store.transact(op, readonly=True)
 
@@ -637,8 +668,9 @@ class CoordinatorService:
         *,
         noreplace: bool = False,
         exchange: bool = False,
-    ) -> None:
-        """Move one entry (``RENAME_NOREPLACE`` / ``RENAME_EXCHANGE`` as flags), atomically."""
+    ) -> list[InodeAttrs]:
+        """Move one entry (``RENAME_NOREPLACE`` / ``RENAME_EXCHANGE`` as flags), atomically;
+        the attributes of the directories involved as the rename left them."""
         validate_name(name)
         validate_name(new_name)
         if noreplace and exchange:
@@ -646,12 +678,12 @@ class CoordinatorService:
 
         keys: list[str] = []
 
-        def op(tx: Txn) -> None:
+        def op(tx: Txn) -> list[InodeAttrs]:
             dirs = {parent: _dir(tx, parent), new_parent: _dir(tx, new_parent)}
             src = _child(tx, parent, name)
             dst_ino = tx.lookup(new_parent, new_name)
             if parent == new_parent and name == new_name:
-                return
+                return list(dirs.values())
             keys.clear()  # what a successful rename touches (op may run again)
             keys.extend(_entry_keys(parent, name) + _entry_keys(new_parent, new_name))
             keys.append(attr_key(src.ino))
@@ -677,7 +709,7 @@ class CoordinatorService:
                     if noreplace:
                         raise Exists(f"{new_name!r} already exists")
                     if dst_ino == src.ino:  # two links to one inode: POSIX does nothing
-                        return
+                        return list(dirs.values())
                     dst = _inode(tx, dst_ino)
                     if src.is_dir and not dst.is_dir:
                         raise NotADirectory(f"{new_name!r} is not a directory")
@@ -698,8 +730,9 @@ class CoordinatorService:
             for ino, count in nlink.items():
                 version = dirs[ino].version + 1
                 tx.update_inode(ino, nlink=count, mtime_ns=now, ctime_ns=now, version=version)
+            return [_inode(tx, ino) for ino in dirs]
 
-        await self._mutate(op, keys)
+        return await self._mutate(op, keys)
 
     def _commit_tx(
         self, tx: Txn, ino: int, manifest: dict[str, Any], expected_version: int | None
@@ -945,6 +978,19 @@ class CoordinatorService:
         stats = await self.store.transact(op, readonly=True)
         stats["store"] = self.store.counters()  # commits, syncs, grouped transactions
         return stats
+
+    async def peers_status(self) -> list[tuple[PeerInfo, bool]]:
+        """Every peer still recorded and whether it is live (a silent one stays listed, not
+        live, until the cleanup drops it)."""
+        now = self._clock()
+        peers = await self.list_peers(live_only=False)
+        return [(p, self._live(p, now)) for p in peers]
+
+    async def manifests(
+        self, after: int = 0, limit: int = 1000
+    ) -> list[tuple[int, dict[str, Any]]]:
+        """One page of every inode's manifest (``ino > after``, inode order): fsck and gc."""
+        return await self.store.transact(lambda tx: tx.list_manifests(after, limit), readonly=True)
 
     async def statfs(self) -> dict[str, int]:
         def op(tx: Txn) -> dict[str, int]:

@@ -42,7 +42,7 @@ import contextlib
 import contextvars
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from itertools import count
@@ -52,6 +52,7 @@ import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 
 from fastcache.coordinator.leases import LeaseTable, attr_key, entry_key, list_key
+from fastcache.coordinator.model import DEFAULT_READDIR
 from fastcache.coordinator.service import CoordinatorService
 from fastcache.errors import BadRequest, FastcacheError, NotFound, TierUnavailable, error_kind
 from fastcache.http import validate
@@ -167,6 +168,7 @@ class SessionHub:
             "push_timeouts": 0,
             "void_leases": 0,
         }
+        self.by_op: Counter[str] = Counter()  # requests per op (unknown ops not counted)
         service.on_change = self.invalidate
 
     @property
@@ -180,6 +182,7 @@ class SessionHub:
             "lease_term": self.leases.term,
             "leases": len(self.leases),
             "leases_granted": self.leases.granted,
+            "ops": dict(self.by_op),
         }
 
     async def close(self) -> None:
@@ -301,6 +304,7 @@ class SessionHub:
             if op is None:
                 self.counters["bad_frames"] += 1
                 raise BadRequest(f"unknown op {name!r}")
+            self.by_op[name] += 1  # type: ignore[index]
             if set(doc) - {"id", "op", "args"}:
                 raise BadRequest("a request has only id, op and args")
             validate(args, op.schema, "args")
@@ -381,7 +385,9 @@ class SessionHub:
         waits = []
         for h in held:
             sess: Session = h.holder  # type: ignore[assignment]
-            waits.append(self._push(sess, h.keys, h.deadline))
+            # every key of the change, not only the held ones: a holder of ``list:<dir>``
+            # may have told its kernel that a name in it does not exist (a negative entry)
+            waits.append(self._push(sess, keys, h.deadline))
         await asyncio.gather(*waits)
         for h in held:
             self.leases.drop(h.holder, h.expiries)
@@ -424,11 +430,17 @@ async def _getattr(hub: SessionHub, sess: Session, op: Op, a: dict[str, Any]) ->
 
 
 async def _readdir(hub: SessionHub, sess: Session, op: Op, a: dict[str, Any]) -> Any:
+    """A listing as compact rows (``model.entry_from_row``), not the REST maps."""
+
+    async def read() -> dict[str, Any]:
+        offset, limit = a.get("offset") or 0, a.get("limit") or DEFAULT_READDIR
+        return {"rows": await hub.service.readdir_rows(a["ino"], offset, limit)}
+
     return await hub._leased_read(
         sess,
         [list_key(a["ino"])],
-        op.run(hub.service, a),
-        lambda doc: [attr_key(e["attrs"]["ino"]) for e in doc["entries"]],
+        read(),
+        lambda doc: [attr_key(row[2]) for row in doc["rows"]],
     )
 
 

@@ -38,7 +38,7 @@ import aiohttp
 import msgspec
 
 from fastcache.coordinator.leases import attr_key, entry_key, list_key
-from fastcache.coordinator.model import MAX_LOCATION_BATCH, Entry, InodeAttrs
+from fastcache.coordinator.model import MAX_LOCATION_BATCH, Entry, InodeAttrs, entry_from_row
 from fastcache.errors import (
     FastcacheError,
     NotFound,
@@ -363,7 +363,7 @@ class SessionClient:
     ) -> Leased[list[Entry]]:
         args = {"ino": ino, "offset": offset, "limit": limit}
         doc = await self._call("readdir", args, retry=True)
-        entries = [Entry.from_json(e) for e in doc["ok"]["entries"]]
+        entries = [entry_from_row(row) for row in doc["ok"]["rows"]]
         keys = [list_key(ino), *(attr_key(e.attrs.ino) for e in entries)]
         return Leased(entries, *self._lease(doc, keys))
 
@@ -522,6 +522,19 @@ class SessionClient:
             "exchange": exchange,
         }
         await self._call("rename", args)
+
+    async def touch_atimes(self, atimes: list[tuple[int, int]]) -> int:
+        """Read access times to move forward (``relatime``); how many moved."""
+        doc = await self._call("touch_atimes", {"atimes": [list(a) for a in atimes]})
+        return int(doc["ok"]["moved"])
+
+    async def rename_entry(
+        self, parent: int, name: str, new_parent: int, new_name: str
+    ) -> list[InodeAttrs]:
+        """``rename``; the attributes of the directories involved as it left them."""
+        args = {"parent": parent, "name": name, "new_parent": new_parent, "new_name": new_name}
+        doc = await self._call("rename_entry", args)
+        return [InodeAttrs.from_json(p) for p in doc["ok"]["parents"]]
 
     async def commit_manifest(
         self,

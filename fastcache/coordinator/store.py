@@ -43,11 +43,13 @@ from typing import Any, Protocol, TypeVar
 
 from fastcache.coordinator.model import (
     INODE_FIELDS,
+    LISTING_FIELDS,
     ROOT_INO,
     Entry,
     InodeAttrs,
     PeerInfo,
     allocated_blocks,
+    entry_from_row,
 )
 
 T = TypeVar("T")
@@ -72,6 +74,10 @@ class Txn(Protocol):
     def move_entry(self, parent: int, name: str, new_parent: int, new_name: str) -> None: ...
     def set_entry_ino(self, parent: int, name: str, ino: int) -> None: ...
     def list_entries(self, parent: int, after: int, limit: int) -> list[Entry]: ...
+    def list_rows(self, parent: int, after: int, limit: int) -> list[list[Any]]:
+        """``list_entries`` as listing rows (``model.entry_from_row``), straight from SQL."""
+        ...
+
     def has_entries(self, parent: int) -> bool: ...
     def parent_of(self, ino: int) -> int | None: ...
     def inode_counts(self) -> dict[str, int]: ...
@@ -86,6 +92,11 @@ class Txn(Protocol):
     def remove_locations(self, keys: Sequence[str], peer_id: str) -> None: ...
     def location_peers(self, key: str) -> list[str]: ...
     def location_count(self) -> int: ...
+    def list_manifests(self, after: int, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        """``(ino, manifest)`` of up to ``limit`` inodes with content, ``ino > after``, in
+        inode order (open-unlinked ones included): what fsck and gc walk."""
+        ...
+
     def get_xattr(self, ino: int, name: str) -> bytes | None: ...
     def list_xattrs(self, ino: int) -> list[str]: ...  # in name order
     def set_xattr(self, ino: int, name: str, value: bytes) -> None: ...  # create or replace
@@ -177,6 +188,9 @@ def _inode(row: tuple[Any, ...], with_manifest: bool = True) -> InodeAttrs:
     return attrs
 
 
+_ROW_COLS = ", ".join(f"i.{c}" for c in LISTING_FIELDS)
+
+
 class _SQLiteTxn:
     """``Txn`` over one sqlite connection; valid only inside ``SQLiteStore.transact``."""
 
@@ -242,13 +256,16 @@ class _SQLiteTxn:
         )
 
     def list_entries(self, parent: int, after: int, limit: int) -> list[Entry]:
-        cols = ", ".join(f"i.{c}" for c in INODE_FIELDS)
+        return [entry_from_row(row) for row in self.list_rows(parent, after, limit)]
+
+    def list_rows(self, parent: int, after: int, limit: int) -> list[list[Any]]:
+        # a listing never carries manifests: not even read (a file's is its chunk list)
         rows = self._c.execute(
-            f"SELECT e.cookie, e.name, {cols} FROM entries e JOIN inodes i ON i.ino = e.ino "
+            f"SELECT e.name, e.cookie, {_ROW_COLS} FROM entries e JOIN inodes i ON i.ino = e.ino "
             "WHERE e.parent = ? AND e.cookie > ? ORDER BY e.cookie LIMIT ?",
             (parent, after, limit),
         ).fetchall()
-        return [Entry(name=r[1], offset=r[0], attrs=_inode(r[2:], False)) for r in rows]
+        return [list(r) for r in rows]
 
     def has_entries(self, parent: int) -> bool:
         row = self._c.execute("SELECT 1 FROM entries WHERE parent = ? LIMIT 1", (parent,))
@@ -329,6 +346,14 @@ class _SQLiteTxn:
 
     def location_count(self) -> int:
         return int(self._c.execute("SELECT COUNT(*) FROM locations").fetchone()[0])
+
+    def list_manifests(self, after: int, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        rows = self._c.execute(
+            "SELECT ino, manifest FROM inodes WHERE ino > ? AND manifest IS NOT NULL"
+            " ORDER BY ino LIMIT ?",
+            (after, limit),
+        ).fetchall()
+        return [(int(ino), json.loads(doc)) for ino, doc in rows]
 
     def get_xattr(self, ino: int, name: str) -> bytes | None:
         row = self._c.execute(

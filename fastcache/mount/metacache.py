@@ -120,6 +120,18 @@ class MetaCache:
         self._entries.pop((parent, name), None)
         self._denied[(parent, name)] = until
 
+    def absent_until(self, parent: int, name: str) -> float:
+        """Until when ``name`` is known under a lease not to exist in ``parent`` (a leased
+        "no such name", or a leased listing without it); 0.0 if it is not."""
+        now = self._clock()
+        until = self._denied.get((parent, name), 0.0)
+        if until > now:
+            return until
+        listed = self._listed.get(parent, 0.0)
+        if listed > now and (parent, name) not in self._entries:
+            return listed
+        return 0.0
+
     def denied(self, parent: int, name: str) -> bool:
         until = self._denied.get((parent, name))
         if until is None:
@@ -195,6 +207,11 @@ class MetaCache:
     def incomplete(self, parent: int) -> None:
         self._complete.pop(parent, None)
         self._listed.pop(parent, None)
+
+    def unchained(self, parent: int) -> None:
+        """This node changed ``parent`` without learning its versions: what ``complete``
+        knew no longer chains up; a leased listing stays (this node keeps its entries)."""
+        self._complete.pop(parent, None)
 
     def listed(self, parent: int, until: float) -> None:
         """Every entry of ``parent`` is bound here, under a lease on its listing until

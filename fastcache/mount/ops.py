@@ -14,6 +14,7 @@ changed the file since this node last read it; ``flush`` (every ``close``) commi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import functools
 import logging
@@ -37,6 +38,7 @@ from fastcache.errors import (
     errno_for,
 )
 from fastcache.journal import PendingCommits
+from fastcache.mount.atime import AtimeBatcher, relatime_due
 from fastcache.mount.files import FileTable, LoopCaller
 from fastcache.mount.metacache import MetaCache
 from fastcache.mount.notify import KernelNotifier
@@ -169,6 +171,12 @@ class Operations(llfuse.Operations):
             commit_timeout=config.commit_timeout,
             fsync_timeout=config.fsync_timeout,
             max_size=config.max_file_size,
+        )
+        # read access times (relatime), batched; none without a session or with --noatime
+        self.atimes = (
+            AtimeBatcher(self.session.touch_atimes)
+            if self.session is not None and not config.noatime
+            else None
         )
         self.mounted = False  # set by mount(): kernel notifications need a live session
         self.kernel = KernelNotifier()
@@ -359,6 +367,16 @@ class Operations(llfuse.Operations):
             self.meta.data_follows(attrs.ino, _data_key(attrs))
 
     # --- names -----------------------------------------------------------------------------
+    def _absent(self, parent: int, name: str) -> llfuse.EntryAttributes:
+        """ "No such name": a negative entry the kernel keeps (no upcall for the next lookup)
+        while this node's lease on that answer lasts, at most one ttl; another node's create
+        of the name invalidates it in the kernel too (the push names every changed key)."""
+        e = llfuse.EntryAttributes()
+        e.st_ino = 0
+        left = self.meta.absent_until(parent, name) - time.monotonic()
+        e.entry_timeout = min(self.ttl, max(0.0, left))
+        return e
+
     @_handler
     def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> llfuse.EntryAttributes:
         n = _name(name)
@@ -366,16 +384,16 @@ class Operations(llfuse.Operations):
         attrs = None if ino is None else self.meta.get(ino)
         if attrs is None:
             if ino is None and self.meta.absent(parent_inode, n):
-                raise NotFound(f"no entry {n!r} in directory {parent_inode}")
+                return self._absent(parent_inode, n)
             if self._prefetch(parent_inode):
                 ino = self.meta.entry(parent_inode, n)
                 attrs = None if ino is None else self.meta.get(ino)
         if attrs is None and self.meta.denied(parent_inode, n):
-            raise NotFound(f"no entry {n!r} in directory {parent_inode}")
+            return self._absent(parent_inode, n)
         if attrs is None and ino is None and self._list_leased(parent_inode):
             ino = self.meta.entry(parent_inode, n)
             if ino is None:
-                raise NotFound(f"no entry {n!r} in directory {parent_inode}")
+                return self._absent(parent_inode, n)
             attrs = self.meta.get(ino)
             if attrs is not None:
                 self.meta.remember(ino)
@@ -386,7 +404,7 @@ class Operations(llfuse.Operations):
             until = self._until(leased.deadline, epoch)
             if leased.value is None:
                 self.meta.deny(parent_inode, n, until)
-                raise NotFound(f"no entry {n!r} in directory {parent_inode}")
+                return self._absent(parent_inode, n)
             self._missed(parent_inode)
             attrs = self.meta.put(leased.value, until)
             self.meta.bind(parent_inode, n, attrs.ino, until)
@@ -500,15 +518,28 @@ class Operations(llfuse.Operations):
         ctx: Any,
     ) -> None:
         old, new = _name(name_old), _name(name_new)
-        self._wait(self.ns.rename(parent_inode_old, old, parent_inode_new, new))
+        parents: list[InodeAttrs] = []
+        if self.session is not None:  # the directories as the rename left them, too
+            parents = self._wait(
+                self.session.rename_entry(parent_inode_old, old, parent_inode_new, new)
+            )
+        else:
+            self._wait(self.ns.rename(parent_inode_old, old, parent_inode_new, new))
         self.meta.unbind(parent_inode_new, new)  # the replaced inode, if any, lost a link
         moved = self.meta.unbind(parent_inode_old, old)
         if moved is not None:
             self.meta.bind(parent_inode_new, new, moved)
+        else:  # the new name's inode is unknown here: a listing here would miss it
+            self.meta.incomplete(parent_inode_new)
         self.meta.invalidate(parent_inode_old)
         self.meta.invalidate(parent_inode_new)
-        self.meta.incomplete(parent_inode_old)
-        self.meta.incomplete(parent_inode_new)
+        for attrs in parents:  # the kernel revalidates them next: no getattr needed
+            self.meta.put(attrs)
+        # Leased listings stay: our own change does not void our leases (the coordinator
+        # pushes it to the other holders only), and the entries above follow it. The
+        # version-chained "complete" knowledge does not: the answer carries no versions.
+        self.meta.unchained(parent_inode_old)
+        self.meta.unchained(parent_inode_new)
 
     # --- directories -----------------------------------------------------------------------
     @_handler
@@ -564,9 +595,19 @@ class Operations(llfuse.Operations):
         changed = self.meta.data_changed(inode, _data_key(attrs))
         if known is not None and _data_key(known) != _data_key(attrs):
             changed = True  # e.g. listed before another node's commit: a stale size
-        if changed and self.mounted:
+        accessed = False
+        if self.atimes is not None and flags & os.O_ACCMODE != os.O_WRONLY:
+            now = time.time_ns()
+            latest = self.atimes.latest(inode, attrs.atime_ns)
+            if latest != attrs.atime_ns:  # a read here the coordinator has not heard of yet
+                attrs = self.meta.put(dataclasses.replace(attrs, atime_ns=latest))
+            if relatime_due(attrs, now):  # noted here, sent in the next batch
+                self.atimes.note(inode, now)
+                attrs = self.meta.put(dataclasses.replace(attrs, atime_ns=now))
+                accessed = True
+        if (changed or accessed) and self.mounted:
             with llfuse.lock_released:
-                self.kernel.invalidate(inode)
+                self.kernel.invalidate(inode, attr_only=not changed)
         with llfuse.lock_released:
             return self.files.open(inode, flags, attrs)
 

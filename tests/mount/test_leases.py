@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -105,30 +106,59 @@ def _session_requests(cluster: MountCluster) -> int:
     return int(stats["sessions"]["requests"])
 
 
+def _session_ops(cluster: MountCluster) -> Counter[str]:
+    """Session requests so far, by op."""
+    stats = http("GET", f"{cluster.cluster.coordinator_url}/api/stats").json()
+    return Counter(stats["sessions"]["ops"])
+
+
 def test_names_created_in_a_new_directory_need_no_lookup_round_trip(
     cluster_factory: MountCluster,
 ) -> None:
     """A directory this node made comes with a lease on its (empty) listing, renewed by each
     create there: the kernel's lookup of every name about to be made (``mkdir``, ``tar -x``)
     is answered on the node, one round trip per create, however long the creating goes on
-    (a lease term of 0.2 s here: unrenewed, it would run out many times over). Another
+    (a lease term of 1 s here: unrenewed, it would run out twice over). Another
     node's create there still reaches it before that create returns."""
     cluster = cluster_factory.cluster
     assert cluster.coordinator is not None
     cluster.coordinator.kill()
-    cluster.coordinator_flags = ["--lease-term", "0.2"]
+    cluster.coordinator_flags = ["--lease-term", "1"]
     cluster.start_coordinator()
     a = cluster_factory.add_node()
     b = cluster_factory.add_node()
     made = a.mnt / "local-names"
     made.mkdir()
-    names = [f"d{i}" for i in range(1000)]  # more than one listing batch (512)
+    names = [f"d{i}" for i in range(3000)]  # more than one listing batch (512), > 2 s
     before = _session_requests(cluster_factory)
     for name in names:
         (made / name).mkdir()
     sent = _session_requests(cluster_factory) - before
-    assert sent < len(names) + 50, f"{sent} requests for {len(names)} mkdirs: lookups went out"
+    assert sent < len(names) + 100, f"{sent} requests for {len(names)} mkdirs: lookups went out"
     assert _missing(made / "from-b")  # answered from A's listing
     (b.mnt / "local-names" / "from-b").write_bytes(b"made on B")
     assert (made / "from-b").read_bytes() == b"made on B"
     assert sorted(os.listdir(made)) == sorted([*names, "from-b"])
+
+
+def test_renames_in_a_leased_directory_keep_its_listing(two_nodes: MountCluster) -> None:
+    """rsync's pattern (write a temporary name, rename it over the final one) in a directory
+    this node holds the listing of: its own rename keeps the listing (the entries follow
+    the rename), so the next names' lookups still cost nothing; another node sees the
+    renamed files at once."""
+    a, b = two_nodes.nodes
+    d = a.mnt / "renames"
+    d.mkdir()
+    count = 100
+    before = _session_ops(two_nodes)
+    for i in range(count):
+        tmp = d / f".f{i}.tmp"
+        tmp.write_bytes(b"x")
+        os.rename(tmp, d / f"f{i}")
+    sent = _session_ops(two_nodes) - before
+    assert sent["create"] == sent["rename_entry"] == count
+    # nothing asked about names or the directory: the lease on its listing answered
+    assert sent["lookup"] + sent["readdir"] + sent["getattr"] <= 2, sent
+    assert sorted(os.listdir(b.mnt / "renames")) == sorted(f"f{i}" for i in range(count))
+    assert _missing(d / ".f0.tmp")
+    assert (b.mnt / "renames" / "f7").read_bytes() == b"x"
