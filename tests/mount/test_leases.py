@@ -162,3 +162,20 @@ def test_renames_in_a_leased_directory_keep_its_listing(two_nodes: MountCluster)
     assert sorted(os.listdir(b.mnt / "renames")) == sorted(f"f{i}" for i in range(count))
     assert _missing(d / ".f0.tmp")
     assert (b.mnt / "renames" / "f7").read_bytes() == b"x"
+
+
+def test_reopen_keeps_cached_pages_until_another_node_changes_the_file(
+    dirs: tuple[Path, Path],
+) -> None:
+    """Node B reads a file twice (its kernel keeps the pages across the reopen); node A
+    rewrites it in place, same size, and closes; B's next open drops the stale pages: the
+    new bytes, never a mix of old and new."""
+    on_a, on_b = dirs
+    old = os.urandom(3 << 20)
+    (on_a / "f").write_bytes(old)
+    assert (on_b / "f").read_bytes() == old
+    assert (on_b / "f").read_bytes() == old  # served from B's page cache
+    new = bytes(b ^ 0xFF for b in old[: 1 << 20]) + old[1 << 20 :]
+    with open(on_a / "f", "r+b") as f:
+        f.write(new[: 1 << 20])
+    assert (on_b / "f").read_bytes() == new
