@@ -22,7 +22,6 @@ import numpy as np
 import xxhash
 
 from fastcache.config import no_extensions
-from fastcache.coordinator.model import hole_digest as hole_digest  # re-exported for cache/
 from fastcache.coordinator.model import validate_manifest
 
 Buffer = bytes | bytearray | memoryview

@@ -19,7 +19,8 @@ from collections import OrderedDict
 from typing import Any
 
 from fastcache.cache.context import CacheContext
-from fastcache.chunks import Buffer, Manifest, hole_digest
+from fastcache.chunks import Buffer, Manifest
+from fastcache.coordinator.model import hole_digest
 from fastcache.errors import ChunkCorrupt, ChunkNotFound, DataUnavailable, FastcacheError, TierFull
 from fastcache.tiers.base import verifies_reads, verify_async
 from fastcache.tiers.counters import PerThread
