@@ -129,6 +129,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--port", type=int, default=8080)
     c.add_argument("--state-dir", type=Path, default=Path("coordinator-state"))
     c.add_argument(
+        "--store",
+        metavar="URL",
+        help="the namespace store: sqlite:///path.db or postgresql://user@host:port/db "
+        "(default: sqlite in --state-dir)",
+    )
+    c.add_argument(
         "--peer-timeout",
         type=float,
         default=60.0,
@@ -259,6 +265,7 @@ def coordinator_config(args: argparse.Namespace) -> CoordinatorConfig:
         host=args.host,
         port=args.port,
         state_dir=args.state_dir,
+        store=args.store,
         token=args.token or token_from_env(),
         peer_timeout=args.peer_timeout,
         sync_interval=args.sync_interval,

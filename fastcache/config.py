@@ -11,6 +11,7 @@ import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -111,11 +112,50 @@ class CacheConfig:
             raise ConfigError("replication must not be negative")
 
 
+STORE_DB_NAME = "coordinator.db"  # the SQLite store's file in --state-dir
+
+
+def check_store_url(url: str) -> str:
+    """The engine a ``--store`` URL names (``sqlite`` or ``postgresql``), else ConfigError.
+
+    ``sqlite:///abs/path.db`` (the URL's path is the file) or
+    ``postgresql://user@host:port/database``.
+    """
+    parts = urlsplit(url)
+    if parts.scheme == "sqlite":
+        if parts.netloc or not parts.path.startswith("/") or parts.path.endswith("/"):
+            raise ConfigError(f"bad store URL {url!r}: expected sqlite:///absolute/path.db")
+        return "sqlite"
+    if parts.scheme in ("postgresql", "postgres"):
+        try:
+            port_ok = parts.port is None or parts.port > 0
+        except ValueError:
+            port_ok = False
+        if not parts.hostname or len(parts.path) < 2 or not port_ok:
+            raise ConfigError(
+                f"bad store URL {url!r}: expected postgresql://user@host:port/database"
+            )
+        return "postgresql"
+    raise ConfigError(
+        f"bad store URL {url!r}: expected sqlite:///path.db or postgresql://user@host:port/db"
+    )
+
+
+def redacted_url(url: str) -> str:
+    """``url`` without its password, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)).geturl()
+
+
 @dataclass(frozen=True)
 class CoordinatorConfig:
     host: str = "127.0.0.1"
     port: int = 8080
     state_dir: Path = Path("coordinator-state")
+    # where the namespace lives: a URL (check_store_url); None: SQLite in state_dir
+    store: str | None = None
     token: str | None = None
     peer_timeout: float = 60.0  # a peer silent this long is dropped
     cleanup_interval: float = 10.0
@@ -137,6 +177,13 @@ class CoordinatorConfig:
             raise ConfigError(f"port out of range: {self.port}")
         if not 0 <= self.sync_interval <= 3600:  # also refuses NaN
             raise ConfigError(f"sync interval must be in [0, 3600] seconds: {self.sync_interval}")
+        if self.store is not None:
+            check_store_url(self.store)
+
+    @property
+    def store_url(self) -> str:
+        """``store``, or the SQLite file in ``state_dir``."""
+        return self.store or f"sqlite://{(self.state_dir / STORE_DB_NAME).resolve()}"
 
 
 @dataclass(frozen=True)

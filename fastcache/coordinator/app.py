@@ -32,7 +32,7 @@ import orjson
 from aiohttp import web
 
 from fastcache import __version__
-from fastcache.config import CoordinatorConfig
+from fastcache.config import CoordinatorConfig, redacted_url
 from fastcache.coordinator.model import (
     DEFAULT_READDIR,
     DIGEST_PATTERN,
@@ -1065,7 +1065,7 @@ async def _cleanup_loop(service: CoordinatorService, interval: float) -> None:
 def make_app(
     config: CoordinatorConfig, service: CoordinatorService | None = None
 ) -> web.Application:
-    """The coordinator app. Without ``service`` it opens one on ``config.state_dir``."""
+    """The coordinator app. Without ``service`` it opens one on ``config.store_url``."""
     app = web.Application(
         client_max_size=config.max_body,
         middlewares=[error_middleware(log), auth_middleware(config.token)],
@@ -1077,7 +1077,7 @@ def make_app(
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         owned = service is None
         svc = service or await CoordinatorService.open(
-            config.state_dir, config.peer_timeout, sync_interval=config.sync_interval
+            config.store_url, config.peer_timeout, sync_interval=config.sync_interval
         )
         try:
             await svc.grant_grace()
@@ -1125,9 +1125,9 @@ async def serve(config: CoordinatorConfig) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         log.info(
-            "listening on %s (state in %s, peer timeout %.1fs, sync interval %.3gs, token %s)",
+            "listening on %s (store %s, peer timeout %.1fs, sync interval %.3gs, token %s)",
             ", ".join(f"http://{h}:{p}" for h, p, *_ in runner.addresses),
-            config.state_dir,
+            redacted_url(config.store_url),
             config.peer_timeout,
             config.sync_interval,
             "required" if config.token else "off",

@@ -21,7 +21,6 @@ from __future__ import annotations
 import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 from fastcache.coordinator.leases import attr_key, entry_key, list_key
@@ -54,7 +53,7 @@ from fastcache.coordinator.model import (
     validate_manifest,
     xattr_namespace,
 )
-from fastcache.coordinator.store import DEFAULT_SYNC_INTERVAL, SQLiteStore, Store, Txn
+from fastcache.coordinator.store import DEFAULT_SYNC_INTERVAL, Store, Txn, open_store
 from fastcache.errors import (
     BadRequest,
     Conflict,
@@ -73,7 +72,6 @@ from fastcache.paths import is_digest, join_path, split_path, validate_name
 
 __all__ = ["CoordinatorService", "location_key"]
 
-DB_NAME = "coordinator.db"
 T = TypeVar("T")
 ChangeHook = Callable[[list[str]], Awaitable[None]]
 
@@ -227,12 +225,13 @@ class CoordinatorService:
     @classmethod
     async def open(
         cls,
-        state_dir: Path,
+        store_url: str,
         peer_timeout: float = 60.0,
         synchronous: str = "NORMAL",
         sync_interval: float = DEFAULT_SYNC_INTERVAL,
     ) -> CoordinatorService:
-        store = await SQLiteStore.open(Path(state_dir) / DB_NAME, synchronous, sync_interval)
+        """On the store ``store_url`` names (``config.CoordinatorConfig.store_url``)."""
+        store = await open_store(store_url, synchronous=synchronous, sync_interval=sync_interval)
         return cls(store, peer_timeout)
 
     async def close(self) -> None:

@@ -19,6 +19,7 @@ import pytest
 from fastcache.coordinator.client import CoordinatorClient
 from fastcache.coordinator.model import MAX_LOCATION_BATCH, ROOT_INO
 from fastcache.coordinator.service import CoordinatorService
+from fastcache.coordinator.store import sqlite_url
 from fastcache.coordinator.session_client import SessionClient
 from fastcache.errors import BadRequest, Conflict, NotFound, TierUnavailable, Unauthorized
 from tests.helpers import wait_until
@@ -446,7 +447,9 @@ def test_rename_of_huge_directory_moves_one_row(tmp_path: Path) -> None:
     state = tmp_path / "state"
 
     async def build() -> tuple[int, int]:
-        svc = await CoordinatorService.open(state, synchronous="NORMAL")
+        svc = await CoordinatorService.open(
+            sqlite_url(state / "coordinator.db"), synchronous="NORMAL"
+        )
         try:
             top = await svc.mkdir(ROOT_INO, "big")
             dest = await svc.mkdir(ROOT_INO, "dest")

@@ -14,7 +14,7 @@ import pytest
 
 from fastcache.coordinator.model import MAX_LOCATION_BATCH, ROOT_INO, InodeAttrs, hole_digest
 from fastcache.coordinator.service import CoordinatorService, location_key
-from fastcache.coordinator.store import _DDL, SQLiteStore
+from fastcache.coordinator.store.sqlite import _DDL, SQLiteStore
 from fastcache.errors import (
     BadRequest,
     Conflict,

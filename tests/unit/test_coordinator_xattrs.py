@@ -20,7 +20,7 @@ from fastcache.coordinator.model import (
     XATTR_SIZE_MAX,
 )
 from fastcache.coordinator.service import CoordinatorService
-from fastcache.coordinator.store import _DDL, SQLiteStore
+from fastcache.coordinator.store.sqlite import _DDL, SQLiteStore
 from fastcache.errors import (
     Exists,
     InvalidArgument,

@@ -22,7 +22,7 @@ from fastcache.coordinator.model import (
 )
 from fastcache.coordinator.service import CoordinatorService
 from fastcache.coordinator.session import MAX_FRAME
-from fastcache.coordinator.store import SQLiteStore
+from fastcache.coordinator.store.sqlite import SQLiteStore
 from fastcache.errors import BadRequest, InvalidArgument
 
 MiB, GiB = 1 << 20, 1 << 30
