@@ -100,6 +100,10 @@ class TierUnavailable(FastcacheError):
     """The tier cannot be reached right now (network, 5xx, throttling, circuit open)."""
 
 
+class StoreUnavailable(TierUnavailable):
+    """The coordinator's metadata database cannot be reached right now (503: retry)."""
+
+
 class TierFull(FastcacheError):
     """The tier has no room (ENOSPC, capacity reached with nothing evictable)."""
 
@@ -242,6 +246,7 @@ _BY_KIND: dict[str, type[FastcacheError]] = {
         ChunkNotFound,
         ChunkCorrupt,
         TierUnavailable,
+        StoreUnavailable,
         TierFull,
         DataUnavailable,
         BadRequest,

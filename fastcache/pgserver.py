@@ -33,8 +33,11 @@ def _free_port() -> int:
 class PostgresServer:
     """One PostgreSQL cluster in ``root`` (``root/data``, ``root/server.log``, the socket)."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(self, root: Path, port: int | None = None, fsync: bool = True) -> None:
+        """``fsync=False`` (tests): commits are not flushed to disk. A clean stop or restart
+        keeps everything; only a machine crash could lose what a commit acknowledged."""
         self.root = Path(root).resolve()
+        self.fsync = fsync
         self.data = self.root / "data"
         self.log_path = self.root / "server.log"
         self.port = port or _free_port()
@@ -76,6 +79,8 @@ class PostgresServer:
                 ]
             )
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"
+        if not self.fsync:
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         self._run(
             [
                 str(PG_BIN / "pg_ctl"),

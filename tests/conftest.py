@@ -1,9 +1,11 @@
-"""Session fixtures shared by every suite: one SeaweedFS S3 for the whole run."""
+"""Session fixtures shared by every suite: one SeaweedFS S3 and (when a test asks for it)
+one PostgreSQL server for the whole run; ``store_url`` runs a test on each store."""
 
 from __future__ import annotations
 
 import itertools
 import secrets
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,7 +13,12 @@ from pathlib import Path
 import pytest
 
 from fastcache.config import DEFAULT_REGION, S3Config
+from fastcache.coordinator.store import sqlite_url
+from fastcache.pgserver import PostgresServer
 from fastcache.seaweed import SeaweedServer
+
+STORES = ("sqlite", "postgresql")
+_databases = itertools.count()
 
 
 @dataclass
@@ -60,3 +67,27 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Fixture]:
         yield S3Fixture(server)
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PostgresServer]:
+    """A PostgreSQL 15 server on loopback for the session (its directory is under /tmp,
+    where the ``postgres`` user can reach it); stopped and removed at the end."""
+    server = PostgresServer(Path(tempfile.mkdtemp(prefix="fastcache-pg-")), fsync=False)
+    try:
+        yield server.start()
+    finally:
+        server.remove()
+
+
+def new_database(pg: PostgresServer) -> str:
+    """The URL of a new empty database on the session's server."""
+    return pg.create_database(f"t{next(_databases)}")
+
+
+@pytest.fixture(params=STORES)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh store of each kind: a SQLite file in ``tmp_path``, a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return sqlite_url(tmp_path / "coordinator.db")
+    return new_database(request.getfixturevalue("pg"))

@@ -19,8 +19,8 @@ import pytest
 from fastcache.coordinator.client import CoordinatorClient
 from fastcache.coordinator.model import MAX_LOCATION_BATCH, ROOT_INO
 from fastcache.coordinator.service import CoordinatorService
-from fastcache.coordinator.store import sqlite_url
 from fastcache.coordinator.session_client import SessionClient
+from fastcache.coordinator.store import sqlite_url
 from fastcache.errors import BadRequest, Conflict, NotFound, TierUnavailable, Unauthorized
 from tests.helpers import wait_until
 from tests.integration.conftest_coordinator import CoordinatorProcess, start_coordinator

@@ -1,4 +1,5 @@
-"""CoordinatorService over a real SQLiteStore in a temp dir: every namespace and peer rule."""
+"""CoordinatorService over each real store (SQLite in a temp dir, a fresh database on the
+session's PostgreSQL server): every namespace and peer rule."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 
 from fastcache.coordinator.model import MAX_LOCATION_BATCH, ROOT_INO, InodeAttrs, hole_digest
 from fastcache.coordinator.service import CoordinatorService, location_key
+from fastcache.coordinator.store import Store, open_store, sqlite_url
 from fastcache.coordinator.store.sqlite import _DDL, SQLiteStore
 from fastcache.errors import (
     BadRequest,
@@ -60,14 +62,22 @@ def clock() -> Clock:
     return Clock()
 
 
-async def _open(path: Path, clock: Clock) -> CoordinatorService:
-    store = await SQLiteStore.open(path / "coordinator.db", synchronous="NORMAL")
+async def _open(store_url: str, clock: Clock) -> CoordinatorService:
+    store = await open_store(store_url, synchronous="NORMAL")
     return CoordinatorService(store, peer_timeout=10.0, clock=clock)
 
 
 @pytest.fixture
-def svc(tmp_path: Path, run: Run[Any], clock: Clock) -> Iterator[CoordinatorService]:
-    service = run(_open(tmp_path, clock))
+def svc(store_url: str, run: Run[Any], clock: Clock) -> Iterator[CoordinatorService]:
+    service = run(_open(store_url, clock))
+    yield service
+    run(service.close())
+
+
+@pytest.fixture
+def sqlite_svc(tmp_path: Path, run: Run[Any], clock: Clock) -> Iterator[CoordinatorService]:
+    """For what only SQLite shows (its change counter, its own transaction control)."""
+    service = run(_open(sqlite_url(tmp_path / "coordinator.db"), clock))
     yield service
     run(service.close())
 
@@ -273,8 +283,9 @@ def test_rename_noops(svc: CoordinatorService, run: Run[Any]) -> None:
         run(svc.rename(ROOT_INO, "missing", ROOT_INO, "x"))
 
 
-def test_rename_dir_is_constant_work(svc: CoordinatorService, run: Run[Any]) -> None:
+def test_rename_dir_is_constant_work(sqlite_svc: CoordinatorService, run: Run[Any]) -> None:
     """Moving a directory touches a fixed handful of rows, however big its subtree."""
+    svc = sqlite_svc
     top = run(svc.mkdir(ROOT_INO, "top"))
     dest = run(svc.mkdir(ROOT_INO, "dest"))
 
@@ -488,8 +499,8 @@ def test_location_key() -> None:
 
 
 # --- durability --------------------------------------------------------------------------
-def test_restart_keeps_everything(tmp_path: Path, run: Run[Any], clock: Clock) -> None:
-    svc = run(_open(tmp_path, clock))
+def test_restart_keeps_everything(store_url: str, run: Run[Any], clock: Clock) -> None:
+    svc = run(_open(store_url, clock))
     d = run(svc.mkdir(ROOT_INO, "d"))
     f = run(svc.put_file("/d/f", manifest(6)))
     run(svc.link(f.ino, ROOT_INO, "hard"))
@@ -498,7 +509,7 @@ def test_restart_keeps_everything(tmp_path: Path, run: Run[Any], clock: Clock) -
     before = run(svc.stats())
     run(svc.close())
 
-    svc = run(_open(tmp_path, clock))
+    svc = run(_open(store_url, clock))
     try:
         after = run(svc.stats())
         assert after.pop("store")["commits"] == 0  # the store's counters start again
@@ -517,12 +528,12 @@ def test_restart_keeps_everything(tmp_path: Path, run: Run[Any], clock: Clock) -
         run(svc.close())
 
 
-def test_grace_after_restart(tmp_path: Path, run: Run[Any], clock: Clock) -> None:
-    svc = run(_open(tmp_path, clock))
+def test_grace_after_restart(store_url: str, run: Run[Any], clock: Clock) -> None:
+    svc = run(_open(store_url, clock))
     run(svc.register_peer("n1", "http://h:1", 10))
     run(svc.close())
     clock.now += 100  # the coordinator was down far longer than the timeout
-    svc = run(_open(tmp_path, clock))
+    svc = run(_open(store_url, clock))
     try:
         run(svc.grant_grace())
         assert [p.peer_id for p in run(svc.list_peers())] == ["n1"]
@@ -625,7 +636,7 @@ class Saboteur(Exception):
 
 
 async def _queued_behind_a_blocker(
-    store: SQLiteStore, calls: list[Coroutine[Any, Any, Any]]
+    store: Store, calls: list[Coroutine[Any, Any, Any]]
 ) -> list[Any]:
     """Hold the store's thread in one transaction while ``calls`` queue up behind it, then
     let it go: the thread finds them all queued at once. Their results or exceptions."""
@@ -647,7 +658,6 @@ async def _queued_behind_a_blocker(
 
 def test_concurrent_transactions_share_one_commit(svc: CoordinatorService, run: Run[Any]) -> None:
     store = svc.store
-    assert isinstance(store, SQLiteStore)
     d = run(svc.mkdir(ROOT_INO, "group"))
     before = store.counters()
 
@@ -691,10 +701,11 @@ def test_concurrent_transactions_share_one_commit(svc: CoordinatorService, run: 
 
 
 def test_a_group_aborted_as_a_whole_runs_the_rest_alone(
-    svc: CoordinatorService, run: Run[Any]
+    sqlite_svc: CoordinatorService, run: Run[Any]
 ) -> None:
     """If SQLite throws the whole transaction away (here: a function rolls it back), the
     functions that had succeeded are not reported done: they run again, alone."""
+    svc = sqlite_svc
     store = svc.store
     assert isinstance(store, SQLiteStore)
 
@@ -768,7 +779,6 @@ def test_cancelled_transaction_that_has_not_run_is_skipped(
     svc: CoordinatorService, run: Run[Any]
 ) -> None:
     store = svc.store
-    assert isinstance(store, SQLiteStore)
 
     async def body() -> None:
         started, release = threading.Event(), threading.Event()

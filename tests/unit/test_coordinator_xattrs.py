@@ -1,4 +1,4 @@
-"""Extended attributes in CoordinatorService over a real SQLiteStore: Linux's limits and
+"""Extended attributes in CoordinatorService over each real store: Linux's limits and
 errno, the permission rules, per-inode storage (links, rename, removal) and the migration."""
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from fastcache.coordinator.model import (
     XATTR_SIZE_MAX,
 )
 from fastcache.coordinator.service import CoordinatorService
+from fastcache.coordinator.store import open_store
 from fastcache.coordinator.store.sqlite import _DDL, SQLiteStore
 from fastcache.errors import (
     Exists,
@@ -46,8 +47,8 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 @pytest.fixture
-def svc(tmp_path: Path, loop: asyncio.AbstractEventLoop) -> Iterator[CoordinatorService]:
-    store = loop.run_until_complete(SQLiteStore.open(tmp_path / "coordinator.db"))
+def svc(store_url: str, loop: asyncio.AbstractEventLoop) -> Iterator[CoordinatorService]:
+    store = loop.run_until_complete(open_store(store_url))
     service = CoordinatorService(store)
     changes: list[list[str]] = []
 
