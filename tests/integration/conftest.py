@@ -12,9 +12,10 @@ from tests.integration.conftest_coordinator import CoordinatorProcess, start_coo
 
 
 @pytest.fixture
-def coordinator(tmp_path: Path) -> Iterator[CoordinatorProcess]:
-    """A fresh coordinator process (no token, 60 s peer timeout); SIGKILLed at teardown."""
-    proc = start_coordinator(tmp_path / "coordinator")
+def coordinator(tmp_path: Path, store_url: str) -> Iterator[CoordinatorProcess]:
+    """A fresh coordinator process on each store (no token, 60 s peer timeout); SIGKILLed
+    at teardown."""
+    proc = start_coordinator(tmp_path / "coordinator", store=store_url)
     try:
         yield proc
     finally:

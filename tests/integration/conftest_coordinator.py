@@ -34,8 +34,10 @@ class CoordinatorProcess:
         port: int | None = None,
         peer_timeout: float = 60.0,
         token: str | None = None,
+        store: str | None = None,
     ) -> None:
         self.state_dir = Path(state_dir)
+        self.store = store  # a --store URL; None: SQLite in state_dir
         self.port = port or free_port()
         self.peer_timeout = peer_timeout
         self.token = token
@@ -58,6 +60,8 @@ class CoordinatorProcess:
             "--peer-timeout",
             str(self.peer_timeout),
         ]
+        if self.store is not None:
+            cmd += ["--store", self.store]
         env = {k: v for k, v in os.environ.items() if k != "FASTCACHE_TOKEN"}
         if self.token is not None:
             env["FASTCACHE_TOKEN"] = self.token
@@ -127,5 +131,8 @@ def start_coordinator(
     peer_timeout: float = 60.0,
     token: str | None = None,
     port: int | None = None,
+    store: str | None = None,
 ) -> CoordinatorProcess:
-    return CoordinatorProcess(state_dir, port=port, peer_timeout=peer_timeout, token=token).start()
+    return CoordinatorProcess(
+        state_dir, port=port, peer_timeout=peer_timeout, token=token, store=store
+    ).start()

@@ -116,8 +116,8 @@ def test_peers_register_list_heartbeat(coordinator: CoordinatorProcess) -> None:
     arun(body())
 
 
-def test_silent_peer_disappears(tmp_path: Path) -> None:
-    proc = start_coordinator(tmp_path / "state", peer_timeout=1)
+def test_silent_peer_disappears(tmp_path: Path, store_url: str) -> None:
+    proc = start_coordinator(tmp_path / "state", peer_timeout=1, store=store_url)
     try:
 
         async def setup() -> None:
@@ -146,8 +146,8 @@ def test_silent_peer_disappears(tmp_path: Path) -> None:
         proc.kill()
 
 
-def test_sigkill_then_restart_keeps_state(tmp_path: Path) -> None:
-    proc = start_coordinator(tmp_path / "state", peer_timeout=30)
+def test_sigkill_then_restart_keeps_state(tmp_path: Path, store_url: str) -> None:
+    proc = start_coordinator(tmp_path / "state", peer_timeout=30, store=store_url)
 
     async def write() -> dict[str, Any]:
         async with CoordinatorClient(proc.url) as c:
