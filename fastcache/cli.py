@@ -6,6 +6,7 @@ Bad flags get a one-line message and exit status 2; no traceback reaches the use
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -344,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench.harness import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:2] == ["coordinator", "migrate"]:
+        return _coordinator_migrate(argv[2:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -386,6 +389,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     parser.error(f"unknown command {args.command}")
     return 2
+
+
+def _coordinator_migrate(argv: list[str]) -> int:
+    """``fastcache coordinator migrate --from sqlite:///… --to postgresql://…``."""
+    p = argparse.ArgumentParser(
+        prog="fastcache coordinator migrate",
+        description="Copy a SQLite namespace (every inode, entry, manifest, xattr and hard "
+        "link, with their numbers) into an empty PostgreSQL database. Stop the coordinator "
+        "first.",
+    )
+    p.add_argument("--from", dest="source", required=True, metavar="sqlite:///PATH")
+    p.add_argument("--to", dest="target", required=True, metavar="postgresql://USER@HOST:PORT/DB")
+    p.add_argument("--log-level", default="WARNING")
+    args = p.parse_args(argv)
+    setup_logging(args.log_level)
+    from fastcache.coordinator.store.migrate import migrate
+
+    try:
+        counts = asyncio.run(migrate(args.source, args.target))
+    except ConfigError as exc:
+        print(f"fastcache: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"fastcache: {exc}", file=sys.stderr)
+        return 1
+    print("copied " + ", ".join(f"{n} {table}" for table, n in counts.items()))
+    return 0
 
 
 def mount_helper(argv: Sequence[str] | None = None) -> int:

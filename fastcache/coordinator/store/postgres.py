@@ -191,13 +191,15 @@ def _schema(conn: psycopg.Connection[Any]) -> int:
     return found
 
 
-def advance_sequences(conn: psycopg.Connection[Any]) -> None:
+def advance_sequences(conn: psycopg.Connection[Any], floors: dict[str, int] | None = None) -> None:
     """Move the inode and entry sequences past the highest numbers in use (after rows were
-    inserted with their numbers: the root, a migration)."""
+    inserted with their numbers: the root, a migration), and past ``floors[table]`` (numbers
+    handed out before whose rows are gone: never reused)."""
     for table, column in (("inodes", "ino"), ("entries", "cookie")):
         conn.execute(
             f"SELECT setval(pg_get_serial_sequence('{table}', '{column}'),"
-            f" GREATEST((SELECT max({column}) FROM {table}), 1))"
+            f" GREATEST((SELECT max({column}) FROM {table}), %s, 1))",
+            ((floors or {}).get(table, 1),),
         )
 
 
