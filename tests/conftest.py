@@ -69,15 +69,26 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Fixture]:
         server.stop()
 
 
-@pytest.fixture(scope="session")
-def pg() -> Iterator[PostgresServer]:
-    """A PostgreSQL 15 server on loopback for the session (its directory is under /tmp,
-    where the ``postgres`` user can reach it); stopped and removed at the end."""
+def _postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL 15 server on loopback (its directory is under /tmp, where the
+    ``postgres`` user can reach it); stopped and removed at the end."""
     server = PostgresServer(Path(tempfile.mkdtemp(prefix="fastcache-pg-")), fsync=False)
     try:
         yield server.start()
     finally:
         server.remove()
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[PostgresServer]:
+    """The session's PostgreSQL server: each test makes its own database on it."""
+    yield from _postgres()
+
+
+@pytest.fixture
+def own_pg() -> Iterator[PostgresServer]:
+    """A server of the test's own, for tests that stop or restart it."""
+    yield from _postgres()
 
 
 def new_database(pg: PostgresServer) -> str:

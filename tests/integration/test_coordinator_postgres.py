@@ -6,12 +6,8 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from fastcache.coordinator.client import CoordinatorClient
 from fastcache.coordinator.model import ROOT_INO
@@ -23,16 +19,6 @@ from tests.integration.conftest_coordinator import REPO, start_coordinator
 
 D1, D2 = "a" * 32, "b" * 32
 MANIFEST = {"size": 10, "chunk_size": 8, "chunks": [D1, D2]}
-
-
-@pytest.fixture
-def own_pg() -> Iterator[PostgresServer]:
-    """A server of this test's own, to restart."""
-    server = PostgresServer(Path(tempfile.mkdtemp(prefix="fastcache-pg-")), fsync=False)
-    try:
-        yield server.start()
-    finally:
-        server.remove()
 
 
 def test_postgres_restart_under_load(tmp_path: Path, own_pg: PostgresServer) -> None:

@@ -4,9 +4,6 @@ retries, events between them), its schema versions, and surviving a server resta
 from __future__ import annotations
 
 import asyncio
-import tempfile
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -98,16 +95,6 @@ def test_an_unreachable_database_is_a_clear_error(pg: PostgresServer) -> None:
 async def _open_close(url: str) -> None:
     store = await PostgresStore.open(url)
     await store.close()
-
-
-@pytest.fixture
-def own_pg() -> Iterator[PostgresServer]:
-    """A server of this test's own, to restart."""
-    server = PostgresServer(Path(tempfile.mkdtemp(prefix="fastcache-pg-")), fsync=False)
-    try:
-        yield server.start()
-    finally:
-        server.remove()
 
 
 def test_the_store_reconnects_after_a_server_restart(own_pg: PostgresServer) -> None:
