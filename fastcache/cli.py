@@ -15,6 +15,7 @@ from typing import Any
 
 from fastcache import __version__
 from fastcache.config import (
+    DEFAULT_COORDINATOR,
     CacheConfig,
     ClientConfig,
     ConfigError,
@@ -22,6 +23,7 @@ from fastcache.config import (
     S3Config,
     fuse_tuning_from_env,
     parse_capacity,
+    parse_coordinators,
     parse_size,
     token_from_env,
 )
@@ -35,7 +37,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def _add_node_args(n: argparse.ArgumentParser) -> None:
     """The flags of a client node (``client`` and ``mount``)."""
-    n.add_argument("--coordinator", default="http://127.0.0.1:8080", help="coordinator URL")
+    n.add_argument(
+        "--coordinator",
+        default=DEFAULT_COORDINATOR,
+        help="coordinator URL, or several comma-separated: the node moves to the next one "
+        "when its coordinator stops answering (default http://127.0.0.1:8080)",
+    )
     n.add_argument("--host", default="127.0.0.1")
     n.add_argument("--port", type=int, default=8081)
     n.add_argument("--advertise-url", help="URL peers use to reach this node")
@@ -287,7 +294,7 @@ def client_config(args: argparse.Namespace, env: Mapping[str, str] | None = None
     return ClientConfig(
         cache=cache,
         s3=s3,
-        coordinator_url=args.coordinator.rstrip("/"),
+        coordinators=parse_coordinators(args.coordinator),
         host=args.host,
         port=args.port,
         advertise_url=args.advertise_url,

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -21,6 +21,8 @@ DEFAULT_REGION = "us-east-1"
 DEFAULT_MAX_BODY = 4 * MiB + 64 * 1024  # one chunk plus headroom
 DEFAULT_MAX_FILE_SIZE = 1 << 40  # 1 TiB: the largest file the client API accepts
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)?\s*$", re.IGNORECASE)
+DEFAULT_COORDINATOR = "http://127.0.0.1:8080"
+_COORDINATOR_URL = re.compile(r"^https?://[A-Za-z0-9.\-\[\]:]+(:\d{1,5})?/?$")
 
 
 class ConfigError(ValueError):
@@ -52,6 +54,19 @@ def parse_capacity(text: str | int, directory: Path) -> int:
     if size <= 0:
         raise ConfigError(f"capacity must be positive: {text!r}")
     return size
+
+
+def parse_coordinators(text: str | Sequence[str]) -> tuple[str, ...]:
+    """``"http://a:8080,http://b:8080"`` (or several such strings) → the coordinator URLs, in
+    the order the node tries them."""
+    parts = [text] if isinstance(text, str) else list(text)
+    urls = [u.strip().rstrip("/") for part in parts for u in part.split(",") if u.strip()]
+    if not urls:
+        raise ConfigError("no coordinator URL given")
+    for url in urls:
+        if not _COORDINATOR_URL.fullmatch(url):
+            raise ConfigError(f"not a coordinator URL: {url!r} (use e.g. http://10.0.0.5:8080)")
+    return tuple(dict.fromkeys(urls))
 
 
 @dataclass(frozen=True)
@@ -190,7 +205,9 @@ class CoordinatorConfig:
 class ClientConfig:
     cache: CacheConfig
     s3: S3Config = field(default_factory=S3Config)
-    coordinator_url: str = "http://127.0.0.1:8080"
+    # every coordinator of the cluster; the node's session and calls move to the next one
+    # when theirs stops answering (``parse_coordinators``)
+    coordinators: tuple[str, ...] = (DEFAULT_COORDINATOR,)
     host: str = "127.0.0.1"
     port: int = 8081
     advertise_url: str | None = None  # how peers reach this node; default http://host:port
@@ -216,7 +233,14 @@ class ClientConfig:
     fsync_timeout: float = 120.0  # seconds fsync() waits for S3 and the coordinator's sync
     max_file_size: int = DEFAULT_MAX_FILE_SIZE  # largest file the client API accepts
 
+    @property
+    def coordinator_url(self) -> str:
+        """The first coordinator: the one the node tries first."""
+        return self.coordinators[0]
+
     def __post_init__(self) -> None:
+        if not self.coordinators:
+            raise ConfigError("at least one coordinator URL is needed")
         if self.heartbeat_interval <= 0:
             raise ConfigError("heartbeat interval must be positive")
         if self.shutdown_sync_timeout < 0:

@@ -80,7 +80,7 @@ class Node:
             )
             stack.push_async_callback(session.close)
             coordinator = CoordinatorClient(
-                config.coordinator_url, token=config.token, session=session
+                config.coordinators, token=config.token, session=session
             )
             peer = await PeerTier.open(
                 config.peer_id,
@@ -98,7 +98,7 @@ class Node:
                 config=config, manager=manager, nvme=nvme, coordinator=coordinator, peer=peer
             )
             if config.mount is not None:  # the mount's metadata session (leases, pushes)
-                self._session = SessionClient(config.coordinator_url, token=config.token)
+                self._session = SessionClient(config.coordinators, token=config.token)
                 stack.push_async_callback(self._session.close)  # after the unmount
             stack.push_async_callback(self._unmount)  # runs after the API has stopped
             await self._serve_api(self.state)
@@ -173,11 +173,11 @@ class Node:
         if self.state.peer is not None:
             self.state.peer.invalidate_peers()
         if self._registered_once:
-            log.info("re-registered at the coordinator %s", self.config.coordinator_url)
+            log.info("re-registered at the coordinator %s", self.state.coordinator.base_url)
         else:
             log.info(
                 "registered at the coordinator %s as %s",
-                self.config.coordinator_url,
+                self.state.coordinator.base_url,
                 self.config.peer_id,
             )
         self._registered_once = True
@@ -189,7 +189,7 @@ class Node:
         except _NET_ERRORS as exc:
             log.warning(
                 "coordinator %s not reachable yet (%s): will retry",
-                self.config.coordinator_url,
+                ", ".join(self.config.coordinators),
                 exc,
             )
 

@@ -33,6 +33,7 @@ from aiohttp import web
 
 from fastcache import __version__
 from fastcache.config import CoordinatorConfig, redacted_url
+from fastcache.coordinator.cluster import Cluster
 from fastcache.coordinator.model import (
     DEFAULT_READDIR,
     DIGEST_PATTERN,
@@ -1050,9 +1051,11 @@ def _routes(app: web.Application, api: OpenAPI, v: _Views) -> None:
     )
 
 
-async def _cleanup_loop(service: CoordinatorService, interval: float) -> None:
+async def _cleanup_loop(service: CoordinatorService, interval: float, hub: SessionHub) -> None:
     while True:
         await asyncio.sleep(interval)
+        if hub.cluster is not None and not hub.cluster.is_leader:
+            continue  # the cluster's leader drops timed-out peers, once for everyone
         try:
             gone = await service.cleanup_peers()
         except Exception:
@@ -1083,7 +1086,17 @@ def make_app(
             await svc.grant_grace()
             app[SERVICE] = svc
             hub = app[SESSIONS] = SessionHub(svc, NS_OPS, config.lease_term)
-            task = asyncio.create_task(_cleanup_loop(svc, interval), name="peer-cleanup")
+            cluster = None
+            if getattr(svc.store, "shared", False):  # other coordinators may serve it too
+                cluster = Cluster(
+                    svc.store,
+                    config.lease_term,
+                    hub.invalidate_remote,
+                    lambda: hub.close_sessions("coordinator bus lost"),
+                )
+                await cluster.start()
+                hub.attach(cluster)
+            task = asyncio.create_task(_cleanup_loop(svc, interval, hub), name="peer-cleanup")
             sweep = asyncio.create_task(hub.sweep_loop(), name="lease-sweep")
             app[CLEANUP_TASK] = task
             yield
@@ -1092,6 +1105,8 @@ def make_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await t
             await hub.close()
+            if cluster is not None:
+                await cluster.close()
             await svc.sync()  # a graceful stop leaves everything acknowledged on disk
             store = svc.store.counters()
             log.info(

@@ -1,7 +1,10 @@
 """``CoordinatorClient``: the async HTTP client of the coordinator, used by nodes and FUSE.
 
 One kept-alive ``ClientSession``, short timeouts, idempotent GETs retried once on a
-connection error. Error answers come back as the domain errors the service raised
+connection error. Given several coordinator URLs (one cluster, one database), a call that
+cannot reach its coordinator moves to the next: any call whose connection was refused (it was
+never sent), and idempotent ones after any connection error. Later calls stay on the
+coordinator that answered. Error answers come back as the domain errors the service raised
 (``NotFound``, ``Exists``, ``Conflict``…); a coordinator that cannot be reached raises
 ``TierUnavailable``.
 
@@ -33,17 +36,26 @@ TOTAL_TIMEOUT = 15.0
 class CoordinatorClient:
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         token: str | None = None,
         session: aiohttp.ClientSession | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        self._urls = [u.rstrip("/") for u in urls]
+        if not self._urls:
+            raise ValueError("CoordinatorClient needs at least one URL")
+        self._at = 0  # the coordinator calls go to
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._peer_list: tuple[str, list[PeerInfo]] | None = None  # (ETag, peers)
         self._json_headers = {**self._headers, "Content-Type": "application/json"}
         self._session = session
         self._owns_session = session is None
         self._timeout = aiohttp.ClientTimeout(total=TOTAL_TIMEOUT, connect=CONNECT_TIMEOUT)
+
+    @property
+    def base_url(self) -> str:
+        """The coordinator calls go to now."""
+        return self._urls[self._at]
 
     async def __aenter__(self) -> CoordinatorClient:
         return self
@@ -85,34 +97,36 @@ class CoordinatorClient:
         """One call; the decoded JSON answer (``None`` for 204 and 304), or the domain error.
         ``headers``: more request headers; ``seen``: filled with the answer's ``status`` and
         ``etag``."""
-        url = self.base_url + path
         query = {k: str(v) for k, v in (params or {}).items() if v is not None}
-        attempts = 2 if idempotent or method == "GET" else 1
+        retry_sent = idempotent or method == "GET"
         sent = self._headers if body is None else self._json_headers
         if headers:
             sent = {**sent, **headers}
-        for attempt in range(attempts):
+        data = None if body is None else orjson.dumps(body)
+        # each coordinator once, the first one twice (e.g. a kept-alive connection it closed)
+        tries = [self._at, *((self._at + i) % len(self._urls) for i in range(len(self._urls)))]
+        for n, at in enumerate(tries):
+            url = self._urls[at] + path
             try:
                 async with self._get_session().request(
-                    method,
-                    url,
-                    params=query,
-                    data=None if body is None else orjson.dumps(body),
-                    headers=sent,
-                    timeout=self._timeout,
+                    method, url, params=query, data=data, headers=sent, timeout=self._timeout
                 ) as resp:
                     raw = await resp.read()
                     status = resp.status
                     if seen is not None:
                         seen["status"], seen["etag"] = status, resp.headers.get("ETag")
             except aiohttp.ClientConnectionError as exc:
-                if attempt + 1 < attempts:  # e.g. a kept-alive connection the server closed
+                never_sent = isinstance(exc, aiohttp.ClientConnectorError)
+                if n + 1 < len(tries) and (never_sent or retry_sent):
                     continue
-                raise TierUnavailable(f"coordinator {self.base_url} unreachable: {exc}") from exc
+                raise TierUnavailable(f"coordinator {self._urls[at]} unreachable: {exc}") from exc
             except (TimeoutError, aiohttp.ClientError) as exc:
+                if n + 1 < len(tries) and retry_sent and tries[n + 1] != at:
+                    continue  # a slow coordinator: try another one, not the same again
                 raise TierUnavailable(
-                    f"coordinator {self.base_url} failed: {exc or type(exc).__name__}"
+                    f"coordinator {self._urls[at]} failed: {exc or type(exc).__name__}"
                 ) from exc
+            self._at = at
             break
         if status == 204 or not raw:
             if status >= 400:

@@ -51,6 +51,7 @@ from typing import Any
 import msgspec
 from aiohttp import WSCloseCode, WSMsgType, web
 
+from fastcache.coordinator.cluster import Cluster
 from fastcache.coordinator.leases import LeaseTable, attr_key, entry_key, list_key
 from fastcache.coordinator.model import DEFAULT_READDIR
 from fastcache.coordinator.service import CoordinatorService
@@ -169,7 +170,24 @@ class SessionHub:
             "void_leases": 0,
         }
         self.by_op: Counter[str] = Counter()  # requests per op (unknown ops not counted)
+        self.cluster: Cluster | None = None  # the other coordinators (``attach``)
         service.on_change = self.invalidate
+
+    def attach(self, cluster: Cluster) -> None:
+        """Share invalidations with the other coordinators of the cluster: changes made here
+        reach their sessions (``Cluster.spread``), theirs reach ours (``invalidate_remote``),
+        and no lease is granted while the cluster may be missing changes."""
+        self.cluster = cluster
+
+    @property
+    def may_lease(self) -> bool:
+        return self.cluster is None or self.cluster.may_lease
+
+    async def close_sessions(self, reason: str) -> None:
+        """Close every session: their nodes drop all leases and reconnect."""
+        for sess in list(self.sessions.values()):
+            with contextlib.suppress(Exception):
+                await sess.ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=reason.encode())
 
     @property
     def lease_term(self) -> float:
@@ -183,6 +201,7 @@ class SessionHub:
             "leases": len(self.leases),
             "leases_granted": self.leases.granted,
             "ops": dict(self.by_op),
+            **({"cluster": self.cluster.stats()} if self.cluster is not None else {}),
         }
 
     async def close(self) -> None:
@@ -333,6 +352,8 @@ class SessionHub:
     ) -> tuple[Any, float]:
         """Grant ``before`` and run the read; then grant ``after(result)`` unless one of those
         keys changed while the read ran (then the answer carries lease 0)."""
+        if not self.may_lease:  # the cluster may be missing changes: answer, lease nothing
+            return await read, 0.0
         start = self._changes
         began = self._clock()
         self.leases.grant(sess, before)
@@ -375,10 +396,21 @@ class SessionHub:
                     del self._recent[k]
 
     async def invalidate(self, keys: list[str]) -> None:
-        """The service's ``on_change`` hook: tell every other holder of a lease on ``keys``
-        and wait for its ack or its lease's expiry; then drop those lease records."""
+        """The service's ``on_change`` hook: tell every other holder of a lease on ``keys``,
+        here and on the other coordinators, and wait for their acks or their leases' expiry;
+        then drop those lease records."""
+        if self.cluster is None:
+            await self._invalidate(keys, _ORIGIN.get())
+        else:
+            await asyncio.gather(self._invalidate(keys, _ORIGIN.get()), self.cluster.spread(keys))
+
+    async def invalidate_remote(self, keys: list[str]) -> None:
+        """A change committed on another coordinator touched ``keys``: every holder here is
+        pushed (the change's author is a session of that coordinator)."""
+        await self._invalidate(keys, None)
+
+    async def _invalidate(self, keys: list[str], origin: Session | None) -> None:
         self._remember(keys)
-        origin = _ORIGIN.get()
         held = self.leases.holders(keys, exclude=origin)
         if not held:
             return

@@ -2,7 +2,10 @@
 
 A WebSocket to ``<coordinator>/api/session`` (the protocol is in ``session.py``): one reader
 task, request ids with futures, any number of requests in flight, answers in any order, and
-reconnection with capped exponential back-off. The namespace methods have the names,
+reconnection with capped exponential back-off. Given several coordinator URLs, a connection
+that fails moves on to the next coordinator at once; the back-off starts after a whole round
+failed. Leases never cross coordinators: a lost session voids them all (``on_reset``) and the
+next one starts empty. The namespace methods have the names,
 arguments and return types of ``CoordinatorClient``'s, so either can serve a node; errors are
 the same ``fastcache.errors`` classes. ``lookup_leased`` / ``getattr_leased`` /
 ``readdir_leased`` also return the lease the coordinator granted: until ``Leased.deadline``
@@ -84,7 +87,7 @@ class _Lost(Exception):
 class SessionClient:
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         token: str | None = None,
         *,
         on_invalidate: Callback | None = None,
@@ -95,8 +98,11 @@ class SessionClient:
         backoff_max: float = BACKOFF_MAX,
         heartbeat: float | None = HEARTBEAT,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.url = self.base_url + "/api/session"
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
+        self._urls = [u.rstrip("/") for u in urls]
+        if not self._urls:
+            raise ValueError("SessionClient needs at least one URL")
+        self._at = 0  # the coordinator the session is (or is next) opened with
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.on_invalidate = on_invalidate
         self.on_reset = on_reset
@@ -161,6 +167,15 @@ class SessionClient:
         self._fail_pending()
 
     @property
+    def base_url(self) -> str:
+        """The coordinator the session is (or will next be) opened with."""
+        return self._urls[self._at]
+
+    @property
+    def url(self) -> str:
+        return self.base_url + "/api/session"
+
+    @property
     def connected(self) -> bool:
         return self._connected.is_set()
 
@@ -172,6 +187,7 @@ class SessionClient:
 
     async def _run(self) -> None:
         delay = self.backoff_min
+        failed = 0  # connection attempts failed in a row
         while not self._closing:
             if self._http is None or self._http.closed:
                 self._http = aiohttp.ClientSession(
@@ -179,6 +195,7 @@ class SessionClient:
                         total=None, connect=self.connect_timeout, sock_connect=self.connect_timeout
                     )
                 )
+            connected = False
             try:
                 ws = await self._http.ws_connect(
                     self.url,
@@ -197,7 +214,7 @@ class SessionClient:
                     f"coordinator {self.base_url} unreachable: {exc or type(exc).__name__}"
                 )
             else:
-                delay = self.backoff_min
+                delay, failed, connected = self.backoff_min, 0, True
                 self._error = None
                 self._ws = ws
                 self.connects += 1
@@ -219,6 +236,13 @@ class SessionClient:
             self._poke()
             if self._closing:
                 break
+            if not connected:
+                failed += 1
+                if len(self._urls) > 1:
+                    self._at = (self._at + 1) % len(self._urls)
+                    log.info("trying the next coordinator, %s", self.base_url)
+                if failed % len(self._urls):
+                    continue  # the rest of the round first, without waiting
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.backoff_max)
 

@@ -171,6 +171,7 @@ class Cluster:
     heartbeat_interval: float = 10.0
     coordinator_flags: list[str] = field(default_factory=list)  # e.g. ["--lease-term", "0.2"]
     coordinator: Proc | None = None
+    more_coordinators: list[Proc] = field(default_factory=list)  # on a shared store
     clients: list[Proc] = field(default_factory=list)
 
     @property
@@ -188,9 +189,12 @@ class Cluster:
     def _common(self) -> list[str]:
         return (["--token", self.token] if self.token else []) + ["--log-level", "INFO"]
 
-    def start_coordinator(self, port: int | None = None) -> Proc:
-        """Start (or restart, on the same state dir and port) the coordinator."""
-        if port is None:
+    def start_coordinator(self, port: int | None = None, name: str = "coordinator") -> Proc:
+        """Start (or restart, on the same state dir and port) the coordinator; another
+        ``name`` starts one more coordinator (for a store they can share)."""
+        if name != "coordinator":
+            port = port or free_port()
+        elif port is None:
             port = int(self.coordinator.url.rsplit(":", 1)[1]) if self.coordinator else free_port()
         cmd = [
             sys.executable,
@@ -202,20 +206,20 @@ class Cluster:
             "--port",
             str(port),
             "--state-dir",
-            str(self.root / "coordinator"),
+            str(self.root / name),
             "--peer-timeout",
             str(self.peer_timeout),
             *self.coordinator_flags,
             *self._common(),
         ]
         proc = Proc(
-            "coordinator",
-            cmd,
-            f"http://127.0.0.1:{port}",
-            self.root / "logs" / "coordinator.log",
-            self._env(),
+            name, cmd, f"http://127.0.0.1:{port}", self.root / "logs" / f"{name}.log", self._env()
         )
-        self.coordinator = proc.start()
+        proc.start()
+        if name == "coordinator":
+            self.coordinator = proc
+        else:
+            self.more_coordinators.append(proc)
         proc.wait_healthy()
         return proc
 
@@ -287,7 +291,8 @@ class Cluster:
         wait_until(ok, timeout, interval=0.05, message=f"peers == {sorted(expected)}")
 
     def close(self) -> None:
-        for proc in [*self.clients, *([self.coordinator] if self.coordinator else [])]:
+        coordinators = [*([self.coordinator] if self.coordinator else []), *self.more_coordinators]
+        for proc in [*self.clients, *coordinators]:
             proc.stop()
 
     def __enter__(self) -> Cluster:

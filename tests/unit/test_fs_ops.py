@@ -78,7 +78,7 @@ class Node:
     def __init__(self, loop: LoopThread, nvme_dir: Path, s3: S3Config, url: str) -> None:
         self.loop = loop
         cache = CacheConfig(nvme_dir=nvme_dir, nvme_capacity=256 << 20, chunk_size=CHUNK)
-        self.config = ClientConfig(cache=cache, s3=s3, coordinator_url=url, attr_timeout=60.0)
+        self.config = ClientConfig(cache=cache, s3=s3, coordinators=(url,), attr_timeout=60.0)
         self.stack = AsyncExitStack()
         self.manager: DefaultCacheManager = loop.run(self._open())
         self.ops = Operations(self.manager, self.ns, self.config, loop.loop)
