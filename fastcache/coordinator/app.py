@@ -1087,7 +1087,7 @@ def make_app(
             app[SERVICE] = svc
             hub = app[SESSIONS] = SessionHub(svc, NS_OPS, config.lease_term)
             cluster = None
-            if getattr(svc.store, "shared", False):  # other coordinators may serve it too
+            if svc.store.shared:  # other coordinators may serve this namespace too
                 cluster = Cluster(
                     svc.store,
                     config.lease_term,

@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 
 from fastcache.pgserver import PostgresServer
-from tests.helpers import http, wait_until
-from tests.integration.cluster import Cluster, Proc
+from tests.conftest import new_database
+from tests.helpers import wait_until
+from tests.integration.cluster import Cluster, Proc, http
 from tests.mount.conftest import MountCluster
 
 LEASE_TERM = "5"
@@ -31,7 +32,7 @@ def spread(
 ) -> Iterator[tuple[MountCluster, list[Proc]]]:
     """Coordinators A and B on one database; node 1 and 3 on A, node 2 on B (each also
     knows the other coordinator)."""
-    store = pg.create_database("two_coordinators")
+    store = new_database(pg)
     cluster = Cluster(tmp_path, s3.s3_config(), coordinator_flags=["--store", store])
     cluster.coordinator_flags += ["--lease-term", LEASE_TERM]
     mc = MountCluster(cluster, tmp_path)

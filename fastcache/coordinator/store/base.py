@@ -88,6 +88,8 @@ class Txn(Protocol):
 
 
 class Store(Protocol):
+    shared: bool  # several coordinators may serve this store at once (``cluster.py``)
+
     async def transact(self, fn: Callable[[Txn], T], *, readonly: bool = False) -> T:
         """Run ``fn`` in one transaction: committed before returning, rolled back on raise.
 

@@ -212,6 +212,7 @@ class PostgresStore(ThreadedStore):
     """PostgreSQL through psycopg on a fixed set of threads. Build it with ``await open``."""
 
     thread_name = "fastcache-pg"
+    shared = True  # any number of coordinators on one database
 
     def __init__(
         self,

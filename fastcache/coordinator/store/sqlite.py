@@ -127,6 +127,8 @@ class SQLiteStore(ThreadedStore):
     together in one read transaction. Durability: see the module docstring and ``sync``.
     """
 
+    shared = False  # one coordinator owns the file
+
     def __init__(
         self,
         path: Path,
