@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
-APT_PACKAGES := fuse libfuse-dev pkg-config libxxhash-dev rsync
+APT_PACKAGES := fuse libfuse-dev pkg-config libxxhash-dev rsync postgresql-15
 BENCH_APT_PACKAGES := fio s3fs
 EXT_SOURCES := $(wildcard ext/*.pyx ext/*.pxd ext/*.h)
 PYTEST_ARGS ?=
@@ -17,7 +17,8 @@ BENCH_ARGS ?=
 all: build
 
 ## deps: Debian packages (fuse for fusermount, headers for llfuse, libxxhash for the hashing,
-## rsync for the tests that copy extended attributes with rsync -aX)
+## rsync for the tests that copy extended attributes with rsync -aX, postgresql-15 for the
+## PostgreSQL store's tests and `make dev-start STORE=postgres`)
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
@@ -116,7 +117,7 @@ run-client-1 run-client-2 run-client-3: run-client-%: build
 	  --port $$((8080 + $*)) --peer-id client$* --nvme-dir .dev/nvme$* --mount /tmp/fuse-client$*
 
 dev-start: build
-	$(VENV)/bin/fastcache dev-start
+	$(VENV)/bin/fastcache dev-start $(if $(STORE),--store $(STORE))
 
 dev-stop:
 	@if [ -x $(VENV)/bin/fastcache ]; then $(VENV)/bin/fastcache dev-stop; else echo "nothing to stop"; fi

@@ -180,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="mounts at PREFIX1..3 (default /tmp/fuse-client)",
     )
     d.add_argument("--nodes", type=int, default=3)
+    d.add_argument(
+        "--store",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="postgres: a local PostgreSQL and two coordinators on it (default sqlite)",
+    )
     d.add_argument("--s3-port", type=int, default=0, help="embedded S3 port (default: free)")
     d.add_argument("--log-level", default="INFO")
 

@@ -6,6 +6,10 @@ NVMe dir and mount, as detached sessions logging to ``<dir>/logs``. What it star
 recorded in ``<dir>/cluster.json`` as soon as it is started, so ``stop`` (or a failed start)
 stops exactly those processes, and nothing else. An empty ``--mount-prefix`` runs the
 clients without mounts.
+
+``--store postgres`` starts a local PostgreSQL under ``<dir>/postgres`` (``pgserver.py``)
+and two coordinators on it, the second on the port after the clients'; odd-numbered
+clients use the first, even-numbered ones the second. ``stop`` stops PostgreSQL too.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from fastcache.config import token_from_env
+from fastcache.pgserver import PostgresError, PostgresServer
 
 STATE_FILE = "cluster.json"
 START_TIMEOUT = 90.0
@@ -216,7 +221,7 @@ def start(args: argparse.Namespace) -> int:
     _save(directory, state)
     try:
         summary = _start(args, directory, state)
-    except (DevClusterError, OSError) as exc:
+    except (DevClusterError, PostgresError, OSError) as exc:
         _cleanup(directory, state)
         return _fail(str(exc))
     except KeyboardInterrupt:
@@ -265,28 +270,34 @@ def _start(args: argparse.Namespace, directory: Path, state: dict[str, Any]) -> 
     state["s3"] = {"endpoint": info["endpoint"]}
     _save(directory, state)
 
-    # 2. coordinator
-    coord_url = f"http://127.0.0.1:{base}"
-    coord_log = logs / "coordinator.log"
-    pid = _spawn(
-        [
-            python,
-            "-m",
-            "fastcache",
-            "coordinator",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(base),
-            "--state-dir",
-            str(directory / "coordinator"),
-            "--log-level",
-            level,
-        ],
-        coord_log,
-    )
-    record("coordinator", "coordinator", pid, url=coord_url, log=str(coord_log))
-    _wait(deadline, "the coordinator", pid, coord_log, lambda: _http_ok(f"{coord_url}/api/health"))
+    # 2. PostgreSQL (--store postgres), then the coordinators
+    store: list[str] = []
+    ports = [base]
+    if getattr(args, "store", "sqlite") == "postgres":
+        server = PostgresServer(directory / "postgres")
+        state["postgres"] = {"root": str(server.root), "port": server.port}
+        _save(directory, state)
+        server.start()
+        try:
+            server.create_database("fastcache")
+        except PostgresError as exc:  # kept from an earlier run: the namespace goes on
+            if "already exists" not in str(exc):
+                raise
+        store = ["--store", server.url("fastcache")]
+        ports.append(base + nodes + 1)
+    coordinators = []
+    for n, port in enumerate(ports):
+        name = "coordinator" if n == 0 else f"coordinator{n + 1}"
+        coord_url = f"http://127.0.0.1:{port}"
+        coord_log = logs / f"{name}.log"
+        cmd = [python, "-m", "fastcache", "coordinator", "--host", "127.0.0.1", "--port",
+               str(port), "--state-dir", str(directory / "coordinator"), *store,
+               "--log-level", level]  # fmt: skip
+        pid = _spawn(cmd, coord_log)
+        record("coordinator", name, pid, url=coord_url, log=str(coord_log))
+        coordinators.append((name, pid, coord_url, coord_log))
+    for name, pid, coord_url, coord_log in coordinators:
+        _wait(deadline, name, pid, coord_log, lambda u=coord_url: _http_ok(f"{u}/api/health"))
 
     # 3. clients
     env = {
@@ -305,7 +316,7 @@ def _start(args: argparse.Namespace, directory: Path, state: dict[str, Any]) -> 
             "fastcache",
             "client",
             "--coordinator",
-            coord_url,
+            coordinators[(i - 1) % len(coordinators)][2],
             "--host",
             "127.0.0.1",
             "--port",
@@ -339,8 +350,11 @@ def _start(args: argparse.Namespace, directory: Path, state: dict[str, Any]) -> 
     lines = [
         f"fastcache dev cluster running from {directory}",
         f"  S3           {info['endpoint']}  (log {logs / 's3.log'})",
-        f"  coordinator  {coord_url}  (log {coord_log})",
     ]
+    if "postgres" in state:
+        lines.append(f"  PostgreSQL   {store[1]}  (log {directory / 'postgres' / 'server.log'})")
+    for name, _pid, coord_url, coord_log in coordinators:
+        lines.append(f"  {name:<12} {coord_url}  (log {coord_log})")
     for name, _pid, url, mount, client_log in clients:
         where = f"mounted at {mount}" if mount else "no mount"
         lines.append(f"  {name:<12} {url}  {where}  (log {client_log})")
@@ -385,6 +399,12 @@ def _cleanup(directory: Path, state: dict[str, Any]) -> None:
     _terminate([int(p) for p in weed])  # only if the supervisor could not stop it
     for mount in state.get("mounts", []):
         _unmount(mount)
+    pg = state.get("postgres")
+    if pg:  # after the coordinators: they were its clients
+        try:
+            PostgresServer(Path(pg["root"]), int(pg["port"])).stop()
+        except PostgresError as exc:
+            print(f"fastcache dev-stop: PostgreSQL: {exc}", file=sys.stderr)
     (directory / STATE_FILE).unlink(missing_ok=True)
 
 

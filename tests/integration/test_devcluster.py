@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fastcache.devcluster import _alive, _mounted
+from tests.helpers import wait_until
 from tests.integration.cluster import free_port_block, http
 
 
@@ -31,15 +34,16 @@ def fastcache(*args: str, timeout: float = 150) -> subprocess.CompletedProcess[s
 
 
 class DevCluster:
-    def __init__(self, directory: Path, nodes: int, mount_prefix: str) -> None:
+    def __init__(self, directory: Path, nodes: int, mount_prefix: str, *args: str) -> None:
         self.dir = directory
         self.nodes = nodes
         self.mount_prefix = mount_prefix
-        self.base = free_port_block(nodes + 1)
+        self.args = args
+        self.base = free_port_block(nodes + 2)  # a second coordinator after the clients
 
     def start(self) -> subprocess.CompletedProcess[str]:
         return fastcache(
-            "dev-start",
+            *(self.args or ("dev-start",)),
             "--dir",
             str(self.dir),
             "--base-port",
@@ -99,6 +103,40 @@ def test_dev_start_runs_a_cluster_and_dev_stop_ends_it(dev: DevCluster) -> None:
     assert not any(_alive(pid) for pid in pids)
     assert not (dev.dir / "cluster.json").exists()
     assert dev.stop().returncode == 0  # idempotent
+
+
+def test_dev_start_on_postgres_runs_two_coordinators() -> None:
+    """``--store postgres``: PostgreSQL under the dev dir, two coordinators sharing it, the
+    clients spread over them; dev-stop stops PostgreSQL too."""
+    root = Path(tempfile.mkdtemp(prefix="fastcache-devpg-"))
+    root.chmod(0o755)  # the postgres user must reach the dev dir
+    dev = DevCluster(root / "dev", 2, "", "dev-start", "--store", "postgres")
+    try:
+        started = dev.start()
+        assert started.returncode == 0, started.stderr
+        coordinators = [p for p in dev.state()["processes"] if p["role"] == "coordinator"]
+        assert [c["url"] for c in coordinators] == [
+            f"http://127.0.0.1:{dev.base}",
+            f"http://127.0.0.1:{dev.base + 3}",
+        ]
+        assert (dev.dir / "postgres" / "data" / "postmaster.pid").exists()
+        # client 1 is on coordinator A, client 2 on B: one namespace in one database
+        assert http("PUT", f"{dev.url(1)}/api/files/dev/a.txt", b"from 1").status == 201
+        assert http("GET", f"{dev.url(2)}/api/files/dev/a.txt").body == b"from 1"
+        for c in coordinators:  # each coordinator's peer list is cached for up to 1 s
+
+            def both(url: str = c["url"]) -> bool:
+                peers = http("GET", f"{url}/api/peers").json()["peers"]
+                return {p["peer_id"] for p in peers} == {"client1", "client2"}
+
+            wait_until(both, timeout=10, interval=0.2)
+        stopped = dev.stop()
+        assert stopped.returncode == 0, stopped.stderr
+        assert not (dev.dir / "postgres" / "data" / "postmaster.pid").exists()
+    finally:
+        if (dev.dir / "cluster.json").exists():
+            dev.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_failed_start_stops_what_it_started(dev: DevCluster) -> None:

@@ -15,6 +15,7 @@ from fastcache.cli import build_parser, client_config, coordinator_config
 from fastcache.config import (
     CacheConfig,
     ConfigError,
+    CoordinatorConfig,
     S3Config,
     parse_capacity,
     parse_size,
@@ -203,3 +204,27 @@ def test_fuse_tuning_flags_and_env(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("FASTCACHE_FUSE_WORKERS", "many")
     with pytest.raises(ConfigError):
         client_config(parser.parse_args(base))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mysql://h/db",
+        "sqlite://relative.db",
+        "sqlite:///",
+        "postgresql://h:port/db",
+        "postgresql://h",
+    ],
+)
+def test_coordinator_bad_store_url_is_one_line(url: str) -> None:
+    out = _cli("coordinator", "--port", "0", "--store", url)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and out.stderr.startswith(
+        f"fastcache: bad store URL {url!r}"
+    )
+
+
+def test_store_url_defaults_to_sqlite_in_the_state_dir(tmp_path: Path) -> None:
+    cfg = CoordinatorConfig(state_dir=tmp_path)
+    assert cfg.store_url == f"sqlite://{tmp_path.resolve()}/coordinator.db"
+    assert CoordinatorConfig(store="postgresql://u@h:5432/db").store_url.startswith("postgresql")
