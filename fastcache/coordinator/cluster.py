@@ -3,7 +3,8 @@ invalidations.
 
 Several coordinators may serve one namespace (a PostgreSQL store). They know each other only
 through the store's event bus (``Bus``: PostgreSQL ``LISTEN``/``NOTIFY``; in-process for
-SQLite, which has one coordinator). Every message is one msgpack map:
+SQLite, which has one coordinator). A notification carries a msgpack array of messages
+(those said while the previous notification was on its way), each a map:
 
 - ``{"t": "hello", "c": id}`` every ``hello`` seconds. A coordinator not heard from for
   ``dead_after`` seconds is gone. The lowest id among the live ones is the leader: it alone
@@ -39,6 +40,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from itertools import count
 from typing import Any, Protocol
@@ -51,7 +53,9 @@ log = logging.getLogger("fastcache.coordinator.cluster")
 
 HELLO = 1.0  # seconds between hellos
 DEAD_AFTER = 3.5  # seconds without a hello: that coordinator is gone
-MAX_KEYS_PER_MESSAGE = 64  # PostgreSQL caps a notification at 8,000 bytes
+# PostgreSQL caps a notification at 8,000 bytes (base64: 5,999 bytes of msgpack)
+MAX_KEY_BYTES = 3000  # keys of one "inv" message
+MAX_BATCH = 4000  # bytes of messages sent in one notification
 
 
 class Bus(Protocol):
@@ -65,6 +69,7 @@ RemoteChange = Callable[[list[str]], Awaitable[None]]
 SessionsLost = Callable[[], Awaitable[None]]
 
 _encode = msgspec.msgpack.Encoder().encode
+_ARRAY16 = b"\xdc"  # msgpack: an array of up to 65,535 items follows
 _decode = msgspec.msgpack.Decoder().decode
 
 
@@ -94,6 +99,8 @@ class Cluster:
         self._seen: dict[str, float] = {}  # other coordinator id -> when last heard
         self._own_echo: float | None = None  # when our own hello last came back
         self._seq = count(1)
+        self._outbox: deque[tuple[bytes, asyncio.Future[None]]] = deque()
+        self._sender: asyncio.Task[None] | None = None
         self._waiting: dict[int, tuple[set[str], asyncio.Event]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._hello_task: asyncio.Task[None] | None = None
@@ -152,15 +159,16 @@ class Cluster:
         if not others:
             return
         waits = []
-        for start in range(0, len(keys), MAX_KEYS_PER_MESSAGE):
+        sends = []
+        for part in _parts(keys):
             seq = next(self._seq)
             done = asyncio.Event()
             self._waiting[seq] = (set(others), done)
-            part = keys[start : start + MAX_KEYS_PER_MESSAGE]
-            await self._say({"t": "inv", "c": self.id, "n": seq, "k": part})
+            sends.append(self._say({"t": "inv", "c": self.id, "n": seq, "k": part}))
             self.counters["published"] += 1
             waits.append((seq, done))
         try:
+            await asyncio.gather(*sends)
             async with asyncio.timeout(self.lease_term):
                 for _, done in waits:
                     await done.wait()
@@ -174,7 +182,33 @@ class Cluster:
 
     # --- the bus ---------------------------------------------------------------------------
     async def _say(self, doc: dict[str, Any]) -> None:
-        await self.bus.publish(_encode(doc))
+        """Publish ``doc``. Messages said while a notification is on its way go together in
+        the next one: with many changes in flight, one round trip carries many."""
+        done = asyncio.get_running_loop().create_future()
+        self._outbox.append((_encode(doc), done))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send_all(), name="coordinator-bus-send")
+        await done
+
+    async def _send_all(self) -> None:
+        while self._outbox:
+            batch = [self._outbox.popleft()]
+            size = len(batch[0][0])
+            while self._outbox and size + len(self._outbox[0][0]) <= MAX_BATCH:
+                size += len(self._outbox[0][0])
+                batch.append(self._outbox.popleft())
+            try:
+                await self.bus.publish(
+                    _ARRAY16 + len(batch).to_bytes(2, "big") + b"".join(raw for raw, _ in batch)
+                )
+            except Exception as exc:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+            else:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
 
     async def _hello(self) -> None:
         try:
@@ -196,11 +230,21 @@ class Cluster:
 
     def _receive(self, payload: bytes) -> None:
         try:
-            doc = _decode(payload)
-            kind, sender = doc["t"], doc["c"]
-        except (msgspec.DecodeError, KeyError, TypeError, ValueError):
+            docs = _decode(payload)
+        except (msgspec.DecodeError, ValueError):
+            docs = None
+        if not isinstance(docs, list):
             log.warning("undecodable message on the coordinator bus (%d bytes)", len(payload))
             return
+        for doc in docs:
+            try:
+                kind, sender = doc["t"], doc["c"]
+            except (KeyError, TypeError, IndexError):
+                log.warning("a message without kind or sender on the coordinator bus")
+                continue
+            self._handle(kind, sender, doc)
+
+    def _handle(self, kind: Any, sender: Any, doc: dict[str, Any]) -> None:
         if sender == self.id:
             if kind == "hello":
                 self._own_echo = self._clock()
@@ -249,3 +293,16 @@ class Cluster:
             await self._say({"t": "ack", "c": self.id, "to": sender, "n": doc.get("n")})
         except Exception:  # no ack: the sender waits out the lease term instead
             log.exception("applying a change from coordinator %s failed", sender)
+
+
+def _parts(keys: list[str]) -> list[list[str]]:
+    """``keys`` in runs of at most ``MAX_KEY_BYTES`` (one key alone may be longer: ≤ 4 KiB)."""
+    parts: list[list[str]] = [[]]
+    size = 0
+    for key in keys:
+        if parts[-1] and size + len(key) > MAX_KEY_BYTES:
+            parts.append([])
+            size = 0
+        parts[-1].append(key)
+        size += len(key)
+    return parts
