@@ -310,13 +310,14 @@ def _start(args: argparse.Namespace, directory: Path, state: dict[str, Any]) -> 
     for i in range(1, nodes + 1):
         port = base + i
         mount = f"{prefix}{i}" if prefix else None
+        k = (i - 1) % len(coordinators)
         cmd = [
             python,
             "-m",
             "fastcache",
             "client",
-            "--coordinator",
-            coordinators[(i - 1) % len(coordinators)][2],
+            "--coordinator",  # its own coordinator first, the others to fail over to
+            ",".join(u for _, _, u, _ in coordinators[k:] + coordinators[:k]),
             "--host",
             "127.0.0.1",
             "--port",
