@@ -14,6 +14,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 
 from tests.helpers import free_port
@@ -35,9 +36,11 @@ class CoordinatorProcess:
         peer_timeout: float = 60.0,
         token: str | None = None,
         store: str | None = None,
+        flags: Sequence[str] = (),
     ) -> None:
         self.state_dir = Path(state_dir)
         self.store = store  # a --store URL; None: SQLite in state_dir
+        self.flags = list(flags)  # more coordinator flags, e.g. --lease-term
         self.port = port or free_port()
         self.peer_timeout = peer_timeout
         self.token = token
@@ -62,6 +65,7 @@ class CoordinatorProcess:
         ]
         if self.store is not None:
             cmd += ["--store", self.store]
+        cmd += self.flags
         env = {k: v for k, v in os.environ.items() if k != "FASTCACHE_TOKEN"}
         if self.token is not None:
             env["FASTCACHE_TOKEN"] = self.token

@@ -21,6 +21,8 @@ from fastcache.coordinator.client import CoordinatorClient
 from fastcache.coordinator.model import ROOT_INO
 from fastcache.coordinator.session_client import SessionClient
 from fastcache.errors import Exists, NotEmpty, NotFound, TierUnavailable, Unauthorized
+from tests.conftest import STORES, new_database
+from tests.helpers import wait_until
 from tests.integration.conftest_coordinator import REPO, CoordinatorProcess
 
 T = TypeVar("T")
@@ -37,44 +39,30 @@ class LeasedCoordinator(CoordinatorProcess):
     """A coordinator process started with ``--lease-term``."""
 
     def __init__(self, state_dir: Path, lease_term: float, **kw: Any) -> None:
-        super().__init__(state_dir, **kw)
+        super().__init__(state_dir, flags=["--lease-term", str(lease_term)], **kw)
         self.lease_term = lease_term
 
-    def start(self) -> LeasedCoordinator:
-        cmd = [
-            sys.executable,
-            "-m",
-            "fastcache",
-            "coordinator",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--state-dir",
-            str(self.state_dir),
-            "--lease-term",
-            str(self.lease_term),
-        ]
-        env = {k: v for k, v in os.environ.items() if k != "FASTCACHE_TOKEN"}
-        if self.token is not None:
-            env["FASTCACHE_TOKEN"] = self.token
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-            )
-        self.wait_healthy()
-        return self
 
-
-@pytest.fixture(scope="module")
-def coord(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LeasedCoordinator]:
-    proc = LeasedCoordinator(tmp_path_factory.mktemp("session") / "state", TERM, token=TOKEN)
+@pytest.fixture(scope="module", params=STORES)
+def coord(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LeasedCoordinator]:
+    """The session suite runs on each store. A coordinator on PostgreSQL grants leases once
+    it hears itself on the bus between coordinators (``cluster.py``): wait for that."""
+    store = None if request.param == "sqlite" else new_database(request.getfixturevalue("pg"))
+    state = tmp_path_factory.mktemp("session") / "state"
+    proc = LeasedCoordinator(state, TERM, token=TOKEN, store=store)
     proc.start()
     try:
+        if store is not None:
+            wait_until(lambda: _may_lease(proc.url), 30, message="coordinator may lease")
         yield proc
     finally:
         proc.kill()
+
+
+def _may_lease(url: str) -> bool:
+    return bool(arun(_stats(url))["sessions"]["cluster"]["may_lease"])
 
 
 def _client(url: str, events: list[Any] | None = None, who: str = "A") -> SessionClient:
