@@ -30,6 +30,11 @@ from fastcache.log import setup_logging
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", help="cluster token (default: $FASTCACHE_TOKEN)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="answer GET /metrics without the token (for a Prometheus without it)",
+    )
 
 
 def _add_node_args(n: argparse.ArgumentParser) -> None:
@@ -263,6 +268,7 @@ def coordinator_config(args: argparse.Namespace) -> CoordinatorConfig:
         peer_timeout=args.peer_timeout,
         sync_interval=args.sync_interval,
         lease_term=args.lease_term,
+        metrics_public=args.metrics_public,
     )
 
 
@@ -296,6 +302,7 @@ def client_config(args: argparse.Namespace, env: Mapping[str, str] | None = None
         commit_timeout=args.commit_timeout,
         fsync_timeout=args.fsync_timeout,
         max_file_size=parse_size(args.max_file_size),
+        metrics_public=args.metrics_public,
     )
 
 
