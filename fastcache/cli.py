@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -339,11 +340,8 @@ def _fuse_tuning(args: argparse.Namespace) -> dict[str, object]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        # The harness owns its flags; argparse's REMAINDER would reject them.
-        from bench.harness import main as bench_main
-
-        return bench_main(argv[1:])
+    if argv[:1] == ["bench"]:  # the harness owns its flags; REMAINDER would reject them
+        return _bench(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -401,11 +399,22 @@ def mount_helper(argv: Sequence[str] | None = None) -> int:
     return 0 if translated is None else main(translated)
 
 
-def _bench_on_path() -> None:
-    """``fastcache bench`` imports the harness from the source tree it was installed from."""
+def _bench(argv: list[str]) -> int:
+    """``fastcache bench``: ``python -m bench.harness`` in the source checkout this package
+    runs from. The harness drives other filesystems and is not installed with the package
+    (nothing in ``fastcache`` imports ``bench``), so without a checkout this says so."""
     root = Path(__file__).resolve().parent.parent
-    if (root / "bench").is_dir() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-
-
-_bench_on_path()
+    if not (root / "bench" / "harness.py").is_file():
+        print(
+            "fastcache: bench runs from a source checkout (bench/ is not installed); "
+            "clone the repository and run it there",
+            file=sys.stderr,
+        )
+        return 2
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
+    try:
+        return subprocess.call(
+            [sys.executable, "-m", "bench.harness", *argv], env={**os.environ, "PYTHONPATH": path}
+        )
+    except KeyboardInterrupt:
+        return 130

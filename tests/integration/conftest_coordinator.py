@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tests.helpers import free_port
+from fastcache.testing.polling import free_port
 
 __all__ = ["CoordinatorProcess", "free_port", "start_coordinator"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from fastcache.devcluster import _alive, _mounted
-from tests.integration.cluster import free_port_block, http
+from fastcache.testing.cluster import free_port_block, http
 
 
 def fastcache(*args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:
