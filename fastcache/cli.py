@@ -208,6 +208,18 @@ def _add_admin_commands(sub: Any) -> None:
     _add_coordinator_url(st)
     st.add_argument("--json", action="store_true", help="print the status as JSON")
 
+    sx = sub.add_parser("stats", help="one node's live rates, every second (like top)")
+    sx.add_argument(
+        "target",
+        nargs="?",
+        default=".",
+        metavar="MOUNT|URL",
+        help="a path in a fastcache mount, or a node's URL (default: the current directory)",
+    )
+    sx.add_argument("--interval", type=float, default=1.0, help="seconds per sample (default 1)")
+    sx.add_argument("--count", type=int, help="stop after this many samples (default: never)")
+    _add_coordinator_url(sx)
+
     w = sub.add_parser("warmup", help="fetch files or trees into a node's NVMe cache")
     w.add_argument("paths", nargs="+", metavar="PATH", help="in a local mount, or /namespace/path")
     w.add_argument("--node", help="node URL (default: the node serving the mount PATH is in)")
@@ -307,7 +319,7 @@ def client_config(args: argparse.Namespace, env: Mapping[str, str] | None = None
     )
 
 
-ADMIN_COMMANDS = ("status", "warmup", "fsck", "gc", "mount", "umount")
+ADMIN_COMMANDS = ("status", "stats", "warmup", "fsck", "gc", "mount", "umount")
 
 
 def _admin(args: argparse.Namespace, argv: list[str]) -> int:
