@@ -38,9 +38,9 @@ sys.path.insert(0, str(ROOT))
 
 from fastcache.config import DEFAULT_REGION, S3Config  # noqa: E402
 from fastcache.seaweed import SeaweedServer  # noqa: E402
-from tests.helpers import wait_until  # noqa: E402
-from tests.integration.cluster import Cluster  # noqa: E402
-from tests.mount.conftest import force_unmount, is_fuse_mount  # noqa: E402
+from fastcache.testing.cluster import Cluster  # noqa: E402
+from fastcache.testing.mounts import force_unmount, is_fuse_mount  # noqa: E402
+from fastcache.testing.polling import wait_until  # noqa: E402
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -21,6 +21,7 @@ rates, best / fastcache for latencies and bytes. Reference rows have no ratio.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -32,6 +33,7 @@ SUBJECT = "fastcache"
 CEILING = "raw"
 START_MARK = "<!-- bench:start -->"
 END_MARK = "<!-- bench:end -->"
+PROFILE_ORDER = ("local", "remote")  # S3 on loopback, then behind the latency proxy
 SYSTEM_ORDER = ("fastcache", "juicefs", "rclone", "s3fs", "weed", "raw")
 
 Results = dict[str, Any]
@@ -235,46 +237,82 @@ def _reference_cells(metric: Metric, per_system: dict[str, Any], systems: list[s
     return [*cells, "—"]
 
 
-def plot(results: Results, path: Path) -> bool:
-    """A bar chart of the ratios (log scale, 1 = parity); False if matplotlib is missing."""
+def ratio_ticks(values: list[float]) -> list[float]:
+    """Powers of two around ``values`` and 1 (parity): the log axis's ticks."""
+    lo = min([1.0, *values])
+    hi = max([1.0, *values])
+    low = 2.0 ** math.floor(math.log2(lo))
+    high = 2.0 ** math.ceil(math.log2(hi))
+    ticks = [low]
+    while ticks[-1] < high:
+        ticks.append(ticks[-1] * 2)
+    return ticks
+
+
+def ratio_label(value: float) -> str:
+    """A tick's label as a plain ratio: 0.25x, 1x, 4x (no scientific notation)."""
+    return f"{value:g}x"
+
+
+def figure(results: Results) -> Any:
+    """The ratio chart (a matplotlib ``Figure``): one panel per S3 profile, side by side on
+    one log axis labelled in plain ratios (1x = parity); ``None`` without matplotlib or
+    without ratios."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
     except ImportError:
-        return False
+        return None
     table = ratios(results)
     keys = [
         m.key for m in METRICS if m.kind == "system" and any(table[p].get(m.key) for p in table)
     ]
     if not keys:
-        return False
-    labels = [k.replace("_", " ") for k in keys]
-    profiles = list(table)
-    fig, ax = plt.subplots(figsize=(max(8.0, 0.8 * len(keys) + 2), 4.8))
-    width = 0.8 / max(len(profiles), 1)
-    for j, profile in enumerate(profiles):
-        xs = [i + (j - (len(profiles) - 1) / 2) * width for i in range(len(keys))]
+        return None
+    profiles = [p for p in PROFILE_ORDER if p in table] + sorted(set(table) - set(PROFILE_ORDER))
+    values = [v for p in profiles for k in keys if (v := table[p].get(k))]
+    ticks = ratio_ticks(values)
+    width = max(8.0, 0.8 * len(keys) + 2)
+    fig, axes = plt.subplots(
+        1, len(profiles), figsize=(width * len(profiles) ** 0.75, 4.8), sharey=True, squeeze=False
+    )
+    for ax, profile in zip(axes[0], profiles, strict=True):
         ys = [table[profile].get(k) or 0.0 for k in keys]
-        bars = ax.bar(xs, ys, width, label=f"S3 {profile}")
+        bars = ax.bar(range(len(keys)), ys, 0.7)
         for bar, y in zip(bars, ys, strict=True):
             if y:
                 ax.annotate(
-                    f"{y:.2g}",
+                    ratio_label(float(f"{y:.2g}")),
                     (bar.get_x() + bar.get_width() / 2, y),
                     ha="center",
                     va="bottom",
                     fontsize=7,
                 )
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(keys)))
-    ax.set_xticklabels(labels, rotation=35, ha="right")
-    ax.set_ylabel("fastcache vs best other (x, >1 = ahead)")
-    ax.set_title("fastcache against the best other system, per workload")
-    ax.legend()
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_ylim(ticks[0] / 1.2, ticks[-1] * 1.2)
+        ax.yaxis.set_major_locator(FixedLocator(ticks))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _pos: ratio_label(v)))
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.set_xticks(range(len(keys)))
+        ax.set_xticklabels([k.replace("_", " ") for k in keys], rotation=35, ha="right")
+        ax.set_title(f"S3 {profile}")
+    axes[0][0].set_ylabel("fastcache vs best other (>1x = ahead)")
+    fig.suptitle("fastcache against the best other system, per workload")
     fig.tight_layout()
+    return fig
+
+
+def plot(results: Results, path: Path) -> bool:
+    """Save ``figure(results)`` as a PNG; False if there is nothing to draw or no matplotlib."""
+    fig = figure(results)
+    if fig is None:
+        return False
+    import matplotlib.pyplot as plt
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)

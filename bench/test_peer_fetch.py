@@ -22,10 +22,10 @@ import uvloop
 from fastcache.chunks import digest
 from fastcache.config import S3Config
 from fastcache.seaweed import SeaweedServer
+from fastcache.testing.cluster import Cluster, http
 from fastcache.tiers.base import read_verified
 from fastcache.tiers.cloud import CloudTier
 from fastcache.tiers.peer import PeerAddr, PeerTier, make_session
-from tests.integration.cluster import Cluster, http
 
 CHUNK = 4 << 20
 COUNT = 16  # chunks fetched per round

@@ -35,23 +35,21 @@ from fastcache.errors import (
     NotFound,
     PayloadTooLarge,
 )
-from fastcache.http import (
-    ERROR_SCHEMA,
-    OpenAPI,
-    Param,
-    auth_middleware,
-    error_middleware,
-    read_json,
-    send_file,
-)
+from fastcache.metrics.node import NodeCollector
 from fastcache.paths import is_digest, normalize_path
 from fastcache.tiers.base import verify
 from fastcache.tiers.peer import PEER_HEADER
+from fastcache.web.metrics import METRICS_PATH, metrics_route
+from fastcache.web.middleware import auth_middleware, error_middleware
+from fastcache.web.openapi import ERROR_SCHEMA, OpenAPI, Route
+from fastcache.web.sendfile import send_file
+from fastcache.web.validate import Param, read_json
 
 if TYPE_CHECKING:
     from fastcache.cache.manager import CacheManager
     from fastcache.coordinator.client import CoordinatorClient
     from fastcache.coordinator.model import InodeAttrs
+    from fastcache.mount.ops import Operations
     from fastcache.tiers.nvme import NvmeTier
     from fastcache.tiers.peer import PeerTier
 
@@ -73,6 +71,7 @@ class NodeState:
     registered: bool = False
     # what peers told us directly through POST /api/peers/{id}/heartbeat
     peer_reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mount_ops: Operations | None = None  # the FUSE handlers, once mounted (their counters)
 
     @property
     def max_file_size(self) -> int:
@@ -577,7 +576,7 @@ def make_app(state: NodeState) -> web.Application:
         client_max_size=max_body,
         middlewares=[
             error_middleware(log),
-            auth_middleware(config.token, open_paths=("/api/health",)),
+            auth_middleware(config.token, open_paths=_open_paths(config)),
         ],
     )
     app[STATE] = state
@@ -588,143 +587,117 @@ def make_app(state: NodeState) -> web.Application:
 
     app.on_cleanup.append(stop_pool)
     api = OpenAPI(title="fastcache client", version=__version__, bearer=config.token is not None)
-    r = app.router
-    octet = None  # a binary body: documented without a JSON schema
-    # The ``/size`` form must be registered before the catch-all path, or it would never win.
-    api.add(
-        r,
-        "GET",
-        "/api/files/{path:.*}/size",
-        file_size,
-        summary="File size",
-        params=[PATH],
-        responses={200: SIZE_SCHEMA, 404: ERROR_SCHEMA, 409: ERROR_SCHEMA},
-    )
-    file_responses = {404: ERROR_SCHEMA, 409: ERROR_SCHEMA, 416: ERROR_SCHEMA}
-    api.add(
-        r,
-        "GET",
-        "/api/files/{path:.*}",
-        get_file,
-        summary="Read a file (Range supported)",
-        params=[PATH],
-        responses={200: octet, 206: octet, **file_responses},
-    )
-    api.add(
-        r,
-        "HEAD",
-        "/api/files/{path:.*}",
-        head_file,
-        summary="File metadata",
-        params=[PATH],
-        responses={200: octet, 404: octet, 409: octet},
-    )
-    api.add(
-        r,
-        "PUT",
-        "/api/files/{path:.*}",
-        put_file,
-        summary="Write a file (streamed body)",
-        params=[PATH, EXPECTED_VERSION],
-        responses={201: FILE_SCHEMA, 409: ERROR_SCHEMA, 413: ERROR_SCHEMA},
-    )
-    api.add(
-        r,
-        "DELETE",
-        "/api/files/{path:.*}",
-        delete_file,
-        summary="Delete a file",
-        params=[PATH],
-        responses={200: OBJECT, 404: ERROR_SCHEMA, 409: ERROR_SCHEMA},
-    )
-    api.add(r, "GET", "/api/peers", list_peers, summary="Live peers", responses={200: OBJECT})
-    api.add(
-        r,
-        "GET",
-        "/api/peers/{peerID}",
-        get_peer,
-        summary="One peer",
-        params=[PEER_ID],
-        responses={200: PEER_SCHEMA, 404: ERROR_SCHEMA},
-    )
-    api.add(
-        r,
-        "POST",
-        "/api/peers/{peerID}/heartbeat",
-        peer_heartbeat,
-        summary="A peer announces it is alive",
-        params=[PEER_ID],
-        body=HEARTBEAT_BODY,
-        responses={200: OBJECT, 404: ERROR_SCHEMA},
-    )
-    api.add(
-        r,
-        "GET",
-        "/api/cache",
-        cache_info,
-        summary="The chunks this node caches (digest order, paginated with after)",
-        params=[LIMIT, AFTER],
-        responses={200: OBJECT},
-    )
-    api.add(
-        r,
-        "GET",
-        "/api/cache/stats",
-        cache_stats,
-        summary="Cache and tier counters",
-        responses={200: OBJECT},
-    )
-    api.add(
-        r,
-        "POST",
-        "/api/warmup",
-        warmup,
-        summary="Fetch files or trees into this node's NVMe (fastcache warmup); NDJSON progress",
-        body=WARMUP_BODY,
-        responses={200: WARMUP_EVENT, 400: ERROR_SCHEMA, 404: ERROR_SCHEMA},
-    )
-    api.add(
-        r, "GET", "/api/health", health, summary="Liveness", responses={200: OBJECT}, public=True
-    )
-    chunk_responses = {404: ERROR_SCHEMA}
-    api.add(
-        r,
-        "GET",
-        "/api/chunks/{digest}",
-        get_chunk,
-        summary="A chunk from this node's NVMe (?fetch=1: read through this node's tiers)",
-        params=[DIGEST],
-        responses={200: octet, **chunk_responses},
-    )
-    api.add(
-        r,
-        "HEAD",
-        "/api/chunks/{digest}",
-        get_chunk,
-        summary="Whether this node holds a chunk",
-        params=[DIGEST],
-        responses={200: octet, 404: octet},
-    )
-    api.add(
-        r,
-        "PUT",
-        "/api/chunks/{digest}",
-        put_chunk,
-        summary="Store a replica (verified)",
-        params=[DIGEST],
-        responses={201: OBJECT, 413: ERROR_SCHEMA},
-    )
-    api.add(
-        r,
-        "GET",
-        "/api/openapi.json",
-        api.handler,
-        summary="This document",
-        responses={200: OBJECT},
-        public=True,
-    )
+    api.add_all(app.router, _routes(api, NodeCollector(state), config.metrics_public))
     _openapi_paths(api)
     return app
+
+
+OCTET = None  # a binary body: documented without a JSON schema
+_FILE_ERRORS = {404: ERROR_SCHEMA, 409: ERROR_SCHEMA}
+
+
+def _routes(api: OpenAPI, collector: NodeCollector, metrics_public: bool) -> list[Route]:
+    """The client API's route table, in match order: the ``/size`` form before the
+    catch-all file path, or it would never win."""
+    files = "/api/files/{path:.*}"
+    chunk = "/api/chunks/{digest}"
+    return [
+        Route(
+            "GET",
+            files + "/size",
+            file_size,
+            "File size",
+            {200: SIZE_SCHEMA, **_FILE_ERRORS},
+            [PATH],
+        ),
+        Route(
+            "GET",
+            files,
+            get_file,
+            "Read a file (Range supported)",
+            {200: OCTET, 206: OCTET, 416: ERROR_SCHEMA, **_FILE_ERRORS},
+            [PATH],
+        ),
+        Route(
+            "HEAD", files, head_file, "File metadata", {200: OCTET, 404: OCTET, 409: OCTET}, [PATH]
+        ),
+        Route(
+            "PUT",
+            files,
+            put_file,
+            "Write a file (streamed body)",
+            {201: FILE_SCHEMA, 409: ERROR_SCHEMA, 413: ERROR_SCHEMA},
+            [PATH, EXPECTED_VERSION],
+        ),
+        Route("DELETE", files, delete_file, "Delete a file", {200: OBJECT, **_FILE_ERRORS}, [PATH]),
+        Route("GET", "/api/peers", list_peers, "Live peers", {200: OBJECT}),
+        Route(
+            "GET",
+            "/api/peers/{peerID}",
+            get_peer,
+            "One peer",
+            {200: PEER_SCHEMA, 404: ERROR_SCHEMA},
+            [PEER_ID],
+        ),
+        Route(
+            "POST",
+            "/api/peers/{peerID}/heartbeat",
+            peer_heartbeat,
+            "A peer announces it is alive",
+            {200: OBJECT, 404: ERROR_SCHEMA},
+            [PEER_ID],
+            body=HEARTBEAT_BODY,
+        ),
+        Route(
+            "GET",
+            "/api/cache",
+            cache_info,
+            "The chunks this node caches (digest order, paginated with after)",
+            {200: OBJECT},
+            [LIMIT, AFTER],
+        ),
+        Route("GET", "/api/cache/stats", cache_stats, "Cache and tier counters", {200: OBJECT}),
+        Route(
+            "POST",
+            "/api/warmup",
+            warmup,
+            "Fetch files or trees into this node's NVMe (fastcache warmup); NDJSON progress",
+            {200: WARMUP_EVENT, 400: ERROR_SCHEMA, 404: ERROR_SCHEMA},
+            body=WARMUP_BODY,
+        ),
+        Route("GET", "/api/health", health, "Liveness", {200: OBJECT}, public=True),
+        Route(
+            "GET",
+            chunk,
+            get_chunk,
+            "A chunk from this node's NVMe (?fetch=1: read through this node's tiers)",
+            {200: OCTET, 404: ERROR_SCHEMA},
+            [DIGEST],
+        ),
+        Route(
+            "HEAD",
+            chunk,
+            get_chunk,
+            "Whether this node holds a chunk",
+            {200: OCTET, 404: OCTET},
+            [DIGEST],
+        ),
+        Route(
+            "PUT",
+            chunk,
+            put_chunk,
+            "Store a replica (verified)",
+            {201: OBJECT, 413: ERROR_SCHEMA},
+            [DIGEST],
+        ),
+        Route("GET", "/api/openapi.json", api.handler, "This document", {200: OBJECT}, public=True),
+        metrics_route(collector.families, public=metrics_public),
+    ]
+
+
+def _open_paths(config: ClientConfig) -> tuple[str, ...]:
+    """What is answered without the token."""
+    return ("/api/health", METRICS_PATH) if config.metrics_public else ("/api/health",)
 
 
 def _openapi_paths(api: OpenAPI) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -33,6 +34,11 @@ from fastcache.log import setup_logging
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--token", help="cluster token (default: $FASTCACHE_TOKEN)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="answer GET /metrics without the token (for a Prometheus without it)",
+    )
 
 
 def _add_node_args(n: argparse.ArgumentParser) -> None:
@@ -222,6 +228,18 @@ def _add_admin_commands(sub: Any) -> None:
     _add_coordinator_url(st)
     st.add_argument("--json", action="store_true", help="print the status as JSON")
 
+    sx = sub.add_parser("stats", help="one node's live rates, every second (like top)")
+    sx.add_argument(
+        "target",
+        nargs="?",
+        default=".",
+        metavar="MOUNT|URL",
+        help="a path in a fastcache mount, or a node's URL (default: the current directory)",
+    )
+    sx.add_argument("--interval", type=float, default=1.0, help="seconds per sample (default 1)")
+    sx.add_argument("--count", type=int, help="stop after this many samples (default: never)")
+    _add_coordinator_url(sx)
+
     w = sub.add_parser("warmup", help="fetch files or trees into a node's NVMe cache")
     w.add_argument("paths", nargs="+", metavar="PATH", help="in a local mount, or /namespace/path")
     w.add_argument("--node", help="node URL (default: the node serving the mount PATH is in)")
@@ -284,6 +302,7 @@ def coordinator_config(args: argparse.Namespace) -> CoordinatorConfig:
         peer_timeout=args.peer_timeout,
         sync_interval=args.sync_interval,
         lease_term=args.lease_term,
+        metrics_public=args.metrics_public,
     )
 
 
@@ -317,10 +336,11 @@ def client_config(args: argparse.Namespace, env: Mapping[str, str] | None = None
         commit_timeout=args.commit_timeout,
         fsync_timeout=args.fsync_timeout,
         max_file_size=parse_size(args.max_file_size),
+        metrics_public=args.metrics_public,
     )
 
 
-ADMIN_COMMANDS = ("status", "warmup", "fsck", "gc", "mount", "umount")
+ADMIN_COMMANDS = ("status", "stats", "warmup", "fsck", "gc", "mount", "umount")
 
 
 def _admin(args: argparse.Namespace, argv: list[str]) -> int:
@@ -353,11 +373,8 @@ def _fuse_tuning(args: argparse.Namespace) -> dict[str, object]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        # The harness owns its flags; argparse's REMAINDER would reject them.
-        from bench.harness import main as bench_main
-
-        return bench_main(argv[1:])
+    if argv[:1] == ["bench"]:  # the harness owns its flags; REMAINDER would reject them
+        return _bench(argv[1:])
     if argv[:2] == ["coordinator", "migrate"]:
         return _coordinator_migrate(argv[2:])
     parser = build_parser()
@@ -444,11 +461,22 @@ def mount_helper(argv: Sequence[str] | None = None) -> int:
     return 0 if translated is None else main(translated)
 
 
-def _bench_on_path() -> None:
-    """``fastcache bench`` imports the harness from the source tree it was installed from."""
+def _bench(argv: list[str]) -> int:
+    """``fastcache bench``: ``python -m bench.harness`` in the source checkout this package
+    runs from. The harness drives other filesystems and is not installed with the package
+    (nothing in ``fastcache`` imports ``bench``), so without a checkout this says so."""
     root = Path(__file__).resolve().parent.parent
-    if (root / "bench").is_dir() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-
-
-_bench_on_path()
+    if not (root / "bench" / "harness.py").is_file():
+        print(
+            "fastcache: bench runs from a source checkout (bench/ is not installed); "
+            "clone the repository and run it there",
+            file=sys.stderr,
+        )
+        return 2
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH")) if p)
+    try:
+        return subprocess.call(
+            [sys.executable, "-m", "bench.harness", *argv], env={**os.environ, "PYTHONPATH": path}
+        )
+    except KeyboardInterrupt:
+        return 130

@@ -182,6 +182,7 @@ class CoordinatorConfig:
     # Leases on what a node caches over its session: the longest a frozen node can delay
     # another node's conflicting change (push invalidation waits for its ack or this).
     lease_term: float = 2.0
+    metrics_public: bool = False  # GET /metrics without the token (--metrics-public)
 
     def __post_init__(self) -> None:
         if not 0 < self.lease_term <= 3600:  # also refuses NaN
@@ -232,6 +233,7 @@ class ClientConfig:
     commit_timeout: float = 10.0  # seconds close() waits for the coordinator, then EIO (kept)
     fsync_timeout: float = 120.0  # seconds fsync() waits for S3 and the coordinator's sync
     max_file_size: int = DEFAULT_MAX_FILE_SIZE  # largest file the client API accepts
+    metrics_public: bool = False  # GET /metrics without the token (--metrics-public)
 
     @property
     def coordinator_url(self) -> str:

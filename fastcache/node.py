@@ -274,6 +274,7 @@ class Node:
         self._mount = lifecycle.mount(
             self.state.manager, self._session, self.config, asyncio.get_running_loop()
         )
+        self.state.mount_ops = self._mount.ops  # its FUSE counters, for /metrics
         self._session.on_invalidate = self._mount.ops.on_invalidate
         self._session.on_reset = self._mount.ops.on_reset
         if self._mount.ops.atimes is not None:

@@ -13,11 +13,13 @@ import json
 import re
 import sys
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from rich.console import Console
 
-from fastcache.admin import mounting, status, warmup
+from fastcache.admin import mounting, stats, status, warmup
+from fastcache.admin.mounts import mount_of
 from fastcache.admin.progress import Bar
 from fastcache.config import ClientConfig, ConfigError, S3Config
 from fastcache.coordinator.client import CoordinatorClient
@@ -60,7 +62,7 @@ def _print_json(doc: Any) -> None:
 
 
 def run(args: argparse.Namespace, token: str | None) -> int:
-    """status, warmup, umount."""
+    """status, stats, warmup, umount."""
     if args.command == "status":
         doc = _run(status.gather(_coordinators(args), token))
         if args.json:
@@ -73,10 +75,38 @@ def run(args: argparse.Namespace, token: str | None) -> int:
         return 0
     if args.command == "warmup":
         return _warmup(args, token)
+    if args.command == "stats":
+        return _stats(args, token)
     if args.command == "umount":
         pid_file = args.pid_file or mounting.default_files(args.mountpoint)[0]
         return mounting.umount(args.mountpoint, pid_file, args.timeout)
     raise AssertionError(args.command)
+
+
+# --- stats ---------------------------------------------------------------------------------
+def _stats(args: argparse.Namespace, token: str | None) -> int:
+    if not args.interval > 0:
+        raise ConfigError("--interval must be positive")
+    if args.count is not None and args.count < 1:
+        raise ConfigError("--count must be at least 1")
+    url = args.target.rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        found = mount_of(Path(args.target))
+        if found is None:
+            raise ConfigError(f"{args.target}: not in a fastcache mount (give a node URL)")
+        url = _run(warmup.node_for_mount(_coordinators(args)[0], token, found[0]))
+    try:
+        _run_stats(url, token, args)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _run_stats(url: str, token: str | None, args: argparse.Namespace) -> None:
+    try:
+        stats.run(url, token, interval=args.interval, count=args.count, tty=sys.stdout.isatty())
+    except FastcacheError as exc:
+        raise SystemExit(_fail(str(exc))) from None
 
 
 # --- warmup --------------------------------------------------------------------------------

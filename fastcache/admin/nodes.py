@@ -47,13 +47,20 @@ class NodeApi:
         return error_from_status(status, f"{url}: HTTP {status}")
 
     async def get_json(self, base: str, path: str, timeout: float = PROBE_TIMEOUT) -> Any:
+        return orjson.loads(await self.get(base, path, timeout))
+
+    async def get_text(self, base: str, path: str, timeout: float = PROBE_TIMEOUT) -> str:
+        return (await self.get(base, path, timeout)).decode()
+
+    async def get(self, base: str, path: str, timeout: float = PROBE_TIMEOUT) -> bytes:
+        """The body of a 2xx answer; the node's error otherwise."""
         url = base.rstrip("/") + path
         try:
             async with self.session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
                     raise self._error(url, resp.status, raw)
-                return orjson.loads(raw)
+                return raw
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise TierUnavailable(f"{url}: {exc or type(exc).__name__}") from exc
 

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from fastcache.cache.context import CacheContext
 from fastcache.cache.pipeline import ChunkPipeline, ChunkWriter
 from fastcache.cache.reader import ChunkReader
+from fastcache.cache.stats import CacheStats
 from fastcache.cache.writeback import WriteBack
 from fastcache.chunks import Buffer, CdcParams, Manifest
 from fastcache.config import CacheConfig
@@ -51,6 +52,9 @@ class CacheManager(Protocol):
     async def sync(self, timeout: float | None = None) -> None: ...
     def stats(self) -> dict[str, Any]: ...
     def pending_uploads(self) -> int: ...
+    def pending_bytes(self) -> int: ...
+    @property
+    def counters(self) -> CacheStats: ...
     async def close(self) -> None: ...
 
 
@@ -179,6 +183,10 @@ class DefaultCacheManager:
     def pending_uploads(self) -> int:
         """Chunks acknowledged but not yet in S3."""
         return self.writeback.pending_uploads()
+
+    def pending_bytes(self) -> int:
+        """Bytes acknowledged but not yet in S3."""
+        return self.writeback.pending_bytes()
 
     # --- observability and lifetime ------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -361,6 +361,7 @@ class ChunkReader:
         failed (the reason appended to ``errors``)."""
         counters = self._ctx.counters.tiers[role]
         peer = self._ctx.peer
+        start = time.perf_counter()
         try:
             if role == "peer":
                 assert peer is not None
@@ -386,6 +387,7 @@ class ChunkReader:
             errors.append(f"{role}: {exc}")
             return None
         counters.hit(len(data))
+        counters.latency.add(time.perf_counter() - start)
         self._promote_later(digest, data)
         return data
 

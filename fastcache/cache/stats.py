@@ -4,9 +4,11 @@ thread, summed when read); the event counters are bumped on the loop thread only
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections import deque
 from typing import Any
 
+from fastcache.metrics.histogram import BOUNDS
 from fastcache.tiers.counters import PerThread
 
 LATENCY_SAMPLES = 2048
@@ -44,11 +46,12 @@ class TierCounters:
     counts in its own list (``PerThread``, no lock); ``snapshot`` sums them. The hit path
     bumps its list directly (``local.counts[HITS] += 1``)."""
 
-    __slots__ = ("counts", "local")
+    __slots__ = ("counts", "latency", "local")
 
     def __init__(self) -> None:
         self.counts = PerThread("hits", "misses", "bytes", "errors", "corrupt")
         self.local = self.counts.local
+        self.latency = Latency()  # reads served by this tier (peer, S3: every one)
 
     def hit(self, nbytes: int) -> None:
         mine = self.counts.mine()
@@ -66,15 +69,21 @@ class TierCounters:
 
 
 class Latency:
-    """A bounded ring of latency samples (seconds); percentiles on demand."""
+    """A bounded ring of latency samples (seconds); percentiles on demand. Also a histogram
+    over ``metrics.histogram.BOUNDS`` (``buckets``, not cumulative, and ``total`` seconds)
+    for ``/metrics``."""
 
     def __init__(self, size: int = LATENCY_SAMPLES) -> None:
         self._samples: deque[float] = deque(maxlen=size)  # append is thread-safe
         self.count = 0
+        self.buckets = [0] * (len(BOUNDS) + 1)
+        self.total = 0.0
 
     def add(self, seconds: float) -> None:
         self._samples.append(seconds)
         self.count += 1
+        self.buckets[bisect_left(BOUNDS, seconds)] += 1
+        self.total += seconds
 
     def snapshot(self) -> dict[str, float | int]:
         samples = sorted(self._samples)

@@ -280,6 +280,11 @@ class WriteBack:
         """Chunks acknowledged but not yet in S3."""
         return len(self._uploads)
 
+    def pending_bytes(self) -> int:
+        """Bytes of the chunks acknowledged but not yet in S3 (as they lie on NVMe)."""
+        size = self._ctx.nvme.chunk_size
+        return sum(size(d) or 0 for d in list(self._uploads))
+
     # --- write-back --------------------------------------------------------------------------
     def _enqueue(self, digest: str) -> None:
         if digest in self._uploads:

@@ -57,28 +57,30 @@ from fastcache.coordinator.model import (
 from fastcache.coordinator.service import CoordinatorService, location_key
 from fastcache.coordinator.session import Op, SessionHub
 from fastcache.errors import BadRequest
-from fastcache.http import (
-    ERROR_SCHEMA,
-    OpenAPI,
+from fastcache.metrics.coordinator import CoordinatorCollector, request_timer, route_name
+from fastcache.metrics.histogram import OpHistograms
+from fastcache.paths import MAX_NAME_BYTES, MAX_PATH_BYTES
+from fastcache.web.metrics import METRICS_PATH, metrics_route
+from fastcache.web.middleware import auth_middleware, error_middleware
+from fastcache.web.openapi import ERROR_SCHEMA, OpenAPI, Route
+from fastcache.web.protocol_log import protocol_logger
+from fastcache.web.validate import (
     Param,
     Schema,
-    auth_middleware,
-    error_middleware,
     opt_bool,
     opt_int,
     opt_str,
-    protocol_logger,
     read_json,
     req_int,
     req_str,
 )
-from fastcache.paths import MAX_NAME_BYTES, MAX_PATH_BYTES
 
 log = logging.getLogger("fastcache.coordinator")
 
 SERVICE = web.AppKey("service", CoordinatorService)
 CLEANUP_TASK = web.AppKey("cleanup_task", asyncio.Task)
 SESSIONS = web.AppKey("sessions", SessionHub)
+METRICS = web.AppKey("metrics", CoordinatorCollector)
 
 # --- schemas -----------------------------------------------------------------------------
 _INT64: Schema = {"type": "integer", "minimum": 0, "maximum": INT64_MAX}
@@ -787,268 +789,215 @@ class _Views:
         return web.Response(status=_NO_CONTENT)
 
 
-def _routes(app: web.Application, api: OpenAPI, v: _Views) -> None:
-    r = app.router
-    nf = {404: ERROR_SCHEMA}
-    ns_err = {404: ERROR_SCHEMA, 409: ERROR_SCHEMA}
-    add = api.add
-    add(
-        r,
-        "POST",
-        "/api/peers/register",
-        v.register,
-        summary="Register (or re-register) a peer",
-        body=REGISTER,
-        responses={200: PEER},
-    )
-    add(
-        r,
-        "GET",
-        "/api/peers",
-        v.peers,
-        summary="The live peers (If-None-Match with the last ETag: 304 while the set is the same)",
-        responses={200: PEERS, 304: None},
-    )
-    add(
-        r,
-        "PUT",
-        "/api/peers/status",
-        v.status,
-        summary="Heartbeat; 404 means register again",
-        body=STATUS,
-        responses={200: PEER, **nf},
-    )
-    add(
-        r,
-        "DELETE",
-        "/api/peers/{peer_id}",
-        v.deregister,
-        summary="Graceful deregistration",
-        params=[P_PEER],
-        responses={204: None, **nf},
-    )
-    add(
-        r,
-        "GET",
-        "/api/files/location",
-        v.get_location,
-        summary="Live peers holding a path or chunk (give exactly one)",
-        params=[P_PATH, P_CHUNK],
-        responses={200: LOCATION},
-    )
-    add(
-        r,
-        "PUT",
-        "/api/files/location",
-        v.put_location,
-        summary="Add or remove location records: give exactly one of path, chunk, chunks (a batch)",
-        body=LOCATION_PUT,
-        responses={204: None, **nf},
-    )
-    add(r, "GET", "/api/stats", v.stats, summary="Counters", responses={200: ANY_OBJECT})
-    add(
-        r,
-        "POST",
-        "/api/sync",
-        v.sync,
-        summary="Barrier: answers once every change acknowledged before it is on disk",
-        responses={204: None},
-    )
-    # the WebSocket session is not REST: the OpenAPI document leaves it out (session.py
-    # describes its frames); the auth middleware checks its token before the upgrade
-    r.add_get("/api/session", v.session)
-    add(
-        r,
-        "GET",
-        "/api/health",
-        v.health,
-        summary="Liveness",
-        responses={200: ANY_OBJECT},
-        public=True,
-    )
-    add(
-        r,
-        "GET",
-        "/api/admin/status",
-        v.admin_status,
-        summary="Every recorded peer (live or not), namespace totals (fastcache status)",
-        responses={200: ADMIN_STATUS},
-    )
-    add(
-        r,
-        "GET",
-        "/api/admin/manifests",
-        v.manifests,
-        summary="Every inode's manifest, a page at a time in inode order (fsck, gc)",
-        params=[P_AFTER_INO, P_PAGE],
-        responses={200: MANIFEST_PAGE},
-    )
-    add(
-        r,
-        "GET",
-        "/api/openapi.json",
-        api.handler,
-        summary="This document",
-        responses={200: ANY_OBJECT},
-    )
-    add(
-        r,
-        "POST",
-        "/api/ns/lookup",
-        v.lookup,
-        summary="Look a name up in a directory",
-        body=LOOKUP,
-        responses={200: ATTRS, **ns_err},
-    )
-    add(
-        r,
-        "GET",
-        "/api/ns/inodes/{ino}",
-        v.getattr,
-        summary="An inode's attributes",
-        params=[P_INO],
-        responses={200: ATTRS, **nf},
-    )
-    add(
-        r,
-        "PATCH",
-        "/api/ns/inodes/{ino}",
-        v.setattr,
-        summary="Change attributes",
-        params=[P_INO],
-        body=SETATTR,
-        responses={200: ATTRS, **ns_err},
-    )
-    add(
-        r,
-        "GET",
-        "/api/ns/inodes/{ino}/entries",
-        v.readdir,
-        summary="List a directory from a resume cookie (attrs carry no manifest)",
-        params=[P_INO, P_OFFSET, P_LIMIT],
-        responses={200: ENTRIES, **ns_err},
-    )
-    add(
-        r,
-        "POST",
-        "/api/ns/create",
-        v.create,
-        summary="Create an inode and its entry",
-        body=CREATE,
-        responses={201: CREATED, **ns_err},
-    )
-    add(
-        r,
-        "POST",
-        "/api/ns/link",
-        v.link,
-        summary="Add a hard link",
-        body=LINK,
-        responses={200: ATTRS, 403: ERROR_SCHEMA, **ns_err},
-    )
-    add(
-        r,
-        "POST",
-        "/api/ns/unlink",
-        v.unlink,
-        params=[P_REPLY],
-        summary="Remove a non-directory entry",
-        body=LOOKUP,
-        responses={204: None, 200: REMOVED, **ns_err},
-    )
-    add(
-        r,
-        "POST",
-        "/api/ns/rmdir",
-        v.rmdir,
-        params=[P_REPLY],
-        summary="Remove an empty directory",
-        body=LOOKUP,
-        responses={204: None, 200: REMOVED, **ns_err},
-    )
-    add(
-        r,
-        "POST",
-        "/api/ns/rename",
-        v.rename,
-        summary="Move an entry, atomically and in O(1)",
-        body=RENAME,
-        responses={204: None, **ns_err},
-    )
-    add(
-        r,
-        "PUT",
-        "/api/ns/inodes/{ino}/manifest",
-        v.commit,
-        summary="Commit a file's manifest; 409 if expected_version is stale",
-        params=[P_INO],
-        body=COMMIT,
-        responses={200: ATTRS, **ns_err},
-    )
-    xattr_err = {**ns_err, 403: ERROR_SCHEMA}
-    add(
-        r,
-        "GET",
-        "/api/ns/inodes/{ino}/xattrs",
-        v.getxattr,
-        summary="An extended attribute's value (?name=), or without a name every name",
-        params=[P_INO, P_XNAME, P_UID, P_GIDS],
-        responses={200: XATTR_GET, **xattr_err},
-    )
-    add(
-        r,
-        "PUT",
-        "/api/ns/inodes/{ino}/xattrs",
-        v.setxattr,
-        summary="Set an extended attribute (flags: XATTR_CREATE, XATTR_REPLACE); 413: E2BIG",
-        params=[P_INO],
-        body=SETXATTR,
-        responses={200: ATTRS, 507: ERROR_SCHEMA, **xattr_err},
-    )
-    add(
-        r,
-        "DELETE",
-        "/api/ns/inodes/{ino}/xattrs",
-        v.removexattr,
-        summary="Remove an extended attribute",
-        params=[P_INO, P_XNAME_REQ, P_UID, P_GIDS],
-        responses={200: ATTRS, **xattr_err},
-    )
-    add(
-        r,
-        "GET",
-        "/api/ns/resolve",
-        v.resolve,
-        summary="Resolve a path to its inode",
-        params=[P_PATH_REQ],
-        responses={200: ATTRS, **ns_err},
-    )
-    add(
-        r,
-        "PUT",
-        "/api/ns/path",
-        v.put_path,
-        summary="Create or replace the file at a path (parents created)",
-        body=PUT_PATH,
-        responses={200: ATTRS, **ns_err},
-    )
-    add(
-        r,
-        "DELETE",
-        "/api/ns/path",
-        v.delete_path,
-        summary="Delete a file or an empty directory by path",
-        params=[P_PATH_REQ],
-        responses={204: None, **ns_err},
-    )
-    add(
-        r,
-        "GET",
-        "/api/ns/statfs",
-        v.statfs,
-        summary="Filesystem counters",
-        responses={200: ANY_OBJECT},
-    )
+_NF = {404: ERROR_SCHEMA}
+_NS_ERR = {404: ERROR_SCHEMA, 409: ERROR_SCHEMA}
+_XATTR_ERR = {**_NS_ERR, 403: ERROR_SCHEMA}
+
+
+def _routes(api: OpenAPI, v: _Views) -> list[Route]:
+    """The REST route table (the WebSocket session is not REST: ``make_app`` adds it apart)."""
+    inode = "/api/ns/inodes/{ino}"
+    return [
+        Route(
+            "POST",
+            "/api/peers/register",
+            v.register,
+            "Register (or re-register) a peer",
+            {200: PEER},
+            body=REGISTER,
+        ),
+        Route(
+            "GET",
+            "/api/peers",
+            v.peers,
+            "The live peers (If-None-Match with the last ETag: 304 while the set is the same)",
+            {200: PEERS, 304: None},
+        ),
+        Route(
+            "PUT",
+            "/api/peers/status",
+            v.status,
+            "Heartbeat; 404 means register again",
+            {200: PEER, **_NF},
+            body=STATUS,
+        ),
+        Route(
+            "DELETE",
+            "/api/peers/{peer_id}",
+            v.deregister,
+            "Graceful deregistration",
+            {204: None, **_NF},
+            [P_PEER],
+        ),
+        Route(
+            "GET",
+            "/api/files/location",
+            v.get_location,
+            "Live peers holding a path or chunk (give exactly one)",
+            {200: LOCATION},
+            [P_PATH, P_CHUNK],
+        ),
+        Route(
+            "PUT",
+            "/api/files/location",
+            v.put_location,
+            "Add or remove location records: give exactly one of path, chunk, chunks (a batch)",
+            {204: None, **_NF},
+            body=LOCATION_PUT,
+        ),
+        Route("GET", "/api/stats", v.stats, "Counters", {200: ANY_OBJECT}),
+        Route(
+            "POST",
+            "/api/sync",
+            v.sync,
+            "Barrier: answers once every change acknowledged before it is on disk",
+            {204: None},
+        ),
+        Route("GET", "/api/health", v.health, "Liveness", {200: ANY_OBJECT}, public=True),
+        Route(
+            "GET",
+            "/api/admin/status",
+            v.admin_status,
+            "Every recorded peer (live or not), namespace totals (fastcache status)",
+            {200: ADMIN_STATUS},
+        ),
+        Route(
+            "GET",
+            "/api/admin/manifests",
+            v.manifests,
+            "Every inode's manifest, a page at a time in inode order (fsck, gc)",
+            {200: MANIFEST_PAGE},
+            [P_AFTER_INO, P_PAGE],
+        ),
+        Route("GET", "/api/openapi.json", api.handler, "This document", {200: ANY_OBJECT}),
+        Route(
+            "POST",
+            "/api/ns/lookup",
+            v.lookup,
+            "Look a name up in a directory",
+            {200: ATTRS, **_NS_ERR},
+            body=LOOKUP,
+        ),
+        Route("GET", inode, v.getattr, "An inode's attributes", {200: ATTRS, **_NF}, [P_INO]),
+        Route(
+            "PATCH",
+            inode,
+            v.setattr,
+            "Change attributes",
+            {200: ATTRS, **_NS_ERR},
+            [P_INO],
+            body=SETATTR,
+        ),
+        Route(
+            "GET",
+            inode + "/entries",
+            v.readdir,
+            "List a directory from a resume cookie (attrs carry no manifest)",
+            {200: ENTRIES, **_NS_ERR},
+            [P_INO, P_OFFSET, P_LIMIT],
+        ),
+        Route(
+            "POST",
+            "/api/ns/create",
+            v.create,
+            "Create an inode and its entry",
+            {201: CREATED, **_NS_ERR},
+            body=CREATE,
+        ),
+        Route(
+            "POST",
+            "/api/ns/link",
+            v.link,
+            "Add a hard link",
+            {200: ATTRS, 403: ERROR_SCHEMA, **_NS_ERR},
+            body=LINK,
+        ),
+        Route(
+            "POST",
+            "/api/ns/unlink",
+            v.unlink,
+            "Remove a non-directory entry",
+            {204: None, 200: REMOVED, **_NS_ERR},
+            [P_REPLY],
+            body=LOOKUP,
+        ),
+        Route(
+            "POST",
+            "/api/ns/rmdir",
+            v.rmdir,
+            "Remove an empty directory",
+            {204: None, 200: REMOVED, **_NS_ERR},
+            [P_REPLY],
+            body=LOOKUP,
+        ),
+        Route(
+            "POST",
+            "/api/ns/rename",
+            v.rename,
+            "Move an entry, atomically and in O(1)",
+            {204: None, **_NS_ERR},
+            body=RENAME,
+        ),
+        Route(
+            "PUT",
+            inode + "/manifest",
+            v.commit,
+            "Commit a file's manifest; 409 if expected_version is stale",
+            {200: ATTRS, **_NS_ERR},
+            [P_INO],
+            body=COMMIT,
+        ),
+        Route(
+            "GET",
+            inode + "/xattrs",
+            v.getxattr,
+            "An extended attribute's value (?name=), or without a name every name",
+            {200: XATTR_GET, **_XATTR_ERR},
+            [P_INO, P_XNAME, P_UID, P_GIDS],
+        ),
+        Route(
+            "PUT",
+            inode + "/xattrs",
+            v.setxattr,
+            "Set an extended attribute (flags: XATTR_CREATE, XATTR_REPLACE); 413: E2BIG",
+            {200: ATTRS, 507: ERROR_SCHEMA, **_XATTR_ERR},
+            [P_INO],
+            body=SETXATTR,
+        ),
+        Route(
+            "DELETE",
+            inode + "/xattrs",
+            v.removexattr,
+            "Remove an extended attribute",
+            {200: ATTRS, **_XATTR_ERR},
+            [P_INO, P_XNAME_REQ, P_UID, P_GIDS],
+        ),
+        Route(
+            "GET",
+            "/api/ns/resolve",
+            v.resolve,
+            "Resolve a path to its inode",
+            {200: ATTRS, **_NS_ERR},
+            [P_PATH_REQ],
+        ),
+        Route(
+            "PUT",
+            "/api/ns/path",
+            v.put_path,
+            "Create or replace the file at a path (parents created)",
+            {200: ATTRS, **_NS_ERR},
+            body=PUT_PATH,
+        ),
+        Route(
+            "DELETE",
+            "/api/ns/path",
+            v.delete_path,
+            "Delete a file or an empty directory by path",
+            {204: None, **_NS_ERR},
+            [P_PATH_REQ],
+        ),
+        Route("GET", "/api/ns/statfs", v.statfs, "Filesystem counters", {200: ANY_OBJECT}),
+    ]
 
 
 async def _cleanup_loop(service: CoordinatorService, interval: float, hub: SessionHub) -> None:
@@ -1069,12 +1018,20 @@ def make_app(
     config: CoordinatorConfig, service: CoordinatorService | None = None
 ) -> web.Application:
     """The coordinator app. Without ``service`` it opens one on ``config.store_url``."""
-    app = web.Application(
-        client_max_size=config.max_body,
-        middlewares=[error_middleware(log), auth_middleware(config.token)],
-    )
     api = OpenAPI("fastcache coordinator", __version__, bearer=config.token is not None)
-    _routes(app, api, _Views(app))
+    app = web.Application(client_max_size=config.max_body)
+    views = _Views(app)
+    routes = _routes(api, views)
+    routes.append(metrics_route(lambda: app[METRICS].families(), public=config.metrics_public))
+    requests = OpHistograms(route_name(r.method, r.path) for r in routes)
+    open_paths = ("/api/health", METRICS_PATH) if config.metrics_public else ("/api/health",)
+    app.middlewares.extend(
+        [error_middleware(log), auth_middleware(config.token, open_paths), request_timer(requests)]
+    )
+    api.add_all(app.router, routes)
+    # the WebSocket session is not REST: the OpenAPI document leaves it out (session.py
+    # describes its frames); the auth middleware checks its token before the upgrade
+    app.router.add_get("/api/session", views.session)
     interval = max(0.05, min(config.cleanup_interval, config.peer_timeout / 2))
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -1086,6 +1043,7 @@ def make_app(
             await svc.grant_grace()
             app[SERVICE] = svc
             hub = app[SESSIONS] = SessionHub(svc, NS_OPS, config.lease_term)
+            app[METRICS] = CoordinatorCollector(svc, hub, requests)
             cluster = None
             if svc.store.shared:  # other coordinators may serve this namespace too
                 cluster = Cluster(

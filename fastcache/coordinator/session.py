@@ -56,7 +56,7 @@ from fastcache.coordinator.leases import LeaseTable, attr_key, entry_key, list_k
 from fastcache.coordinator.model import DEFAULT_READDIR
 from fastcache.coordinator.service import CoordinatorService
 from fastcache.errors import BadRequest, FastcacheError, NotFound, TierUnavailable, error_kind
-from fastcache.http import validate
+from fastcache.web.validate import validate
 
 __all__ = ["MAX_FRAME", "Op", "SessionHub"]
 

@@ -59,6 +59,15 @@ class MetaCache:
         self._listed: dict[int, float] = {}  # dir -> expiry of its leased, complete listing
         self._sweep_at = SWEEP_AT
 
+    def sizes(self) -> dict[str, int]:
+        """How many items of each kind are cached (expired ones not yet swept included)."""
+        return {
+            "attributes": len(self._attrs),
+            "entries": len(self._entries),
+            "negative": len(self._denied),
+            "listings": len(self._listed),
+        }
+
     # --- attributes ------------------------------------------------------------------------
     def get(self, ino: int) -> InodeAttrs | None:
         """Fresh attributes of ``ino``, or ``None`` (absent or expired)."""

@@ -17,7 +17,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
-from tests.helpers import free_port
+from fastcache.testing.polling import free_port
 
 __all__ = ["CoordinatorProcess", "free_port", "start_coordinator"]
 

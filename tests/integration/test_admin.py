@@ -19,9 +19,9 @@ import botocore.session
 import pytest
 import xxhash
 
+from fastcache.testing.cluster import Cluster, Proc, http, wait_for
 from fastcache.tiers.peer import rank_peers
 from tests.conftest import S3Fixture
-from tests.integration.cluster import Cluster, Proc, http, wait_for
 
 TOKEN = "admin-secret"
 MiB = 1 << 20

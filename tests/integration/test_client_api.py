@@ -19,8 +19,8 @@ import pytest
 import xxhash
 
 from fastcache.chunks import digest
+from fastcache.testing.cluster import Answer, Cluster, Proc, http
 from tests.helpers import rss_bytes
-from tests.integration.cluster import Answer, Cluster, Proc, http
 
 TOKEN = "api-test-token"
 MiB = 1 << 20

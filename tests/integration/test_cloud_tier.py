@@ -26,9 +26,10 @@ from fastcache.errors import (
     TierUnavailable,
 )
 from fastcache.seaweed import SeaweedServer
+from fastcache.testing.polling import free_port
 from fastcache.tiers.cloud import CloudTier
 from tests.conftest import S3Fixture
-from tests.helpers import free_port, tree_rss_bytes
+from tests.helpers import tree_rss_bytes
 
 MiB = 1 << 20
 

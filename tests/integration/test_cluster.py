@@ -19,10 +19,10 @@ import pytest
 
 from fastcache.chunks import digest
 from fastcache.seaweed import SeaweedServer
+from fastcache.testing.cluster import Cluster, Proc, http, wait_for
+from fastcache.testing.mounts import force_unmount, is_fuse_mount
 from fastcache.tiers.cloud import CloudTier
 from fastcache.tiers.peer import rank_peers, replicas_for
-from tests.integration.cluster import Cluster, Proc, http, wait_for
-from tests.mount.conftest import force_unmount, is_fuse_mount
 
 TOKEN = "cluster-test-token"
 MiB = 1 << 20

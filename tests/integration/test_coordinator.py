@@ -22,7 +22,7 @@ from fastcache.coordinator.service import CoordinatorService
 from fastcache.coordinator.session_client import SessionClient
 from fastcache.coordinator.store import sqlite_url
 from fastcache.errors import BadRequest, Conflict, NotFound, TierUnavailable, Unauthorized
-from tests.helpers import wait_until
+from fastcache.testing.polling import wait_until
 from tests.integration.conftest_coordinator import CoordinatorProcess, start_coordinator
 
 T = TypeVar("T")
@@ -197,7 +197,7 @@ def test_sigterm_exits_zero(coordinator: CoordinatorProcess) -> None:
 
 
 def test_down_coordinator_is_unavailable(tmp_path: Path) -> None:
-    from tests.helpers import free_port
+    from fastcache.testing.polling import free_port
 
     async def body() -> None:
         async with CoordinatorClient(f"http://127.0.0.1:{free_port()}") as c:

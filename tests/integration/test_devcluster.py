@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from fastcache.devcluster import _alive, _mounted
-from tests.helpers import wait_until
-from tests.integration.cluster import free_port_block, http
+from fastcache.testing.cluster import free_port_block, http
+from fastcache.testing.polling import wait_until
 
 
 def fastcache(*args: str, timeout: float = 150) -> subprocess.CompletedProcess[str]:

@@ -11,8 +11,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.helpers import wait_until
-from tests.integration.cluster import Answer, Cluster, http
+from fastcache.testing.cluster import Answer, Cluster, http
+from fastcache.testing.polling import wait_until
 
 TOKEN = "details-token"
 MiB = 1 << 20

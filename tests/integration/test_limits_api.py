@@ -13,7 +13,7 @@ import pytest
 
 from fastcache.config import DEFAULT_CHUNK_SIZE
 from fastcache.coordinator.model import MAX_FILE_SIZE, max_file_size
-from tests.integration.cluster import Cluster, http
+from fastcache.testing.cluster import Cluster, http
 from tests.integration.test_http_details import error_json
 
 TOKEN = "limits-token"

@@ -21,8 +21,8 @@ from fastcache.coordinator.client import CoordinatorClient
 from fastcache.coordinator.model import ROOT_INO
 from fastcache.coordinator.session_client import SessionClient
 from fastcache.errors import Exists, NotEmpty, NotFound, TierUnavailable, Unauthorized
+from fastcache.testing.polling import wait_until
 from tests.conftest import STORES, new_database
-from tests.helpers import wait_until
 from tests.integration.conftest_coordinator import REPO, CoordinatorProcess
 
 T = TypeVar("T")

@@ -7,43 +7,18 @@ client leaves a dead mount behind: it is lazily unmounted).
 
 from __future__ import annotations
 
-import os
-import subprocess
+import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_until
-from tests.integration.cluster import Cluster, Proc
+from fastcache.testing.cluster import Cluster, Proc
+from fastcache.testing.mounts import force_unmount, is_fuse_mount
+from fastcache.testing.polling import wait_until
 
 MOUNT_TIMEOUT = 60.0
-
-
-def is_fuse_mount(path: Path) -> bool:
-    """Whether ``path`` is a live fastcache mount (listed in /proc/mounts and answering)."""
-    target = str(path)
-    with open("/proc/self/mounts") as f:
-        listed = any(line.split()[1] == target and line.split()[2].startswith("fuse") for line in f)
-    if not listed:
-        return False
-    try:
-        os.stat(path)
-    except OSError:
-        return False
-    return True
-
-
-def listed_in_mounts(path: Path) -> bool:
-    with open("/proc/self/mounts") as f:
-        return any(line.split()[1] == str(path) for line in f)
-
-
-def force_unmount(path: Path) -> None:
-    """Lazily unmount ``path`` if anything is still mounted there (dead or alive)."""
-    if listed_in_mounts(path):
-        subprocess.run(["fusermount", "-u", "-z", str(path)], capture_output=True, check=False)
 
 
 @dataclass
@@ -162,16 +137,23 @@ def two_nodes(tmp_path_factory: pytest.TempPathFactory, s3: object) -> Iterator[
     assert statuses == [0, 0], "a client did not shut down cleanly (unmount and exit 0)"
 
 
-@pytest.fixture
-def cluster_factory(tmp_path: Path, s3: object) -> Iterator[MountCluster]:
-    """A coordinator without nodes, for tests that kill and restart clients."""
-    cluster = Cluster(tmp_path, s3.s3_config())  # type: ignore[attr-defined]
-    mc = MountCluster(cluster, tmp_path)
+@contextlib.contextmanager
+def coordinator_only(root: Path, s3: object, token: str | None = None) -> Iterator[MountCluster]:
+    """A coordinator without nodes (``token``: it wants one); everything stopped after."""
+    cluster = Cluster(root, s3.s3_config(), token=token)  # type: ignore[attr-defined]
+    mc = MountCluster(cluster, root)
     try:
         cluster.start_coordinator()
         yield mc
     finally:
         mc.close()
+
+
+@pytest.fixture
+def cluster_factory(tmp_path: Path, s3: object) -> Iterator[MountCluster]:
+    """A coordinator without nodes, for tests that kill and restart clients."""
+    with coordinator_only(tmp_path, s3) as mc:
+        yield mc
 
 
 @pytest.fixture

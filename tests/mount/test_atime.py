@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from tests.helpers import wait_until
+from fastcache.testing.polling import wait_until
 from tests.mount.conftest import MountCluster
 
 DAY = 24 * 3600 * 10**9

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_until
+from fastcache.testing.polling import wait_until
 from tests.mount.conftest import MountCluster
 
 MiB = 1 << 20

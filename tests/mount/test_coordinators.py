@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 
 from fastcache.pgserver import PostgresServer
+from fastcache.testing.cluster import Cluster, Proc, http
+from fastcache.testing.polling import wait_until
 from tests.conftest import new_database
-from tests.helpers import wait_until
-from tests.integration.cluster import Cluster, Proc, http
 from tests.mount.conftest import MountCluster
 
 LEASE_TERM = "5"

@@ -8,8 +8,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tests.helpers import wait_until
-from tests.mount.conftest import MountCluster, force_unmount
+from fastcache.testing.mounts import force_unmount
+from fastcache.testing.polling import wait_until
+from tests.mount.conftest import MountCluster
 
 MiB = 1 << 20
 

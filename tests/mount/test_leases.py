@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.cluster import http
+from fastcache.testing.cluster import http
 from tests.mount.conftest import MountCluster
 
 

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from fastcache.admin.mounting import helper_argv
-from tests.helpers import free_port, wait_until
-from tests.mount.conftest import MountCluster, force_unmount, is_fuse_mount
+from fastcache.testing.mounts import force_unmount, is_fuse_mount
+from fastcache.testing.polling import free_port, wait_until
+from tests.mount.conftest import MountCluster
 
 PR_SET_CHILD_SUBREAPER = 36
 HELPER = Path(sys.executable).parent / "mount.fastcache"

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from fastcache.chunks import digest
+from fastcache.testing.cluster import http
+from fastcache.testing.polling import wait_until
 from fastcache.tiers.peer import rank_peers
-from tests.helpers import wait_until
-from tests.integration.cluster import http
 from tests.mount.conftest import MountCluster, Node
 
 MiB = 1 << 20

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_until
-from tests.integration.cluster import http
-from tests.mount.conftest import MountCluster, force_unmount
+from fastcache.testing.cluster import http
+from fastcache.testing.mounts import force_unmount
+from fastcache.testing.polling import wait_until
+from tests.mount.conftest import MountCluster
 
 MiB = 1 << 20
 COMMIT_TIMEOUT = 2.0

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from tests.integration.cluster import http
+from fastcache.testing.cluster import http
 from tests.mount.conftest import MountCluster
 from tests.mount.test_posix import outcome, same
 

@@ -210,6 +210,35 @@ def test_header_describes_the_source_tree() -> None:
     assert "source tree 2445 files in 174 dirs" in report.markdown(results)
 
 
+def test_chart_axis_reads_as_plain_ratios() -> None:
+    assert report.ratio_ticks([0.3, 3.0]) == [0.25, 0.5, 1.0, 2.0, 4.0]
+    assert report.ratio_ticks([1.5]) == [1.0, 2.0]  # parity is always on the axis
+    assert [report.ratio_label(t) for t in (0.25, 0.5, 1.0, 2.0, 4.0)] == [
+        "0.25x",
+        "0.5x",
+        "1x",
+        "2x",
+        "4x",
+    ]
+    fig = report.figure(sample())
+    fig.canvas.draw()
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]  # the shared axis
+    assert labels == ["0.5x", "1x", "2x", "4x"], labels  # the sample: 0.5x to 3x
+    for ax in fig.axes:
+        assert not [t.get_text() for t in ax.get_yticklabels(minor=True) if t.get_text()]
+
+
+def test_chart_shows_both_s3_profiles_side_by_side() -> None:
+    fig = report.figure(sample())
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["S3 local", "S3 remote"]
+    left, right = (ax.get_position() for ax in fig.axes)
+    assert left.x1 <= right.x0  # side by side, local first
+    one = sample()
+    del one["profiles"]["remote"]
+    assert [ax.get_title() for ax in report.figure(one).axes] == ["S3 local"]
+
+
 def test_chart_leaves_out_reference_and_derived_rows(tmp_path: Path) -> None:
     assert report.plot(sample(), tmp_path / "r.png")
     table = report.ratios(sample())

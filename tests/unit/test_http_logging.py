@@ -13,8 +13,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
 
 from fastcache.errors import BadRequest, NotFound
-from fastcache.http import error_middleware
 from fastcache.log import ClientErrorFilter
+from fastcache.web.middleware import error_middleware
 
 LOGGER = "fastcache.test_http"
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fastcache.config import S3Config
-from tests.helpers import free_port, wait_until
+from fastcache.testing.polling import free_port, wait_until
 
 START_TIMEOUT = 60.0
 
