@@ -55,6 +55,14 @@ def request_timer(requests: OpHistograms) -> Any:
     return middleware
 
 
+_CLUSTER = (
+    ("published", "changes sent to the other coordinators"),
+    ("remote_changes", "changes received from the other coordinators"),
+    ("ack_timeouts", "changes another coordinator did not ack within the lease term"),
+    ("bus_lost", "times this coordinator stopped hearing itself on the bus"),
+)
+
+
 class CoordinatorCollector:
     """The families of one coordinator, from its service, session hub and request timer."""
 
@@ -106,6 +114,21 @@ class CoordinatorCollector:
         yield counter(
             "fastcache_coordinator_leases_granted", "leases granted", sessions["leases_granted"]
         )
+        cluster = sessions.get("cluster")
+        if cluster is not None:  # several coordinators on one store (coordinator/cluster.py)
+            yield gauge(
+                "fastcache_coordinator_cluster_others",
+                "other coordinators heard from",
+                len(cluster["others"]),
+            )
+            yield gauge("fastcache_coordinator_leader", "1 if this one leads", cluster["leader"])
+            yield gauge(
+                "fastcache_coordinator_may_lease",
+                "1 if it hears every change (grants leases)",
+                cluster["may_lease"],
+            )
+            for key, what in _CLUSTER:
+                yield counter(f"fastcache_coordinator_cluster_{key}", what, cluster[key])
         store = self.service.store.counters()
         for key, what in _STORE:
             yield counter(f"fastcache_coordinator_store_{key}", what, store.get(key, 0))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from fastcache.pgserver import PostgresServer
 from fastcache.testing.cluster import Cluster, Proc, http
@@ -78,6 +79,16 @@ def test_nodes_on_two_coordinators_share_one_namespace(
     assert os.listdir(d) == ["new"]
     assert _cluster_stats(b)["remote_changes"] > before
     assert _cluster_stats(a)["ack_timeouts"] == 0
+    # the same, as an operator's Prometheus sees it
+    scraped = {
+        s.name: s.value
+        for family in text_string_to_metric_families(http("GET", f"{a.url}/metrics").body.decode())
+        for s in family.samples
+    }
+    assert scraped["fastcache_coordinator_cluster_others"] == 1
+    assert scraped["fastcache_coordinator_may_lease"] == 1
+    assert scraped["fastcache_coordinator_cluster_published_total"] > 0
+    assert scraped["fastcache_coordinator_cluster_ack_timeouts_total"] == 0
 
 
 def test_nodes_move_to_the_other_coordinator_when_theirs_is_killed(
