@@ -167,15 +167,22 @@ class Cluster:
             sends.append(self._say({"t": "inv", "c": self.id, "n": seq, "k": part}))
             self.counters["published"] += 1
             waits.append((seq, done))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.lease_term
         try:
-            await asyncio.gather(*sends)
-            async with asyncio.timeout(self.lease_term):
+            async with asyncio.timeout_at(deadline):
+                await asyncio.gather(*sends)
                 for _, done in waits:
                     await done.wait()
         except TimeoutError:
             self.counters["ack_timeouts"] += 1
             missing = set().union(*(self._waiting.get(s, (set(), None))[0] for s, _ in waits))
             log.warning("coordinators %s did not ack an invalidation in time", sorted(missing))
+        except Exception as exc:  # the bus failed: nobody could be told, so every lease
+            # granted before the change must run out before the change is acknowledged
+            self.counters["ack_timeouts"] += 1
+            log.warning("could not tell the other coordinators of a change (%s): waiting", exc)
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
         finally:
             for seq, _ in waits:
                 self._waiting.pop(seq, None)

@@ -19,8 +19,11 @@ class LocalBus:
     def __init__(self) -> None:
         self.subscribers: list[Callable[[bytes], None]] = []
         self.muted = False  # a bus that delivers nothing (a lost LISTEN connection)
+        self.broken = False  # a bus that refuses to publish (the database is away)
 
     async def publish(self, payload: bytes) -> None:
+        if self.broken:
+            raise ConnectionError("the database is away")
         if self.muted:
             return
         loop = asyncio.get_running_loop()
@@ -130,6 +133,25 @@ async def _a_coordinator_that_cannot_apply_is_waited_for_at_most_the_lease_term(
             await n.cluster.close()
 
 
+async def _a_change_the_bus_cannot_carry_waits_out_the_lease_term(clock: Clock) -> None:
+    """Committed, but the others cannot be told: the change is acknowledged (no error) once
+    every lease they could have granted before it has run out."""
+    bus = LocalBus()
+    a, b = Node(bus, clock, lease_term=0.2), Node(bus, clock)
+    for n in (a, b):
+        await n.cluster.start()
+    await settle()
+    bus.broken = True
+    try:
+        await asyncio.wait_for(a.cluster.spread(["attr:7"]), 10)  # returns, does not raise
+        assert a.cluster.counters["ack_timeouts"] == 1
+        assert b.applied == []
+    finally:
+        bus.broken = False
+        for n in (a, b):
+            await n.cluster.close()
+
+
 async def _silent_coordinators_are_dead_and_not_waited_for(clock: Clock) -> None:
     bus = LocalBus()
     a, b = Node(bus, clock), Node(bus, clock)
@@ -209,3 +231,7 @@ def test_leases_only_while_the_bus_echoes(clock: Clock) -> None:
 
 def test_garbage_on_the_bus_is_ignored(clock: Clock) -> None:
     asyncio.run(_garbage_on_the_bus_is_ignored(clock))
+
+
+def test_a_change_the_bus_cannot_carry_waits_out_the_lease_term(clock: Clock) -> None:
+    asyncio.run(_a_change_the_bus_cannot_carry_waits_out_the_lease_term(clock))
