@@ -37,7 +37,9 @@ class CacheManager(Protocol):
     async def read_chunk(self, digest: str) -> bytes: ...
     async def read_chunk_for_peer(self, digest: str) -> bytes: ...
     def read_local(self, digest: str, offset: int, out: memoryview) -> int | None: ...
-    async def read_range(self, manifest: Manifest, offset: int, size: int) -> bytes: ...
+    async def read_range(
+        self, manifest: Manifest, offset: int, size: int, local_missed: bool = False
+    ) -> bytes: ...
     def prefetch(self, manifest: Manifest, first_index: int, count: int) -> None: ...
     async def write_chunk(self, digest: str, data: Buffer) -> None: ...
     async def write_bytes(self, data: Buffer) -> Manifest: ...
@@ -130,9 +132,12 @@ class DefaultCacheManager:
         miss. Synchronous and loop-free: the FUSE hit path."""
         return self.reader.read_local(digest, offset, out)
 
-    async def read_range(self, manifest: Manifest, offset: int, size: int) -> bytes:
-        """Bytes ``[offset, offset + size)`` of the file (short at EOF); chunks in parallel."""
-        return await self.reader.read_range(manifest, offset, size)
+    async def read_range(
+        self, manifest: Manifest, offset: int, size: int, local_missed: bool = False
+    ) -> bytes:
+        """Bytes ``[offset, offset + size)`` of the file (short at EOF); chunks in parallel.
+        ``local_missed``: the caller missed it on ``read_local`` (one chunk) just now."""
+        return await self.reader.read_range(manifest, offset, size, local_missed)
 
     def prefetch(self, manifest: Manifest, first_index: int, count: int) -> None:
         """Fetch and promote, in the background, the chunks not on NVMe. Loop thread only."""

@@ -492,7 +492,8 @@ class FileTable:
         cs = manifest.chunk_size
         index = off // cs
         inner = off - index * cs
-        if manifest.lengths is None and inner + size <= cs:
+        tried = manifest.lengths is None and inner + size <= cs
+        if tried:
             name = manifest.chunks[index]
             if name == self._hole:
                 return bytes(size)
@@ -512,7 +513,7 @@ class FileTable:
             last = (off + size - 1) // cs
             if last != handle.prefetched:
                 self._readahead(handle, last)
-        data = self.call(self.manager.read_range(manifest, off, size))
+        data = self.call(self.manager.read_range(manifest, off, size, tried))
         handle.next_off = off + size
         return data
 
