@@ -11,7 +11,7 @@ hashes run in the default executor.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from fastcache.cache.context import CacheContext
@@ -37,6 +37,9 @@ class CacheManager(Protocol):
     async def read_chunk(self, digest: str) -> bytes: ...
     async def read_chunk_for_peer(self, digest: str) -> bytes: ...
     def read_local(self, digest: str, offset: int, out: memoryview) -> int | None: ...
+
+    recent_chunk: Callable[[str], Buffer | None]
+
     async def read_range(
         self, manifest: Manifest, offset: int, size: int, local_missed: bool = False
     ) -> bytes: ...
@@ -78,6 +81,10 @@ class DefaultCacheManager:
         self._ctx = CacheContext(config, nvme, cloud, peer)
         self.counters = self._ctx.counters
         self.reader = ChunkReader(self._ctx)
+        # The chunk's bytes if it was fetched a moment ago (in memory, verified), for a
+        # reader to serve a view of without a copy; ``None`` otherwise. Any thread. Bound
+        # straight to the reader's memory: the FUSE hit path asks it first.
+        self.recent_chunk: Callable[[str], Buffer | None] = self.reader.recent.get
         self.writeback = WriteBack(self._ctx, journal)
         self.pipeline = ChunkPipeline(
             config.chunk_size,

@@ -48,7 +48,7 @@ class RecentChunks:
 
     def __init__(self, budget: int) -> None:
         self._lock = threading.Lock()
-        self._chunks: OrderedDict[str, bytes] = OrderedDict()
+        self._chunks: OrderedDict[str, Buffer] = OrderedDict()
         self._bytes = 0
         self._budget = budget
         self._hits = PerThread("hits")
@@ -57,7 +57,7 @@ class RecentChunks:
     def hits(self) -> int:
         return self._hits.totals()["hits"]
 
-    def put(self, digest: str, data: bytes) -> None:
+    def put(self, digest: str, data: Buffer) -> None:
         if len(data) > self._budget:
             return
         with self._lock:
@@ -72,7 +72,7 @@ class RecentChunks:
     def __contains__(self, digest: object) -> bool:
         return digest in self._chunks
 
-    def get(self, digest: str) -> bytes | None:
+    def get(self, digest: str) -> Buffer | None:
         data = self._chunks.get(digest)
         if data is not None:
             self._hits.mine()[0] += 1

@@ -258,6 +258,7 @@ def test_a_cold_sequential_read_is_exact_and_promotes_every_chunk_once(
     after = stats(reader)
     assert after["tiers"]["s3"]["hits"] - before["tiers"]["s3"]["hits"] == RECENT_CHUNKS + 1
     assert after["prefetches"] > before["prefetches"]  # read ahead, not one chunk at a time
+    assert after["memory_hits"] > before["memory_hits"]  # served from the fetched bytes
     names = manifest_of(mc, "/cold")["chunks"]
     files = [reader.nvme / "chunks" / c[:2] / c[2:4] / c for c in names]
     pieces = [data[i * CHUNK : (i + 1) * CHUNK] for i in range(len(names))]
