@@ -36,8 +36,8 @@ class CacheManager(Protocol):
     def set_peer_tier(self, peer: PeerRouting | None) -> None: ...
     async def read_chunk(self, digest: str) -> bytes: ...
     async def read_chunk_for_peer(self, digest: str) -> bytes: ...
-    def read_local(self, digest: str, offset: int, out: memoryview) -> int | None: ...
 
+    read_local: Callable[[str, int, memoryview], int | None]
     recent_chunk: Callable[[str], Buffer | None]
 
     async def read_range(
@@ -81,10 +81,12 @@ class DefaultCacheManager:
         self._ctx = CacheContext(config, nvme, cloud, peer)
         self.counters = self._ctx.counters
         self.reader = ChunkReader(self._ctx)
-        # The chunk's bytes if it was fetched a moment ago (in memory, verified), for a
-        # reader to serve a view of without a copy; ``None`` otherwise. Any thread. Bound
-        # straight to the reader's memory: the FUSE hit path asks it first.
+        # The FUSE hit path, bound straight to the reader (it counts frames); any thread:
+        # the chunk's bytes if it was fetched a moment ago (in memory, verified), to serve a
+        # view of without a copy, else ``None``; NVMe (or memory) bytes of ``digest`` at
+        # ``offset`` copied into ``out``, ``None`` on a miss.
         self.recent_chunk: Callable[[str], Buffer | None] = self.reader.recent.get
+        self.read_local: Callable[[str, int, memoryview], int | None] = self.reader.read_local
         self.writeback = WriteBack(self._ctx, journal)
         self.pipeline = ChunkPipeline(
             config.chunk_size,
@@ -133,11 +135,6 @@ class DefaultCacheManager:
     async def read_chunk_for_peer(self, digest: str) -> bytes:
         """A peer's fetch-through request (we own ``digest``): one hop at most."""
         return await self.reader.read_chunk_for_peer(digest)
-
-    def read_local(self, digest: str, offset: int, out: memoryview) -> int | None:
-        """NVMe (or memory) bytes of ``digest`` at ``offset`` into ``out``; ``None`` on a
-        miss. Synchronous and loop-free: the FUSE hit path."""
-        return self.reader.read_local(digest, offset, out)
 
     async def read_range(
         self, manifest: Manifest, offset: int, size: int, local_missed: bool = False
