@@ -24,7 +24,8 @@ Chunk reads over plain HTTP with static keys (a local S3: SeaweedFS, MinIO) skip
 ``fastget``, straight into a page-aligned buffer (``chunks.receive_buffer``) that the NVMe
 tier then writes with O_DIRECT (``NvmeTier.promote``): no pool thread, no botocore request
 building, no copy. 5xx and throttling answers and connection failures are retried as
-botocore's standard mode would. HTTPS endpoints (AWS) and credential chains stay on
+botocore's standard mode would; an answer fastget does not speak (no Content-Length) is
+read again through botocore. HTTPS endpoints (AWS) and credential chains stay on
 botocore.
 """
 
@@ -61,7 +62,7 @@ from fastcache.chunks import Buffer, is_digest, receive_buffer
 from fastcache.config import S3Config
 from fastcache.errors import BadRequest, ChunkNotFound, FastcacheError, TierUnavailable
 from fastcache.tiers.base import verify, verify_async
-from fastcache.tiers.fastget import FastGet
+from fastcache.tiers.fastget import FastGet, ProtocolError
 from fastcache.tiers.sigv4 import SigV4Signer
 
 log = logging.getLogger("fastcache.client.s3")
@@ -297,6 +298,9 @@ class CloudTier:
                         read_timeout=config.read_timeout,
                         allocate=receive_buffer,
                     )
+            except ProtocolError as exc:  # an answer fastget does not speak (chunked, …)
+                log.debug("S3 get %s through botocore: %s", digest, exc)
+                return await self._read_botocore(digest)
             except OSError as exc:  # refused, reset, timed out, cut short
                 failure: Exception = exc
                 code = type(exc).__name__
