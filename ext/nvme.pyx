@@ -29,7 +29,7 @@ from posix.stat cimport fstat, struct_stat
 from posix.types cimport off_t
 from posix.unistd cimport close, fdatasync, fsync, ftruncate, pread, pwrite, unlink
 
-API_VERSION = 1
+API_VERSION = 2
 
 cdef extern from "<stdlib.h>" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)

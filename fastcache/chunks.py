@@ -26,7 +26,7 @@ from fastcache.coordinator.model import validate_manifest
 
 Buffer = bytes | bytearray | memoryview
 DIGEST_LEN = 32  # hex chars of an xxh3-128 digest
-EXT_API_VERSION = 1
+EXT_API_VERSION = 2
 
 _chunker: Any = None
 _xxh: Any = None
