@@ -21,7 +21,7 @@ import numpy as np
 
 from libc.stdint cimport uint64_t
 
-API_VERSION = 1
+API_VERSION = 2
 
 cdef uint64_t GEAR_SEED = 0x6661737463616368ULL  # b"fastcach"
 cdef uint64_t GEAR[256]

@@ -8,7 +8,7 @@ mmap objects and ``uint8`` numpy arrays are hashed in place, never copied.
 from libc.stdint cimport uint64_t
 from libc.stdlib cimport free, malloc
 
-API_VERSION = 1
+API_VERSION = 2
 
 # Below this many bytes, releasing and re-taking the GIL costs more than the hash itself.
 cdef enum:

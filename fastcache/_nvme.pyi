@@ -13,11 +13,12 @@ API_VERSION: int
 _Path = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 
 class AlignedBuffer:
-    """Zeroed, writable memory at an aligned address (posix_memalign), freed with the object."""
+    """Writable memory at an aligned address (posix_memalign), zeroed unless ``zero`` is
+    false, freed with the object."""
 
     size: int
     alignment: int
-    def __init__(self, size: int, alignment: int = 4096) -> None: ...
+    def __init__(self, size: int, alignment: int = 4096, zero: bool = True) -> None: ...
     def __buffer__(self, flags: int, /) -> memoryview: ...
     def __len__(self) -> int: ...
     @property

@@ -11,7 +11,7 @@ hashes run in the default executor.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from fastcache.cache.context import CacheContext
@@ -37,8 +37,13 @@ class CacheManager(Protocol):
     def set_peer_tier(self, peer: PeerRouting | None) -> None: ...
     async def read_chunk(self, digest: str) -> bytes: ...
     async def read_chunk_for_peer(self, digest: str) -> bytes: ...
-    def read_local(self, digest: str, offset: int, out: memoryview) -> int | None: ...
-    async def read_range(self, manifest: Manifest, offset: int, size: int) -> bytes: ...
+
+    read_local: Callable[[str, int, memoryview], int | None]
+    recent_chunk: Callable[[str], Buffer | None]
+
+    async def read_range(
+        self, manifest: Manifest, offset: int, size: int, local_missed: bool = False
+    ) -> bytes: ...
     def prefetch(self, manifest: Manifest, first_index: int, count: int) -> None: ...
     async def write_chunk(self, digest: str, data: Buffer) -> None: ...
     async def write_bytes(self, data: Buffer) -> Manifest: ...
@@ -80,6 +85,12 @@ class DefaultCacheManager:
         self._ctx = CacheContext(config, nvme, cloud, peer)
         self.counters = self._ctx.counters
         self.reader = ChunkReader(self._ctx)
+        # The FUSE hit path, bound straight to the reader (it counts frames); any thread:
+        # the chunk's bytes if it was fetched a moment ago (in memory, verified), to serve a
+        # view of without a copy, else ``None``; NVMe (or memory) bytes of ``digest`` at
+        # ``offset`` copied into ``out``, ``None`` on a miss.
+        self.recent_chunk: Callable[[str], Buffer | None] = self.reader.recent.get
+        self.read_local: Callable[[str, int, memoryview], int | None] = self.reader.read_local
         self.writeback = WriteBack(self._ctx, journal)
         self.pipeline = ChunkPipeline(
             config.chunk_size,
@@ -129,14 +140,12 @@ class DefaultCacheManager:
         """A peer's fetch-through request (we own ``digest``): one hop at most."""
         return await self.reader.read_chunk_for_peer(digest)
 
-    def read_local(self, digest: str, offset: int, out: memoryview) -> int | None:
-        """NVMe (or memory) bytes of ``digest`` at ``offset`` into ``out``; ``None`` on a
-        miss. Synchronous and loop-free: the FUSE hit path."""
-        return self.reader.read_local(digest, offset, out)
-
-    async def read_range(self, manifest: Manifest, offset: int, size: int) -> bytes:
-        """Bytes ``[offset, offset + size)`` of the file (short at EOF); chunks in parallel."""
-        return await self.reader.read_range(manifest, offset, size)
+    async def read_range(
+        self, manifest: Manifest, offset: int, size: int, local_missed: bool = False
+    ) -> bytes:
+        """Bytes ``[offset, offset + size)`` of the file (short at EOF); chunks in parallel.
+        ``local_missed``: the caller missed it on ``read_local`` (one chunk) just now."""
+        return await self.reader.read_range(manifest, offset, size, local_missed)
 
     def prefetch(self, manifest: Manifest, first_index: int, count: int) -> None:
         """Fetch and promote, in the background, the chunks not on NVMe. Loop thread only."""

@@ -48,7 +48,7 @@ class RecentChunks:
 
     def __init__(self, budget: int) -> None:
         self._lock = threading.Lock()
-        self._chunks: OrderedDict[str, bytes] = OrderedDict()
+        self._chunks: OrderedDict[str, Buffer] = OrderedDict()
         self._bytes = 0
         self._budget = budget
         self._hits = PerThread("hits")
@@ -57,7 +57,7 @@ class RecentChunks:
     def hits(self) -> int:
         return self._hits.totals()["hits"]
 
-    def put(self, digest: str, data: bytes) -> None:
+    def put(self, digest: str, data: Buffer) -> None:
         if len(data) > self._budget:
             return
         with self._lock:
@@ -72,7 +72,7 @@ class RecentChunks:
     def __contains__(self, digest: object) -> bool:
         return digest in self._chunks
 
-    def get(self, digest: str) -> bytes | None:
+    def get(self, digest: str) -> Buffer | None:
         data = self._chunks.get(digest)
         if data is not None:
             self._hits.mine()[0] += 1
@@ -169,13 +169,18 @@ class ChunkReader:
             self._ctx.counters.local_latency.add(time.perf_counter() - start)
         return n
 
-    async def read_range(self, manifest: Manifest, offset: int, size: int) -> bytes:
-        """Bytes ``[offset, offset + size)`` of the file (short at EOF); chunks in parallel."""
+    async def read_range(
+        self, manifest: Manifest, offset: int, size: int, local_missed: bool = False
+    ) -> bytes:
+        """Bytes ``[offset, offset + size)`` of the file (short at EOF); chunks in parallel.
+
+        ``local_missed``: the caller (a FUSE thread) just missed this range, within one
+        chunk, on ``read_local``: no second try on a thread, straight to the fetch."""
         spans = list(manifest.spans(offset, size))
         if not spans:
             return b""
         if len(spans) == 1:
-            return bytes(await self._read_span(manifest, *spans[0]))
+            return bytes(await self._read_span(manifest, *spans[0], local_missed))
         parts: list[Buffer] = [b""] * len(spans)
         room = asyncio.Semaphore(self._ctx.config.fetch_concurrency)
 
@@ -391,7 +396,9 @@ class ChunkReader:
         self._promote_later(digest, data)
         return data
 
-    async def _read_span(self, manifest: Manifest, index: int, off: int, length: int) -> Buffer:
+    async def _read_span(
+        self, manifest: Manifest, index: int, off: int, length: int, local_missed: bool = False
+    ) -> Buffer:
         name = manifest.chunks[index]
         if name == hole_digest(manifest.chunk_length(index)):
             return bytes(length)  # a hole: zeros, stored nowhere
@@ -405,8 +412,12 @@ class ChunkReader:
         if inflight is not None:
             data = await asyncio.shield(inflight)
             return memoryview(data)[off : off + length]
-        # A part of a chunk: pread just that part from NVMe, on a thread.
         start = time.perf_counter()
+        if local_missed:
+            data = await self._read_chunk(name, try_nvme=False)
+            self._ctx.counters.read_latency.add(time.perf_counter() - start)
+            return memoryview(data)[off : off + length]
+        # A part of a chunk: pread just that part from NVMe, on a thread.
         buf = bytearray(length)
         loop = asyncio.get_running_loop()
         n = await loop.run_in_executor(None, self.read_local, name, off, memoryview(buf))
@@ -436,7 +447,7 @@ class ChunkReader:
 
     async def _promote(self, digest: str, data: bytes) -> None:
         try:
-            await self._ctx.nvme.write(digest, data)
+            await self._ctx.nvme.promote(digest, data)
             self._counts["promotions"] += 1
         except TierFull:
             self._counts["promotions_full"] += 1

@@ -272,6 +272,7 @@ class FileTable:
         self._fh = itertools.count(1)
         self._tls = threading.local()
         self._read_local = manager.read_local  # bound once: the hit path is a few lookups
+        self._recent = manager.recent_chunk
         self._hole = hole_digest(chunk_size)
         # commits the coordinator has not acknowledged: ino → file (holding one ref)
         self._owed: dict[int, OpenFile] = {}
@@ -477,7 +478,8 @@ class FileTable:
         """Bytes of the file at ``off``; short at EOF.
 
         The NVMe hit returns a view of this thread's buffer, valid until the thread's next
-        read (llfuse replies before its worker takes another request).
+        read (llfuse replies before its worker takes another request); a chunk fetched a
+        moment ago (a cold sequential reader's), a view of its bytes in memory.
         """
         handle = self._handles[fh]
         file = handle.file
@@ -492,17 +494,24 @@ class FileTable:
         cs = manifest.chunk_size
         index = off // cs
         inner = off - index * cs
-        if manifest.lengths is None and inner + size <= cs:
+        tried = manifest.lengths is None and inner + size <= cs
+        if tried:
             name = manifest.chunks[index]
             if name == self._hole:
                 return bytes(size)
-            try:  # this thread's buffer (``_buffer``, inlined: the hit path counts frames)
-                view = self._tls.view[:size]
-            except AttributeError:
-                view = self._buffer(size)
-            if len(view) < size:
-                view = self._buffer(size)
-            if self._read_local(name, inner, view) == size:
+            recent = self._recent(name)
+            if recent is not None:  # fetched a moment ago: a view of it, no copy
+                view = memoryview(recent)[inner : inner + size]
+                hit = len(view) == size
+            else:
+                try:  # this thread's buffer (``_buffer``, inlined: the hit path counts frames)
+                    view = self._tls.view[:size]
+                except AttributeError:
+                    view = self._buffer(size)
+                if len(view) < size:
+                    view = self._buffer(size)
+                hit = self._read_local(name, inner, view) == size
+            if hit:
                 if index != handle.prefetched and abs(off - handle.next_off) < SEQUENTIAL_WINDOW:
                     self._readahead(handle, index)
                 handle.next_off = off + size
@@ -512,7 +521,7 @@ class FileTable:
             last = (off + size - 1) // cs
             if last != handle.prefetched:
                 self._readahead(handle, last)
-        data = self.call(self.manager.read_range(manifest, off, size))
+        data = self.call(self.manager.read_range(manifest, off, size, tried))
         handle.next_off = off + size
         return data
 

@@ -79,6 +79,10 @@ class LocalChunkStore(TierStorage, LocalChunkReader, Protocol):
         """The chunk's size if the index has it (no I/O), else ``None``."""
         ...
 
+    async def promote(self, digest: str, data: Buffer) -> None:
+        """``write`` a verified chunk fetched from a lower tier (O_DIRECT where it can)."""
+        ...
+
     def pin(self, digest: str) -> None:
         """Never evict ``digest`` (it is not yet in S3). May precede the write."""
         ...

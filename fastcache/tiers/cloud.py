@@ -18,6 +18,15 @@ verifies that checksum (SeaweedFS and AWS answer ``400 BadDigest`` on a mismatch
 nothing), so a body damaged or cut short on its way is refused. The SigV4 payload hash is
 not computed (``UNSIGNED-PAYLOAD``): SeaweedFS does not check it, the CRC covers the body,
 and SHA-256 over every byte was the largest CPU cost of an upload.
+
+Chunk reads over plain HTTP with static keys (a local S3: SeaweedFS, MinIO) skip botocore:
+``_read_lean`` signs the GET itself (``sigv4``) and receives the body on the event loop with
+``fastget``, straight into a page-aligned buffer (``chunks.receive_buffer``) that the NVMe
+tier then writes with O_DIRECT (``NvmeTier.promote``): no pool thread, no botocore request
+building, no copy. 5xx and throttling answers and connection failures are retried as
+botocore's standard mode would; an answer fastget does not speak (no Content-Length) is
+read again through botocore. HTTPS endpoints (AWS) and credential chains stay on
+botocore.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import base64
 import collections
 import logging
 import random
+import re
 import threading
 import time
 import zlib
@@ -34,6 +44,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import botocore.session
 from botocore.config import Config as BotoConfig
@@ -47,10 +58,12 @@ from botocore.exceptions import (
 )
 from botocore.handlers import convert_body_to_file_like_object
 
-from fastcache.chunks import Buffer, is_digest
+from fastcache.chunks import Buffer, is_digest, receive_buffer
 from fastcache.config import S3Config
 from fastcache.errors import BadRequest, ChunkNotFound, FastcacheError, TierUnavailable
-from fastcache.tiers.base import verify
+from fastcache.tiers.base import verify, verify_async
+from fastcache.tiers.fastget import FastGet, ProtocolError
+from fastcache.tiers.sigv4 import SigV4Signer
 
 log = logging.getLogger("fastcache.client.s3")
 T = TypeVar("T")
@@ -71,6 +84,8 @@ _SAMPLES = 1024  # latency samples kept per operation
 _BAD_BODY = frozenset(
     {"BadDigest", "InvalidDigest", "XAmzContentChecksumMismatch", "XAmzContentSHA256Mismatch"}
 )
+_RETRY_STATUS = frozenset({429, 500, 502, 503, 504})  # as botocore's standard retry mode
+_ERROR_CODE = re.compile(rb"<Code>([^<]{1,64})</Code>")
 
 
 def _pick_checksum() -> tuple[str, Callable[[Any], int]]:
@@ -184,6 +199,17 @@ class CloudTier:
         }
         self._usage: dict[str, Any] | None = None
         self._closed = False
+        # Chunk GETs over plain HTTP with static keys go through ``fastget`` (``_read_lean``)
+        self._lean: FastGet | None = None
+        self._signer: SigV4Signer | None = None
+        self._lean_room = asyncio.Semaphore(config.max_concurrency)
+        parts = urlsplit(config.endpoint or "")
+        self._base_url = f"{parts.scheme}://{parts.netloc}"
+        self._netloc = parts.netloc
+        self._path_prefix = parts.path.rstrip("/")
+        if FastGet.supports(config.endpoint or "") and config.access_key and config.secret_key:
+            self._lean = FastGet()
+            self._signer = SigV4Signer(config.access_key, config.secret_key, config.region)
 
     # --- construction --------------------------------------------------------------------
     @classmethod
@@ -238,9 +264,76 @@ class CloudTier:
 
     # --- TierStorage ---------------------------------------------------------------------
     async def read(self, digest: str) -> bytes:
+        if self._lean is not None:
+            return await self._read_lean(digest)
+        return await self._read_botocore(digest)
+
+    async def _read_botocore(self, digest: str) -> bytes:
         key = self._key(digest)
         data: bytes = await self._call("get", self._get_sync, key, digest=digest)
         return data
+
+    async def _read_lean(self, digest: str) -> bytes:
+        """GET through ``fastget`` on the loop: the body lands in one buffer, no pool thread,
+        no botocore request building; verified on a thread (xxh3 releases the GIL). 5xx,
+        throttling and connection failures are retried like botocore's standard mode."""
+        assert self._lean is not None and self._signer is not None
+        if self._closed:
+            raise TierUnavailable("S3 tier is closed")
+        path = f"{self._path_prefix}/{self.bucket}/{self._key(digest)}"
+        config = self.config
+        attempt = 0
+        while True:
+            start = time.monotonic()
+            with self._lock:
+                self._requests["get"] += 1
+            try:
+                async with self._lean_room:
+                    status, body = await self._lean.get(
+                        self._base_url,
+                        path,
+                        self._signer.get_headers(self._netloc, path),
+                        connect_timeout=config.connect_timeout,
+                        first_byte_timeout=config.read_timeout,
+                        read_timeout=config.read_timeout,
+                        allocate=receive_buffer,
+                    )
+            except ProtocolError as exc:  # an answer fastget does not speak (chunked, …)
+                log.debug("S3 get %s through botocore: %s", digest, exc)
+                return await self._read_botocore(digest)
+            except OSError as exc:  # refused, reset, timed out, cut short
+                failure: Exception = exc
+                code = type(exc).__name__
+            else:
+                if status == 200:
+                    with self._lock:
+                        self._latency["get"].append(time.monotonic() - start)
+                        self._bytes_down += len(body)
+                    await verify_async(digest, body, f"S3 bucket {self.bucket}")
+                    # page-aligned: promoted with O_DIRECT from here, never copied
+                    return body  # type: ignore[return-value]
+                found = _ERROR_CODE.search(body)
+                code = found.group(1).decode("ascii", "replace") if found else str(status)
+                if status == 404 and code in _NOT_FOUND | {"404"}:
+                    raise ChunkNotFound(f"chunk {digest} not in S3 bucket {self.bucket}")
+                failure = TierUnavailable(f"S3 get {self.bucket}/{path}: {code} (HTTP {status})")
+                if status not in _RETRY_STATUS:
+                    self._count_error(code)
+                    if code in _DENIED or status == 403:
+                        raise TierUnavailable(
+                            f"S3 get {self.bucket}/{PREFIX}{digest}: access denied ({code}); "
+                            f"check the S3 access key, secret key and bucket policy"
+                        )
+                    if code == "NoSuchBucket":
+                        raise TierUnavailable(f"S3 get: bucket {self.bucket} does not exist")
+                    raise failure
+            if attempt + 1 >= max(config.max_attempts, self._retries + 1):
+                self._count_error(code)
+                raise TierUnavailable(
+                    f"S3 get {self.bucket}/{PREFIX}{digest}: {failure}"
+                ) from failure
+            attempt += 1
+            await self._back_off("get", failure, attempt)
 
     def _get_sync(self, key: str) -> bytes:
         resp = self._client.get_object(Bucket=self.bucket, Key=key)
@@ -365,6 +458,8 @@ class CloudTier:
         if self._closed:
             return
         self._closed = True
+        if self._lean is not None:
+            self._lean.close()
         await asyncio.to_thread(self._pool.shutdown, True)
         self._client.close()
 
@@ -389,13 +484,17 @@ class CloudTier:
                 if attempt >= self._retries:
                     raise self._translate(op, exc, digest) from exc
                 attempt += 1
-                with self._lock:
-                    self._retried += 1
-                delay = random.uniform(0, self._backoff * (2 ** (attempt - 1)))
-                log.debug("S3 %s: %s; retry %d in %.2fs", op, exc, attempt, delay)
-                await asyncio.sleep(delay)
+                await self._back_off(op, exc, attempt)
             except (ClientError, BotoCoreError) as exc:
                 raise self._translate(op, exc, digest) from exc
+
+    async def _back_off(self, op: str, exc: Exception, attempt: int) -> None:
+        """Count retry ``attempt`` and wait before it (exponential, full jitter)."""
+        with self._lock:
+            self._retried += 1
+        delay = random.uniform(0, self._backoff * (2 ** (attempt - 1)))
+        log.debug("S3 %s: %s; retry %d in %.2fs", op, exc, attempt, delay)
+        await asyncio.sleep(delay)
 
     def _timed(
         self, op: str, fn: Callable[..., T], args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Mapping
+from typing import Union
 from urllib.parse import urlsplit
 
 _HEAD_MAX = 64 * 1024  # status line and headers, at most
 _IDLE_PER_PEER = 16  # keep-alive connections kept per peer
+Body = Union[bytearray, memoryview]  # noqa: UP007 (a runtime alias)
+Allocate = Callable[[int], Body]  # the body's buffer, given its Content-Length
 
 
 class ProtocolError(ConnectionError):
@@ -30,17 +33,19 @@ class _Conn(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self._head = bytearray(_HEAD_MAX)
         self._head_len = 0
-        self._body: bytearray | None = None
+        self._allocate: Allocate = bytearray
+        self._body: Body | None = None
         self._body_len = 0
         self._status = 0
         self._keep_alive = True
         self.headers_in: asyncio.Future[int] | None = None  # → status
-        self.done: asyncio.Future[bytearray] | None = None  # → body
+        self.done: asyncio.Future[Body] | None = None  # → body
         self.closed = False
 
     # --- the request side ------------------------------------------------------------------
-    def start(self, request: bytes) -> None:
+    def start(self, request: bytes, allocate: Allocate = bytearray) -> None:
         loop = asyncio.get_running_loop()
+        self._allocate = allocate
         self._head_len = 0
         self._body = None
         self._body_len = 0
@@ -89,12 +94,12 @@ class _Conn(asyncio.BufferedProtocol):
             self._fail(ProtocolError(f"bad response from peer: {exc}"))
             return
         self._status, self._keep_alive = status, keep_alive
-        body = self._body = bytearray(length)
         extra = self._head_len - (end + 4)
         if extra > length:
             self._fail(ProtocolError("more data than Content-Length"))
             return
-        body[:extra] = self._head[end + 4 : self._head_len]
+        body = self._body = self._allocate(length) if status == 200 else bytearray(length)
+        memoryview(body)[:extra] = memoryview(self._head)[end + 4 : self._head_len]
         self._body_len = extra
         if self.headers_in is not None and not self.headers_in.done():
             self.headers_in.set_result(status)
@@ -168,11 +173,14 @@ class FastGet:
         first_byte_timeout: float | None,
         read_timeout: float,
         on_headers: Callable[[int], None] | None = None,
-    ) -> tuple[int, bytearray]:
+        allocate: Allocate = bytearray,
+    ) -> tuple[int, Body]:
         """GET ``base_url + path``. ``first_byte_timeout`` bounds the wait for the status
         line, ``read_timeout`` the body after it; ``on_headers(status)`` runs in between.
-        Transport failures raise ``OSError`` (``ConnectionError``, ``TimeoutError``). A
-        kept-alive connection the peer closed meanwhile is retried once on a new one."""
+        ``allocate(length)`` gives the buffer a 200's body is received into (a bytearray by
+        default; other answers always get one). Transport failures raise ``OSError``
+        (``ConnectionError``, ``TimeoutError``). A kept-alive connection the peer closed
+        meanwhile is retried once on a new one."""
         parts = urlsplit(base_url)
         host, port = parts.hostname or "", parts.port or 80
         target = (parts.path.rstrip("/") + path).encode()
@@ -186,7 +194,7 @@ class FastGet:
             conn = await self._connect(host, port, connect_timeout)
         ok = False
         try:
-            conn.start(request)
+            conn.start(request, allocate)
             assert conn.headers_in is not None and conn.done is not None
             try:
                 async with asyncio.timeout(first_byte_timeout):
@@ -196,7 +204,7 @@ class FastGet:
                     raise
                 conn.close()  # closed by the peer while idle: once more, on a new one
                 conn = await self._connect(host, port, connect_timeout)
-                conn.start(request)
+                conn.start(request, allocate)
                 assert conn.headers_in is not None and conn.done is not None
                 async with asyncio.timeout(first_byte_timeout):
                     status = await asyncio.shield(conn.headers_in)

@@ -88,7 +88,9 @@ RESERVE_MAX = 1 << 30  # disk space never claimed by the clamp: max(chunk, 1% of
 # unsynced 4 MiB chunks written back to back, each waited for, like a `cp`): 1 GiB buffered
 # 340-660 MiB/s, p99 12-27 ms; O_DIRECT 280-660 MiB/s, p99 9-185 ms, stalls up to 1.3 s;
 # 3 GiB buffered 267-409 MiB/s, O_DIRECT 234-246 MiB/s. Buffered also leaves a chunk just
-# written in the page cache for the hit path; the reads are buffered either way.
+# written in the page cache for the hit path; the reads are buffered either way. Promotions
+# of fetched chunks (``promote``) are direct: nobody waits for them, and the copy into the
+# page cache was a quarter of a cold read's CPU.
 DIRECT_WRITES = False
 
 
@@ -549,9 +551,17 @@ class NvmeTier:
 
         The caller has hashed ``data`` (it named it); the tier does not hash it again.
         """
-        await self._run(self._write_sync, digest, data)
+        await self._run(self._write_sync, digest, data, self._write_direct)
 
-    def _write_sync(self, digest: str, data: Buffer) -> None:
+    async def promote(self, digest: str, data: Buffer) -> None:
+        """``write`` of a verified chunk fetched from a lower tier, with O_DIRECT where the
+        disk takes it: no copy into the page cache (a quarter of a cold read's CPU when
+        buffered), none at all from a page-aligned buffer (``chunks.receive_buffer``). Its
+        reader is served from memory meanwhile (``RecentChunks``), so a slow direct write
+        holds nobody up."""
+        await self._run(self._write_sync, digest, data, self.direct)
+
+    def _write_sync(self, digest: str, data: Buffer, direct: bool) -> None:
         path = self.path_for(digest)
         size = memoryview(data).nbytes
         victims = self._reserve(digest, size)
@@ -560,14 +570,14 @@ class NvmeTier:
         try:
             self._unlink_all(victims)
             try:
-                self._write_file(path, data)
+                self._write_file(path, data, direct)
             except OSError as exc:
                 if exc.errno not in _FULL_ERRNOS:
                     raise
                 # The disk is fuller than our accounting (other files, writes in flight):
                 # shrink to what it holds now, evict, and try once more.
                 self._unlink_all(self._make_room_after_enospc(size))
-                self._write_file(path, data)
+                self._write_file(path, data, direct)
         except OSError as exc:
             with self._lock:
                 self._reserved -= size
@@ -585,12 +595,12 @@ class NvmeTier:
             self._index.move_to_end(digest)
             self._bytes_written += size
 
-    def _write_file(self, path: str, data: Buffer) -> None:
+    def _write_file(self, path: str, data: Buffer, direct: bool) -> None:
         try:
-            chunks.write_chunk_file(path, data, self._write_direct)
+            chunks.write_chunk_file(path, data, direct)
         except FileNotFoundError:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            chunks.write_chunk_file(path, data, self._write_direct)
+            chunks.write_chunk_file(path, data, direct)
 
     def _reserve(self, digest: str, size: int) -> list[tuple[str, int]] | None:
         """Reserve ``size`` bytes, choosing LRU victims; ``None`` if the chunk is cached."""

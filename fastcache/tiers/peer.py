@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import aiohttp
 import numpy as np
 
-from fastcache.chunks import Buffer, xxh64
+from fastcache.chunks import Buffer, receive_buffer, xxh64
 from fastcache.errors import ChunkCorrupt, ChunkNotFound, FastcacheError, TierUnavailable
 from fastcache.tiers.base import verify
 from fastcache.tiers.fastget import FastGet
@@ -541,6 +541,7 @@ class PeerTier:
                     first_byte_timeout=first_byte,
                     read_timeout=self._read_timeout,
                     on_headers=None if answering is None else lambda _: answering.add(peer_id),
+                    allocate=receive_buffer,  # page-aligned: promoted with O_DIRECT, no copy
                 )
             except asyncio.CancelledError:  # another peer answered first
                 self.breaker(peer_id).release()

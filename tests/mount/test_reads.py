@@ -1,14 +1,22 @@
 """The read path through a real mount: a frozen or dead peer never stalls a read beyond the
 hedge delay plus one S3 fetch; reads return exactly the bytes written around every chunk and
-page boundary; a chunk file corrupted on NVMe is caught and refetched."""
+page boundary; a chunk file corrupted on NVMe is caught and refetched; a cold sequential read
+from S3 (read-ahead across chunk boundaries, promotion to NVMe) is byte-exact, fetches every
+chunk once, and a read-ahead fetch that fails fails no other read; a node reopens a file it
+holds a lease on without asking the coordinator, and still sees another node's rewrite."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
+
+import botocore.session
+import pytest
 
 from fastcache.chunks import digest
 from fastcache.testing.cluster import http
@@ -21,6 +29,8 @@ CHUNK = MiB  # the mount fixtures' --chunk-size
 # The peer tier's read timeout: a read that waited it out on a frozen peer was not hedged.
 # Reads below are joined within half of it (the hedge itself is 50 ms plus one S3 fetch).
 PEER_TIMEOUT = 10.0
+MEMORY_CHUNKS = 24  # the chunks a node keeps in memory (RecentChunks): 16 fetches + 8
+RECENT_CHUNKS = 26  # a file of more than that
 
 
 def stats(node: Node) -> dict[str, Any]:
@@ -211,3 +221,136 @@ def test_a_sequential_reader_has_the_next_chunk_files_advised(one_node: MountClu
     assert got == data
     # chunks 1..5 advised as the reader reached the chunk before each (chunk 0 is read first)
     wait_until(lambda: nvme_stats(node)["advised"] == before + 5, 30, message="advised")
+
+
+def cold_reader(mc: MountCluster, files: dict[str, bytes]) -> Node:
+    """A node that has never read ``files``: a writer stores them in S3 and leaves, so the
+    new node is alone and fetches from S3."""
+    writer = mc.add_node()
+    for name, data in files.items():
+        write_durably(writer, name, data)
+    mc.stop_node(writer)
+    return mc.add_node()
+
+
+def read_sequentially(path: Path, size: int, step: int) -> bytes:
+    """``path`` read front to back with O_DIRECT ``pread``s of ``step`` bytes."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    try:
+        return b"".join(os.pread(fd, step, off) for off in range(0, size, step))
+    finally:
+        os.close(fd)
+
+
+def test_a_cold_sequential_read_is_exact_and_promotes_every_chunk_once(
+    cluster_factory: MountCluster,
+) -> None:
+    """From S3 with read-ahead: reads that straddle chunk boundaries (96 KiB steps) get the
+    exact bytes, each chunk is fetched once (read-ahead and reads share the fetch), every
+    chunk lands on NVMe as fetched (verified once, written from the receive buffer), and a
+    promoted chunk corrupted on disk is caught by a whole-chunk read and refetched."""
+    mc = cluster_factory
+    # more chunks than the reader keeps in memory, so some are read back from NVMe at the end
+    data = os.urandom(RECENT_CHUNKS * CHUNK + 1000)
+    reader = cold_reader(mc, {"cold": data})
+    before = stats(reader)
+    assert read_sequentially(reader.mnt / "cold", len(data), 96 << 10) == data
+    after = stats(reader)
+    assert after["tiers"]["s3"]["hits"] - before["tiers"]["s3"]["hits"] == RECENT_CHUNKS + 1
+    assert after["prefetches"] > before["prefetches"]  # read ahead, not one chunk at a time
+    assert after["memory_hits"] > before["memory_hits"]  # served from the fetched bytes
+    names = manifest_of(mc, "/cold")["chunks"]
+    files = [reader.nvme / "chunks" / c[:2] / c[2:4] / c for c in names]
+    pieces = [data[i * CHUNK : (i + 1) * CHUNK] for i in range(len(names))]
+    wait_until(
+        lambda: all(f.exists() and f.read_bytes() == p for f, p in zip(files, pieces, strict=True)),
+        30,
+        message="every chunk promoted",
+    )
+    # every chunk file corrupted: those read back from NVMe (not memory) are caught
+    corrupt = nvme_stats(reader)["corrupt"]
+    for f, piece in zip(files, pieces, strict=True):
+        with open(f, "r+b") as out:
+            out.write(bytes([piece[0] ^ 0xFF]))
+    answer = http("GET", f"{reader.proc.url}/api/files/cold")
+    assert answer.status == 200 and answer.body == data
+    caught = nvme_stats(reader)["corrupt"] - corrupt
+    assert caught >= RECENT_CHUNKS + 1 - MEMORY_CHUNKS
+    assert stats(reader)["tiers"]["s3"]["hits"] == after["tiers"]["s3"]["hits"] + caught
+
+
+def test_a_failed_read_ahead_fetch_fails_no_other_read(cluster_factory: MountCluster) -> None:
+    """Chunk 2 of the file is gone from S3: reading chunks 0-1 (whose read-ahead asks for
+    chunk 2) succeeds, the read of chunk 2 is EIO, chunk 3 still reads."""
+    mc = cluster_factory
+    data = os.urandom(4 * CHUNK)
+    reader = cold_reader(mc, {"holed": data})
+    lost = manifest_of(mc, "/holed")["chunks"][2]
+    s3 = mc.cluster.s3
+    client = botocore.session.get_session().create_client(
+        "s3",
+        endpoint_url=s3.endpoint,
+        region_name=s3.region,
+        aws_access_key_id=s3.access_key,
+        aws_secret_access_key=s3.secret_key,
+    )
+    client.delete_object(Bucket=s3.bucket, Key=f"chunks/{lost}")
+    path = reader.mnt / "holed"
+    assert read_sequentially(path, 2 * CHUNK, 128 << 10) == data[: 2 * CHUNK]
+    # the read-ahead of chunk 2 went to S3 and failed, without failing the reads above
+    wait_until(lambda: stats(reader)["tiers"]["s3"]["misses"] >= 1, 30, message="S3 miss")
+    assert stats(reader)["prefetches"] >= 1
+    with pytest.raises(OSError) as caught:
+        read_direct(path, 2 * CHUNK, 128 << 10)
+    assert caught.value.errno == errno.EIO
+    assert read_direct(path, 3 * CHUNK, CHUNK) == data[3 * CHUNK :]
+
+
+def session_ops(mc: MountCluster) -> Counter[str]:
+    """The coordinator's session requests so far, by op."""
+    answer = http("GET", f"{mc.cluster.coordinator_url}/api/stats")
+    assert answer.status == 200, answer.body
+    return Counter(answer.json()["sessions"]["ops"])
+
+
+def test_reopening_a_leased_file_asks_nothing_and_sees_another_nodes_rewrite(
+    two_nodes: MountCluster,
+) -> None:
+    """Open, read 4 KiB, close, again and again, on node B: its lease on the file's
+    attributes (manifest included) answers every open without a round trip; node A
+    rewrites the file (same size) and closes; B's next open reads the new bytes, never
+    the old ones or a mix."""
+    a, b = two_nodes.nodes
+    old = os.urandom(4096)
+    (a.mnt / "leased").write_bytes(old)
+    assert (b.mnt / "leased").read_bytes() == old  # B now holds a lease on it
+    before = session_ops(two_nodes)
+    for _ in range(20):
+        assert read_direct(b.mnt / "leased", 0, 4096) == old
+    sent = session_ops(two_nodes) - before
+    assert sent["getattr"] + sent["lookup"] + sent["readdir"] == 0, sent
+    new = bytes(x ^ 0xFF for x in old)
+    with open(a.mnt / "leased", "r+b") as f:
+        f.write(new)
+    assert read_direct(b.mnt / "leased", 0, 4096) == new
+    assert (b.mnt / "leased").read_bytes() == new
+
+
+def test_reading_back_what_a_node_just_wrote_asks_nothing(two_nodes: MountCluster) -> None:
+    """Write a small file, close, open it again and read it (small-file read-back): the
+    writer keeps its commit's answer on the lease it took at create, so the reopen costs no
+    round trip; the other node's rewrite is still what the writer reads next."""
+    a, b = two_nodes.nodes
+    d = a.mnt / "written-back"
+    d.mkdir()
+    files = {f"f{i}": os.urandom(4096) for i in range(20)}
+    before = session_ops(two_nodes)
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+        assert read_direct(d / name, 0, 4096) == data
+    sent = session_ops(two_nodes) - before
+    assert sent["create"] == len(files)
+    assert sent["getattr"] + sent["lookup"] + sent["readdir"] == 0, sent
+    new = os.urandom(4096)
+    (b.mnt / "written-back" / "f3").write_bytes(new)
+    assert read_direct(d / "f3", 0, 4096) == new

@@ -160,6 +160,10 @@ class FakeNvme(FakeTier):
         self.reads["bytes_read"] += len(piece)
         return len(piece)
 
+    async def promote(self, digest: str, data: Buffer) -> None:
+        self.calls["promote"] += 1
+        await self.write(digest, data)
+
     async def will_read(self, digests: Any) -> int:
         names = [d for d in digests if d in self.data]
         self.advised.extend(names)

@@ -251,6 +251,32 @@ def test_chunks_aligned_buffer_helper() -> None:
     assert len(memoryview(buf)) == 8192
 
 
+def test_receive_buffers_are_reused_and_zeroed_buffers_never() -> None:
+    """A freed receive buffer (``zero=False``) is handed out again to the next one of its
+    size (no fresh pages to fault in); a zeroed buffer always comes back zeroed."""
+    first = AlignedBuffer(4 * MiB, 4096, False)
+    address = first.address
+    memoryview(first)[:] = b"\x5a" * (4 * MiB)
+    del first
+    again = AlignedBuffer(4 * MiB, 4096, False)
+    assert again.address == address
+    other = AlignedBuffer(4 * MiB + 4096, 4096, False)  # another size: not that one
+    assert other.address != address
+    del again
+    zeroed = AlignedBuffer(4 * MiB)
+    assert bytes(memoryview(zeroed)) == bytes(4 * MiB)  # whatever memory it got
+    held = [AlignedBuffer(MiB, 4096, False) for _ in range(20)]  # more than are kept
+    addresses = {b.address for b in held}
+    del held
+    assert len({AlignedBuffer(MiB, 4096, False).address for _ in range(3)} & addresses) >= 1
+
+
+def test_chunks_receive_buffer_is_page_aligned() -> None:
+    view = chunks.receive_buffer(4 * MiB + 1)
+    assert len(view) == 4 * MiB + 1 and not view.readonly
+    assert np.frombuffer(view, dtype=np.uint8).ctypes.data % 4096 == 0
+
+
 @pytest.mark.parametrize("size", [0, 1, 4097, 4 * MiB + 3])
 def test_mmap_read(tmp_path: Path, size: int) -> None:
     data = payload(size, seed=6)

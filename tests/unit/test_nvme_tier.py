@@ -549,6 +549,58 @@ def test_direct_io_on_disk_and_buffered_on_tmpfs(tmp_path: Path) -> None:
         assert seen[str(tmp_path / "disk")] is True, disk_type
 
 
+def resident_pages(path: str) -> int:
+    """Pages of ``path`` in the page cache (util-linux ``fincore``)."""
+    out = subprocess.run(
+        ["fincore", "--noheadings", "--raw", "--output", "PAGES", path],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return int(out.split()[0])
+
+
+def test_promotions_bypass_the_page_cache_writes_do_not(tmp_path: Path) -> None:
+    """``promote`` (a fetched chunk) writes with O_DIRECT: nothing of it lands in the page
+    cache, from a page-aligned receive buffer or from plain bytes (bounced), and it reads
+    back exactly, verified on a whole-chunk read; ``write`` (our own data) stays buffered."""
+    size = 16 * CS + 123  # a partial last block too
+    received = chunks.receive_buffer(size)
+    received[:] = blob(21, size)
+    plain, written = blob(22, size), blob(23, size)
+    names = [digest(received), digest(plain), digest(written)]
+
+    async def body(tier: NvmeTier) -> None:
+        assert tier.direct, "O_DIRECT must work on the test disk"
+        await tier.promote(names[0], received)
+        await tier.promote(names[1], plain)
+        await tier.write(names[2], written)
+        paths = [tier.path_for(d) for d in names]
+        assert [resident_pages(p) for p in paths[:2]] == [0, 0]
+        assert resident_pages(paths[2]) > 0
+        for d, data in zip(names, (bytes(received), plain, written), strict=True):
+            assert await tier.read(d) == data
+            assert read_all(tier, d, size) == data
+
+    run(tmp_path, body, capacity=256 * CS)
+
+
+def test_promoted_chunks_are_verified_on_whole_reads(tmp_path: Path) -> None:
+    """A promoted chunk corrupted on disk is caught by the next whole-chunk read (deleted)."""
+    data = blob(24, 8 * CS)
+    d = digest(data)
+
+    async def body(tier: NvmeTier) -> None:
+        await tier.promote(d, data)
+        with open(tier.path_for(d), "r+b") as f:
+            f.write(b"\xff")
+        with pytest.raises(ChunkCorrupt):
+            await tier.read(d)
+        assert tier.chunk_size(d) is None and not os.path.exists(tier.path_for(d))
+
+    run(tmp_path, body, capacity=256 * CS)
+
+
 # --- concurrency -------------------------------------------------------------------------
 @pytest.mark.race
 def test_concurrent_thread_readers_and_loop_writers(tmp_path: Path) -> None:
