@@ -27,7 +27,6 @@ Not thread-safe by design: ``fs.Operations`` uses it only while holding the llfu
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -83,21 +82,11 @@ class MetaCache:
 
     def put(self, attrs: InodeAttrs, until: float | None = None) -> InodeAttrs:
         """Remember ``attrs`` for one ttl (or until a lease's deadline) unless a newer version
-        is cached; returns the winner. A listing's row (no manifest) of the version cached
-        with its manifest keeps that manifest: a version names one content."""
+        is cached; returns the winner."""
         item = self._attrs.get(attrs.ino)
         now = self._clock()
-        if item is not None:
-            cached = item[0]
-            if cached.version > attrs.version and item[1] > now:
-                return cached
-            if (
-                attrs.manifest is None
-                and cached.manifest is not None
-                and cached.version == attrs.version
-                and cached.size == attrs.size
-            ):
-                attrs = dataclasses.replace(attrs, manifest=cached.manifest)
+        if item is not None and item[0].version > attrs.version and item[1] > now:
+            return item[0]
         self._attrs[attrs.ino] = (attrs, now + self.ttl if until is None else until)
         if until is None:
             self._leased.discard(attrs.ino)
@@ -115,13 +104,6 @@ class MetaCache:
             return self.put(attrs)
         self._attrs[attrs.ino] = (attrs, item[1])
         return attrs
-
-    def lease_until(self, ino: int) -> float | None:
-        """The deadline of the lease ``ino``'s cached attributes are held on, if one runs."""
-        item = self._attrs.get(ino)
-        if ino not in self._leased or item is None or item[1] <= self._clock():
-            return None
-        return item[1]
 
     def leased(self, ino: int) -> InodeAttrs | None:
         """``ino``'s attributes if they are held on a lease that still runs: another node's

@@ -408,14 +408,10 @@ class Operations(llfuse.Operations):
                 self._misses.clear()
         self._misses[parent] = (count + 1, until)
 
-    def _committed(self, attrs: InodeAttrs | None, epoch: int | None = None) -> None:
-        """New content committed by this node: its page cache already holds it. Kept on the
-        lease this node holds on the file's attributes (the coordinator does not push a
-        change to its author, nor drop the author's lease), unless an invalidation came in
-        since ``epoch`` (taken before the commit): then only for one ttl."""
+    def _committed(self, attrs: InodeAttrs | None) -> None:
+        """New content committed by this node: its page cache already holds it."""
         if attrs is not None:
-            until = self.meta.lease_until(attrs.ino) if epoch == self._epoch else None
-            self.meta.put(attrs, until)
+            self.meta.put(attrs)
             self.meta.data_follows(attrs.ino, _data_key(attrs))
 
     # --- names -----------------------------------------------------------------------------
@@ -725,24 +721,21 @@ class Operations(llfuse.Operations):
 
     @_handler
     def flush(self, fh: int) -> None:
-        epoch = self._epoch
         with llfuse.lock_released:
             attrs = self.files.flush(fh)
-        self._committed(attrs, epoch)
+        self._committed(attrs)
 
     @_handler
     def release(self, fh: int) -> None:
-        epoch = self._epoch
         with llfuse.lock_released:
             attrs = self.files.release(fh)
-        self._committed(attrs, epoch)
+        self._committed(attrs)
 
     @_handler
     def fsync(self, fh: int, datasync: bool) -> None:
-        epoch = self._epoch
         with llfuse.lock_released:
             attrs = self.files.fsync(fh)
-        self._committed(attrs, epoch)
+        self._committed(attrs)
 
     # --- the rest --------------------------------------------------------------------------
     @_handler

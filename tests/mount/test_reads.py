@@ -334,23 +334,3 @@ def test_reopening_a_leased_file_asks_nothing_and_sees_another_nodes_rewrite(
         f.write(new)
     assert read_direct(b.mnt / "leased", 0, 4096) == new
     assert (b.mnt / "leased").read_bytes() == new
-
-
-def test_reading_back_what_a_node_just_wrote_asks_nothing(two_nodes: MountCluster) -> None:
-    """Write a small file, close, open it again and read it (small-file read-back): the
-    writer keeps its commit's answer on the lease it took at create, so the reopen costs no
-    round trip; the other node's rewrite is still what the writer reads next."""
-    a, b = two_nodes.nodes
-    d = a.mnt / "written-back"
-    d.mkdir()
-    files = {f"f{i}": os.urandom(4096) for i in range(20)}
-    before = session_ops(two_nodes)
-    for name, data in files.items():
-        (d / name).write_bytes(data)
-        assert read_direct(d / name, 0, 4096) == data
-    sent = session_ops(two_nodes) - before
-    assert sent["create"] == len(files)
-    assert sent["getattr"] + sent["lookup"] + sent["readdir"] == 0, sent
-    new = os.urandom(4096)
-    (b.mnt / "written-back" / "f3").write_bytes(new)
-    assert read_direct(d / "f3", 0, 4096) == new
