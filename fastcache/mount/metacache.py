@@ -57,7 +57,6 @@ class MetaCache:
         self._complete: dict[int, tuple[int, float]] = {}  # dir -> (version, expiry)
         self._denied: dict[tuple[int, str], float] = {}  # leased "no such name" -> expiry
         self._listed: dict[int, float] = {}  # dir -> expiry of its leased, complete listing
-        self._leased: set[int] = set()  # inodes whose cached attributes are held on a lease
         self._sweep_at = SWEEP_AT
 
     def sizes(self) -> dict[str, int]:
@@ -88,34 +87,13 @@ class MetaCache:
         if item is not None and item[0].version > attrs.version and item[1] > now:
             return item[0]
         self._attrs[attrs.ino] = (attrs, now + self.ttl if until is None else until)
-        if until is None:
-            self._leased.discard(attrs.ino)
-        else:
-            self._leased.add(attrs.ino)
         if len(self._attrs) > self._sweep_at:
             self._sweep(now)
         return attrs
 
-    def amend(self, attrs: InodeAttrs) -> InodeAttrs:
-        """Replace the cached attributes of ``attrs.ino`` by ``attrs`` (this node's own
-        change to them, such as a noted access time), keeping their expiry and lease."""
-        item = self._attrs.get(attrs.ino)
-        if item is None:
-            return self.put(attrs)
-        self._attrs[attrs.ino] = (attrs, item[1])
-        return attrs
-
-    def leased(self, ino: int) -> InodeAttrs | None:
-        """``ino``'s attributes if they are held on a lease that still runs: another node's
-        change to them would have been pushed here (and dropped them) first."""
-        if ino not in self._leased:
-            return None
-        return self.get(ino)
-
     def _sweep(self, now: float) -> None:
         """Drop expired attributes and entries (the cache would otherwise only grow)."""
         self._attrs = {ino: item for ino, item in self._attrs.items() if item[1] > now}
-        self._leased &= self._attrs.keys()
         self._denied = {key: until for key, until in self._denied.items() if until > now}
         for key, (_, until) in list(self._entries.items()):
             if until <= now:
@@ -208,7 +186,6 @@ class MetaCache:
         inodes = list(self._attrs)
         entries = list(self._entries)
         self._attrs.clear()
-        self._leased.clear()
         self._entries.clear()
         self._denied.clear()
         self._complete.clear()

@@ -639,7 +639,7 @@ class Operations(llfuse.Operations):
     @_handler
     def open(self, inode: int, flags: int, ctx: Any) -> int:
         known = self.meta.get(inode)  # what the kernel may have been told (lookup, listing)
-        attrs = self._open_attrs(inode)
+        attrs = self.meta.put(self._wait(self.ns.getattr(inode)))
         changed = self.meta.data_changed(inode, _data_key(attrs))
         if known is not None and _data_key(known) != _data_key(attrs):
             changed = True  # e.g. listed before another node's commit: a stale size
@@ -648,29 +648,16 @@ class Operations(llfuse.Operations):
             now = time.time_ns()
             latest = self.atimes.latest(inode, attrs.atime_ns)
             if latest != attrs.atime_ns:  # a read here the coordinator has not heard of yet
-                attrs = self.meta.amend(dataclasses.replace(attrs, atime_ns=latest))
+                attrs = self.meta.put(dataclasses.replace(attrs, atime_ns=latest))
             if relatime_due(attrs, now):  # noted here, sent in the next batch
                 self.atimes.note(inode, now)
-                attrs = self.meta.amend(dataclasses.replace(attrs, atime_ns=now))
+                attrs = self.meta.put(dataclasses.replace(attrs, atime_ns=now))
                 accessed = True
         if (changed or accessed) and self.mounted:
             with llfuse.lock_released:
                 self.kernel.invalidate(inode, attr_only=not changed)
         with llfuse.lock_released:
             return self.files.open(inode, flags, attrs)
-
-    def _open_attrs(self, ino: int) -> InodeAttrs:
-        """Attributes with the manifest, as an open needs them (close-to-open): from a lease
-        this node holds on them (another node's commit is pushed here, dropping them, before
-        it is acknowledged), without a round trip; else asked for, and leased."""
-        if self.session is None:
-            return self.meta.put(self._wait(self.ns.getattr(ino)))
-        held = self.meta.leased(ino)
-        if held is not None and (held.manifest is not None or held.size == 0):
-            return held  # a listing's compact rows carry no manifest: those are asked for
-        epoch = self._epoch
-        leased = self._wait(self.session.getattr_leased(ino))
-        return self.meta.put(leased.value, self._until(leased.deadline, epoch))
 
     @_handler
     def create(

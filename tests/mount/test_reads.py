@@ -2,8 +2,7 @@
 hedge delay plus one S3 fetch; reads return exactly the bytes written around every chunk and
 page boundary; a chunk file corrupted on NVMe is caught and refetched; a cold sequential read
 from S3 (read-ahead across chunk boundaries, promotion to NVMe) is byte-exact, fetches every
-chunk once, and a read-ahead fetch that fails fails no other read; a node reopens a file it
-holds a lease on without asking the coordinator, and still sees another node's rewrite."""
+chunk once, and a read-ahead fetch that fails fails no other read."""
 
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ import errno
 import os
 import signal
 import threading
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -304,33 +302,3 @@ def test_a_failed_read_ahead_fetch_fails_no_other_read(cluster_factory: MountClu
         read_direct(path, 2 * CHUNK, 128 << 10)
     assert caught.value.errno == errno.EIO
     assert read_direct(path, 3 * CHUNK, CHUNK) == data[3 * CHUNK :]
-
-
-def session_ops(mc: MountCluster) -> Counter[str]:
-    """The coordinator's session requests so far, by op."""
-    answer = http("GET", f"{mc.cluster.coordinator_url}/api/stats")
-    assert answer.status == 200, answer.body
-    return Counter(answer.json()["sessions"]["ops"])
-
-
-def test_reopening_a_leased_file_asks_nothing_and_sees_another_nodes_rewrite(
-    two_nodes: MountCluster,
-) -> None:
-    """Open, read 4 KiB, close, again and again, on node B: its lease on the file's
-    attributes (manifest included) answers every open without a round trip; node A
-    rewrites the file (same size) and closes; B's next open reads the new bytes, never
-    the old ones or a mix."""
-    a, b = two_nodes.nodes
-    old = os.urandom(4096)
-    (a.mnt / "leased").write_bytes(old)
-    assert (b.mnt / "leased").read_bytes() == old  # B now holds a lease on it
-    before = session_ops(two_nodes)
-    for _ in range(20):
-        assert read_direct(b.mnt / "leased", 0, 4096) == old
-    sent = session_ops(two_nodes) - before
-    assert sent["getattr"] + sent["lookup"] + sent["readdir"] == 0, sent
-    new = bytes(x ^ 0xFF for x in old)
-    with open(a.mnt / "leased", "r+b") as f:
-        f.write(new)
-    assert read_direct(b.mnt / "leased", 0, 4096) == new
-    assert (b.mnt / "leased").read_bytes() == new
