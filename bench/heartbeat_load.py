@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 
 from bench.systems import free_port
+from fastcache.testing.cluster import coordinator_command
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -172,22 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="fc-hb-") as state:
-        cmd = [
-            sys.executable,
-            "-m",
-            "fastcache",
-            "coordinator",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--state-dir",
-            state,
-            "--peer-timeout",
-            "3600",
-            "--log-level",
-            "WARNING",
-        ]
+        cmd = coordinator_command(port, state, "--peer-timeout", "3600", "--log-level", "WARNING")
         env = {k: v for k, v in os.environ.items() if k != "FASTCACHE_TOKEN"}
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
         try:

@@ -29,6 +29,7 @@ from typing import Any
 
 from bench.heartbeat_load import _pct, _wait_healthy
 from bench.systems import free_port
+from fastcache.testing.cluster import coordinator_command
 
 PHASES = ("create", "stat", "mkdir", "rename")
 TOKEN = "bench-metadata-token"
@@ -79,8 +80,7 @@ async def _phase(fn: Any, count: int, inflight: int) -> dict[str, Any]:
 # --- the run ------------------------------------------------------------------------------
 def _start_coordinator(store: str, state: Path, port: int) -> subprocess.Popen[bytes]:
     env = {**os.environ, "FASTCACHE_TOKEN": TOKEN}
-    cmd = [sys.executable, "-m", "fastcache", "coordinator", "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--state-dir", str(state), "--store", store]
+    cmd = coordinator_command(port, state, "--store", store)
     log = open(state.parent / f"coordinator-{port}.log", "ab")  # noqa: SIM115 (lives with proc)
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 

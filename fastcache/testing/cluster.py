@@ -160,6 +160,23 @@ class Proc:
             return "(no log)"
 
 
+def coordinator_command(port: int, state_dir: Path | str, *flags: str) -> list[str]:
+    """The command line of a coordinator process on loopback (``python -m fastcache``)."""
+    return [
+        sys.executable,
+        "-m",
+        "fastcache",
+        "coordinator",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--state-dir",
+        str(state_dir),
+        *flags,
+    ]
+
+
 @dataclass
 class Cluster:
     """A coordinator and client nodes; ``close()`` stops everything it started."""
@@ -196,22 +213,14 @@ class Cluster:
             port = port or free_port()
         elif port is None:
             port = int(self.coordinator.url.rsplit(":", 1)[1]) if self.coordinator else free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "fastcache",
-            "coordinator",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--state-dir",
-            str(self.root / name),
+        cmd = coordinator_command(
+            port,
+            self.root / name,
             "--peer-timeout",
             str(self.peer_timeout),
             *self.coordinator_flags,
             *self._common(),
-        ]
+        )
         proc = Proc(
             name, cmd, f"http://127.0.0.1:{port}", self.root / "logs" / f"{name}.log", self._env()
         )

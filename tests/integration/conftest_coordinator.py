@@ -10,13 +10,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from fastcache.testing.cluster import coordinator_command
 from fastcache.testing.polling import free_port
 
 __all__ = ["CoordinatorProcess", "free_port", "start_coordinator"]
@@ -49,20 +49,9 @@ class CoordinatorProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> CoordinatorProcess:
-        cmd = [
-            sys.executable,
-            "-m",
-            "fastcache",
-            "coordinator",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--state-dir",
-            str(self.state_dir),
-            "--peer-timeout",
-            str(self.peer_timeout),
-        ]
+        cmd = coordinator_command(
+            self.port, self.state_dir, "--peer-timeout", str(self.peer_timeout)
+        )
         if self.store is not None:
             cmd += ["--store", self.store]
         cmd += self.flags
