@@ -21,7 +21,13 @@ from rich.console import Console
 from fastcache.admin import mounting, stats, status, warmup
 from fastcache.admin.mounts import mount_of
 from fastcache.admin.progress import Bar
-from fastcache.config import ClientConfig, ConfigError, S3Config
+from fastcache.config import (
+    DEFAULT_COORDINATOR,
+    ClientConfig,
+    ConfigError,
+    S3Config,
+    parse_coordinators,
+)
 from fastcache.coordinator.client import CoordinatorClient
 from fastcache.errors import FastcacheError
 
@@ -29,7 +35,6 @@ if TYPE_CHECKING:
     from fastcache.tiers.cloud import CloudTier
 
 T = TypeVar("T")
-DEFAULT_COORDINATOR = "http://127.0.0.1:8080"
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 
 
@@ -42,7 +47,8 @@ def parse_duration(text: str) -> float:
 
 
 def _coordinators(args: argparse.Namespace) -> list[str]:
-    return [u.rstrip("/") for u in (args.coordinator or [DEFAULT_COORDINATOR])]
+    """``--coordinator`` (repeated or comma-separated), validated as the client's is."""
+    return list(parse_coordinators(args.coordinator or [DEFAULT_COORDINATOR]))
 
 
 def _run(coro: Coroutine[Any, Any, T]) -> T:
