@@ -14,7 +14,7 @@ Ways:
 - ``bare``: ``http.client`` PUTs from a thread pool, one keep-alive connection per thread,
   SigV4 over the headers only (``UNSIGNED-PAYLOAD``), no checksum: the ceiling.
 - ``bare+<crc>``: the same plus the checksum header ``CloudTier`` sends (server-verified).
-- ``CloudTier``: ``fastcache.tiers.cloud.CloudTier.write`` (botocore in its pool).
+- ``CloudTier``: ``fastcache.tiers.cloud.CloudTier.write`` (the lean PUT over plain HTTP).
 - ``baseline``: the ``CloudTier`` class of the file given with ``--baseline``.
 - ``awscrt``: the AWS CRT S3 client (``--awscrt``, when ``awscrt`` is importable).
 

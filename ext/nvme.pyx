@@ -108,7 +108,6 @@ cdef class AlignedBuffer:
     cdef unsigned char *ptr
     cdef readonly Py_ssize_t size
     cdef readonly Py_ssize_t alignment
-    cdef int exports
     cdef bint spare  # a receive buffer: kept for reuse when freed
 
     def __cinit__(self, Py_ssize_t size, Py_ssize_t alignment=BLOCK, bint zero=True):
@@ -137,12 +136,10 @@ cdef class AlignedBuffer:
             free(self.ptr)
         self.ptr = NULL
 
+    # No __releasebuffer__ (a view holds a reference, so the memory outlives every view):
+    # C functions that take only buffers needing no release (``y#``: google_crc32c) take it.
     def __getbuffer__(self, Py_buffer *buffer, int flags):
         PyBuffer_FillInfo(buffer, self, self.ptr, self.size, 0, flags)
-        self.exports += 1
-
-    def __releasebuffer__(self, Py_buffer *buffer):
-        self.exports -= 1
 
     def __len__(self):
         return self.size

@@ -510,6 +510,30 @@ def aligned_buffer(size: int) -> Any:
     return bytearray() if size == 0 else mmap.mmap(-1, size)
 
 
+def seal(parts: Sequence[Buffer], size: int) -> memoryview:
+    """A sequential writer's chunk: ``parts`` (``size`` bytes in all) copied once into a
+    page-aligned buffer, written to NVMe with O_DIRECT from there (no copy into the page
+    cache), returned read-only: nothing writes it again, so an upload may send it as is."""
+    out = receive_buffer(size)
+    pos = 0
+    for part in parts:
+        n = memoryview(part).nbytes
+        out[pos : pos + n] = part
+        pos += n
+    if pos != size:
+        raise ValueError(f"sealing {pos} bytes as a chunk of {size}")
+    return out.toreadonly()
+
+
+def page_aligned(data: Buffer) -> bool:
+    """Whether ``data`` is a whole page-aligned buffer (``receive_buffer``, ``seal``): one
+    O_DIRECT write takes it with no bounce copy."""
+    if _nvme is None or not isinstance(data, memoryview):
+        return False
+    base = data.obj
+    return isinstance(base, _nvme.AlignedBuffer) and len(base) == data.nbytes
+
+
 def receive_buffer(size: int) -> memoryview:
     """``size`` writable bytes for a chunk received from the network, not zeroed (the
     receiver fills them whole), page-aligned when the compiled module is here: promoted to

@@ -58,6 +58,12 @@ def _add_node_args(n: argparse.ArgumentParser) -> None:
     n.add_argument("--chunk-size", default="4M")
     n.add_argument("--chunking", choices=("fixed", "cdc"), default="fixed")
     n.add_argument(
+        "--upload-memory",
+        default="256M",
+        help="chunks waiting for their upload keep their bytes in memory up to this size; "
+        "past it they are read back from NVMe (default 256M)",
+    )
+    n.add_argument(
         "--verify-cache",
         action="store_true",
         help="verify every NVMe read against its digest, not only whole chunks",
@@ -314,6 +320,7 @@ def client_config(args: argparse.Namespace, env: Mapping[str, str] | None = None
         chunking=args.chunking,
         verify_cache=args.verify_cache,
         replication=args.replication,
+        upload_memory=parse_size(args.upload_memory),
     )
     s3 = S3Config.from_env(env, endpoint=args.s3_endpoint, bucket=args.bucket, region=args.region)
     return ClientConfig(

@@ -112,6 +112,9 @@ class CacheConfig:
     chunking: str = "fixed"  # or "cdc" (FastCDC, average = chunk_size)
     verify_cache: bool = False  # hash every NVMe read, not only whole-chunk reads
     upload_concurrency: int = 8  # parallel write-back uploads
+    # chunks written here keep their bytes in memory until uploaded, up to this much: the
+    # upload then neither reads the chunk file back nor hashes it again
+    upload_memory: int = 256 * MiB
     fetch_concurrency: int = 16  # parallel chunk fetches of one read (and read-ahead depth)
     replication: int = 3  # peer replicas per chunk
     writeback_retry_max: float = 30.0  # seconds between write-back retries, at most
@@ -125,6 +128,8 @@ class CacheConfig:
             raise ConfigError("NVMe capacity must hold at least one chunk")
         if self.replication < 0:
             raise ConfigError("replication must not be negative")
+        if self.upload_memory < 0:
+            raise ConfigError("upload memory must not be negative")
 
 
 STORE_DB_NAME = "coordinator.db"  # the SQLite store's file in --state-dir

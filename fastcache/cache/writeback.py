@@ -44,13 +44,13 @@ class WriteBack:
         self._counts = ctx.counters.counts
         self._writes: dict[str, asyncio.Future[None]] = {}
         self._uploads: dict[str, asyncio.Future[None]] = {}  # digest → in S3
-        # Chunks just written keep their bytes in memory until their upload starts (at most
-        # one chunk per upload worker in all): write-back then does not read them back from
-        # NVMe (written O_DIRECT, so that would be a disk read and a hash). Past that
-        # budget, the upload reads NVMe as before.
-        self._upload_data: dict[str, bytes | bytearray] = {}
+        # Chunks just written keep their bytes in memory until their upload starts, up to
+        # ``upload_memory`` in all: write-back then does not read them back from NVMe (a
+        # sealed chunk is written O_DIRECT, so that would be a disk read, a copy and a
+        # hash). Past that budget, the upload reads NVMe.
+        self._upload_data: dict[str, Buffer] = {}
         self._upload_bytes = 0
-        self._upload_memory = ctx.config.upload_concurrency * ctx.config.chunk_size
+        self._upload_memory = ctx.config.upload_memory
         self._queue: asyncio.Queue[str] = asyncio.Queue()
         self.workers: list[asyncio.Task[None]] = []
         self._kick: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -134,8 +134,12 @@ class WriteBack:
             return
         self._counts["writes_nvme"] += 1
         if digest not in self._uploads and self._upload_bytes + len(data) <= self._upload_memory:
-            # bytes and bytearrays are handed over by their writers (never reused): keep them
-            kept = data if isinstance(data, (bytes, bytearray)) else bytes(data)
+            # bytes, bytearrays and read-only views (a sealed chunk) are handed over by their
+            # writers, never written again: kept as they are; anything else is copied
+            handed_over = isinstance(data, (bytes, bytearray)) or (
+                isinstance(data, memoryview) and data.readonly
+            )
+            kept = data if handed_over else bytes(data)
             self._upload_data[digest] = kept
             self._upload_bytes += len(kept)
         self._enqueue(digest)

@@ -54,7 +54,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fastcache.chunks import Manifest, digest
+from fastcache.chunks import Buffer, Manifest, digest, seal
 from fastcache.coordinator.model import MAX_LOCATION_BATCH, hole_digest, max_file_size
 from fastcache.errors import Conflict, FastcacheError, NotFound, PayloadTooLarge, TierUnavailable
 from fastcache.journal import PendingCommits
@@ -190,8 +190,8 @@ class OpenFile:
         # the FUSE buffers of that chunk, kept as given (joined once, when it is full)
         self.seq_parts: list[memoryview] | None = None
         self.seq_fill = 0
-        self.stores: list[tuple[str, bytes, concurrent.futures.Future[None]]] = []
-        self.unstored: dict[str, bytes] = {}  # sealed chunks whose store failed
+        self.stores: list[tuple[str, Buffer, concurrent.futures.Future[None]]] = []
+        self.unstored: dict[str, Buffer] = {}  # sealed chunks whose store failed
         self.dirty = False
         self.unsent: Unsent | None = None
         self.generation = 0
@@ -650,13 +650,13 @@ class FileTable:
             file.seq_fill += take
             view = view[take:]
             if file.seq_fill == cs:
-                self._seal(file, file.seq_index, b"".join(parts))  # the one copy
+                self._seal(file, file.seq_index, seal(parts, cs))  # the one copy
                 file.seq_index += 1
                 file.seq_parts, file.seq_fill = [], 0
                 file.sealed.pop(file.seq_index, None)
         return True
 
-    def _seal(self, file: OpenFile, index: int, buf: bytes) -> None:
+    def _seal(self, file: OpenFile, index: int, buf: memoryview) -> None:
         """Hash a full chunk here (GIL released) and start storing it; bounded in flight."""
         name = digest(buf)
         file.sealed[index] = name
@@ -667,7 +667,7 @@ class FileTable:
         file.stores.append((name, buf, self.call.submit(self.manager.write_chunk(name, buf))))
 
     def _finish_store(
-        self, file: OpenFile, name: str, buf: bytes, future: concurrent.futures.Future[None]
+        self, file: OpenFile, name: str, buf: Buffer, future: concurrent.futures.Future[None]
     ) -> None:
         try:
             future.result(self.call.timeout)

@@ -19,14 +19,16 @@ nothing), so a body damaged or cut short on its way is refused. The SigV4 payloa
 not computed (``UNSIGNED-PAYLOAD``): SeaweedFS does not check it, the CRC covers the body,
 and SHA-256 over every byte was the largest CPU cost of an upload.
 
-Chunk reads over plain HTTP with static keys (a local S3: SeaweedFS, MinIO) skip botocore:
-``_read_lean`` signs the GET itself (``sigv4``) and receives the body on the event loop with
-``fastget``, straight into a page-aligned buffer (``chunks.receive_buffer``) that the NVMe
-tier then writes with O_DIRECT (``NvmeTier.promote``): no pool thread, no botocore request
-building, no copy. 5xx and throttling answers and connection failures are retried as
-botocore's standard mode would; an answer fastget does not speak (no Content-Length) is
-read again through botocore. HTTPS endpoints (AWS) and credential chains stay on
-botocore.
+Over plain HTTP with static keys (a local S3: SeaweedFS, MinIO) chunk GETs and PUTs skip
+botocore: ``_lean_request`` signs them itself (``sigv4``) and sends them on the event loop
+with ``fastget``. A GET's body lands straight in a page-aligned buffer
+(``chunks.receive_buffer``) that the NVMe tier then writes with O_DIRECT
+(``NvmeTier.promote``); a PUT's body is handed to the transport as it is, after the check
+and the CRC on a pool thread. No pool thread waits on a socket, no botocore request is
+built: an upload costs half the CPU it did through botocore (``bench/s3_upload.py``). 5xx
+and throttling answers and connection failures are retried as botocore's standard mode
+would; an answer fastget does not speak (no Content-Length) sends the request again
+through botocore. HTTPS endpoints (AWS) and credential chains stay on botocore.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ from fastcache.chunks import Buffer, is_digest, receive_buffer
 from fastcache.config import S3Config
 from fastcache.errors import BadRequest, ChunkNotFound, FastcacheError, TierUnavailable
 from fastcache.tiers.base import verify, verify_async
-from fastcache.tiers.fastget import FastGet, ProtocolError
+from fastcache.tiers.fastget import Allocate, Body, FastGet, Payload, ProtocolError
 from fastcache.tiers.sigv4 import SigV4Signer
 
 log = logging.getLogger("fastcache.client.s3")
@@ -102,20 +104,28 @@ def _pick_checksum() -> tuple[str, Callable[[Any], int]]:
 
 
 _CHECKSUM_PARAM, _checksum_fn = _pick_checksum()
+_CHECKSUM_HEADER = "x-amz-checksum-" + _CHECKSUM_PARAM.removeprefix("Checksum").lower()
+_SEND_FLOOR = 1 << 20  # bytes/s a lean PUT's body is allowed, beyond the read timeout
 
 
-def _checksum(body: bytes) -> str:
+def _checksum(body: Payload) -> str:
     """The base64 of the big-endian 32-bit CRC, as the ``x-amz-checksum-*`` headers want it."""
+    if isinstance(body, memoryview):
+        # google_crc32c takes no memoryview (nor any buffer that needs releasing): the
+        # object under it when the view spans it whole (a sealed chunk's aligned buffer)
+        base = body.obj
+        body = base if memoryview(base).nbytes == body.nbytes else body.tobytes()
     return base64.b64encode(_checksum_fn(body).to_bytes(4, "big")).decode("ascii")
 
 
-def _as_body(data: Buffer) -> bytes:
-    """What botocore sends and every retry re-sends: immutable bytes, taken before the first
-    await. ``bytes`` (or a memoryview spanning a whole ``bytes``) is used as it is; anything
-    mutable (bytearray, a slice, an mmap, a numpy array) is copied once, so a caller that
-    reuses its buffer while a retry is pending cannot change or empty what we send: botocore
-    builds a new request for each of its retries, and an emptied buffer there became a
-    0-byte object under the digest name.
+def _as_body(data: Buffer) -> Payload:
+    """What every attempt sends: a buffer nobody changes, taken before the first await.
+    ``bytes`` and read-only memoryviews (whose makers never write the memory again: a
+    sealed chunk, a view of bytes) are used as they are; anything mutable (bytearray, a
+    writable view, an mmap, a numpy array) is copied once, so a caller that reuses its
+    buffer while a retry is pending cannot change or empty what we send: botocore builds a
+    new request for each of its retries, and an emptied buffer there became a 0-byte object
+    under the digest name.
 
     Never a stream: botocore sends a file-like body from where it stands and measures its
     length from there, so a retry of a consumed stream would store an empty object too. (An
@@ -129,9 +139,8 @@ def _as_body(data: Buffer) -> bytes:
         raise BadRequest(
             f"S3 uploads take a buffer (bytes, bytearray, memoryview), not {type(data).__name__}"
         ) from None
-    base = view.obj
-    if isinstance(base, bytes) and view.c_contiguous and view.nbytes == len(base):
-        return base
+    if view.readonly and view.c_contiguous:
+        return view.cast("B") if view.format != "B" or view.ndim != 1 else view
     return view.tobytes()
 
 
@@ -140,12 +149,12 @@ class _Upload:
     """One ``write``: the body every attempt sends, its length, and its checksum (computed
     from the body by the first attempt, kept for the retries)."""
 
-    body: bytes
+    body: Payload
     size: int = field(init=False)
     checksum: str | None = None
 
     def __post_init__(self) -> None:
-        self.size = len(self.body)
+        self.size = memoryview(self.body).nbytes
 
 
 def _error_code(exc: ClientError) -> str:
@@ -274,66 +283,80 @@ class CloudTier:
         return data
 
     async def _read_lean(self, digest: str) -> bytes:
-        """GET through ``fastget`` on the loop: the body lands in one buffer, no pool thread,
-        no botocore request building; verified on a thread (xxh3 releases the GIL). 5xx,
-        throttling and connection failures are retried like botocore's standard mode."""
+        """GET through ``fastget`` on the loop: the body lands in one page-aligned buffer,
+        no pool thread, no botocore request building; verified on a thread (xxh3 releases
+        the GIL). An answer fastget does not speak is read again through botocore."""
+        try:
+            body = await self._lean_request("get", digest, allocate=receive_buffer)
+        except ProtocolError as exc:  # an answer fastget does not speak (chunked, …)
+            log.debug("S3 get %s through botocore: %s", digest, exc)
+            return await self._read_botocore(digest)
+        with self._lock:
+            self._bytes_down += len(body)
+        await verify_async(digest, body, f"S3 bucket {self.bucket}")
+        # page-aligned: promoted with O_DIRECT from here, never copied
+        return body  # type: ignore[return-value]
+
+    async def _lean_request(
+        self,
+        op: str,
+        digest: str,
+        body: Payload = b"",
+        amz: dict[str, str] | None = None,
+        allocate: Allocate = bytearray,
+    ) -> Body:
+        """One signed ``fastget`` request for the chunk ``digest`` (``op``: get or put) with
+        botocore's standard-mode retries (5xx, throttling, connection failures); the body of
+        its 200 answer. Other answers raise what ``_failure`` makes of them; an answer
+        fastget does not speak raises ``ProtocolError`` (the caller goes to botocore)."""
         assert self._lean is not None and self._signer is not None
         if self._closed:
             raise TierUnavailable("S3 tier is closed")
+        method = op.upper()
         path = f"{self._path_prefix}/{self.bucket}/{self._key(digest)}"
         config = self.config
+        # a PUT's answer comes once its body is sent: allow it _SEND_FLOOR bytes/s
+        answer_within = config.read_timeout + len(body) / _SEND_FLOOR
         attempt = 0
         while True:
             start = time.monotonic()
             with self._lock:
-                self._requests["get"] += 1
+                self._requests[op] += 1
             try:
                 async with self._lean_room:
-                    status, body = await self._lean.get(
+                    status, answer = await self._lean.request(
+                        method,
                         self._base_url,
                         path,
-                        self._signer.get_headers(self._netloc, path),
+                        self._signer.headers(method, self._netloc, path, amz),
+                        body,
                         connect_timeout=config.connect_timeout,
-                        first_byte_timeout=config.read_timeout,
+                        first_byte_timeout=answer_within,
                         read_timeout=config.read_timeout,
-                        allocate=receive_buffer,
+                        allocate=allocate,
                     )
-            except ProtocolError as exc:  # an answer fastget does not speak (chunked, …)
-                log.debug("S3 get %s through botocore: %s", digest, exc)
-                return await self._read_botocore(digest)
+            except ProtocolError:
+                raise
             except OSError as exc:  # refused, reset, timed out, cut short
                 failure: Exception = exc
                 code = type(exc).__name__
             else:
                 if status == 200:
                     with self._lock:
-                        self._latency["get"].append(time.monotonic() - start)
-                        self._bytes_down += len(body)
-                    await verify_async(digest, body, f"S3 bucket {self.bucket}")
-                    # page-aligned: promoted with O_DIRECT from here, never copied
-                    return body  # type: ignore[return-value]
-                found = _ERROR_CODE.search(body)
+                        self._latency[op].append(time.monotonic() - start)
+                    return answer
+                found = _ERROR_CODE.search(answer)
                 code = found.group(1).decode("ascii", "replace") if found else str(status)
-                if status == 404 and code in _NOT_FOUND | {"404"}:
-                    raise ChunkNotFound(f"chunk {digest} not in S3 bucket {self.bucket}")
-                failure = TierUnavailable(f"S3 get {self.bucket}/{path}: {code} (HTTP {status})")
                 if status not in _RETRY_STATUS:
-                    self._count_error(code)
-                    if code in _DENIED or status == 403:
-                        raise TierUnavailable(
-                            f"S3 get {self.bucket}/{PREFIX}{digest}: access denied ({code}); "
-                            f"check the S3 access key, secret key and bucket policy"
-                        )
-                    if code == "NoSuchBucket":
-                        raise TierUnavailable(f"S3 get: bucket {self.bucket} does not exist")
-                    raise failure
+                    raise self._failure(op, code, status, digest)
+                failure = TierUnavailable(f"{code} (HTTP {status})")
             if attempt + 1 >= max(config.max_attempts, self._retries + 1):
                 self._count_error(code)
                 raise TierUnavailable(
-                    f"S3 get {self.bucket}/{PREFIX}{digest}: {failure}"
+                    f"S3 {op} {self.bucket}/{PREFIX}{digest}: {failure}"
                 ) from failure
             attempt += 1
-            await self._back_off("get", failure, attempt)
+            await self._back_off(op, failure, attempt)
 
     def _get_sync(self, key: str) -> bytes:
         resp = self._client.get_object(Bucket=self.bucket, Key=key)
@@ -352,18 +375,40 @@ class CloudTier:
         read as a stream; anything but ``bytes`` is copied before the first await."""
         key = self._key(digest)
         upload = _Upload(_as_body(data))
-        await self._call("put", self._put_sync, key, upload, digest=digest)
+        if self._lean is None:
+            await self._call("put", self._put_sync, key, upload, digest=digest)
+            return
+        # checked and checksummed on a pool thread (xxh3 and CRC32C release the GIL), sent
+        # from the loop: no botocore request, no pool thread waiting on the socket
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._prepare, key, upload)
+        assert upload.checksum is not None
+        try:
+            await self._lean_request(
+                "put", digest, upload.body, amz={_CHECKSUM_HEADER: upload.checksum}
+            )
+        except ProtocolError as exc:
+            log.debug("S3 put %s through botocore: %s", digest, exc)
+            await self._call("put", self._put_sync, key, upload, digest=digest)
+            return
+        with self._lock:
+            self._bytes_up += upload.size
+
+    def _prepare(self, key: str, upload: _Upload) -> None:
+        """Check the body hashes to its name (a truncated or emptied buffer is never stored
+        under a digest name) and compute the checksum every attempt sends."""
+        if upload.checksum is None:
+            where = f"the buffer given to S3 put {self.bucket}/{key}"
+            verify(key[len(PREFIX) :], upload.body, where)
+            upload.checksum = _checksum(upload.body)
 
     def _put_sync(self, key: str, upload: _Upload) -> None:
         """One PUT attempt (``_call`` may run it again): the same buffer, length and checksum."""
+        self._prepare(key, upload)  # first attempt: on this pool thread, never on the loop
         body = upload.body
-        if upload.checksum is None:  # first attempt: on this pool thread, never on the loop
-            verify(key[len(PREFIX) :], body, f"the buffer given to S3 put {self.bucket}/{key}")
-            upload.checksum = _checksum(body)
         self._client.put_object(
             Bucket=self.bucket,
             Key=key,
-            Body=body,
+            Body=body if isinstance(body, bytes) else body.tobytes(),  # botocore: bytes
             ContentLength=upload.size,
             **{_CHECKSUM_PARAM: upload.checksum},
         )
@@ -511,27 +556,34 @@ class CloudTier:
         return result
 
     def _translate(self, op: str, exc: Exception, digest: str | None) -> FastcacheError:
-        where = f"S3 {op} {self.bucket}/{PREFIX}{digest}" if digest else f"S3 {op} {self.bucket}"
         if isinstance(exc, ClientError):
-            code = _error_code(exc)
-            if code in _NOT_FOUND and digest is not None:
-                return ChunkNotFound(f"chunk {digest} not in S3 bucket {self.bucket}")
-            self._count_error(code or str(_status(exc)))
-            if code in _DENIED:
-                return TierUnavailable(
-                    f"{where}: access denied ({code}); check the S3 access key, secret key "
-                    f"and bucket policy"
-                )
-            if code == "NoSuchBucket":
-                return TierUnavailable(f"{where}: bucket {self.bucket} does not exist")
-            if code in _BAD_BODY:
-                return TierUnavailable(
-                    f"{where}: S3 refused the body, it does not match its checksum ({code}); "
-                    f"nothing was stored"
-                )
-            return TierUnavailable(f"{where}: {code or _status(exc)}: {exc}")
+            return self._failure(op, _error_code(exc), _status(exc), digest, exc)
+        where = f"S3 {op} {self.bucket}/{PREFIX}{digest}" if digest else f"S3 {op} {self.bucket}"
         self._count_error(type(exc).__name__)
         return TierUnavailable(f"{where}: {exc}")
+
+    def _failure(
+        self, op: str, code: str, status: int, digest: str | None, exc: Exception | None = None
+    ) -> FastcacheError:
+        """What an S3 error answer (``code``, HTTP ``status``) means to our callers."""
+        where = f"S3 {op} {self.bucket}/{PREFIX}{digest}" if digest else f"S3 {op} {self.bucket}"
+        if digest is not None and (code in _NOT_FOUND or (status == 404 and not code)):
+            return ChunkNotFound(f"chunk {digest} not in S3 bucket {self.bucket}")
+        self._count_error(code or str(status))
+        if code in _DENIED or status == 403:
+            return TierUnavailable(
+                f"{where}: access denied ({code}); check the S3 access key, secret key "
+                f"and bucket policy"
+            )
+        if code == "NoSuchBucket":
+            return TierUnavailable(f"{where}: bucket {self.bucket} does not exist")
+        if code in _BAD_BODY:
+            return TierUnavailable(
+                f"{where}: S3 refused the body, it does not match its checksum ({code}); "
+                f"nothing was stored"
+            )
+        detail = f": {exc}" if exc is not None else ""
+        return TierUnavailable(f"{where}: {code or status} (HTTP {status}){detail}")
 
     def _count_error(self, kind: str) -> None:
         with self._lock:

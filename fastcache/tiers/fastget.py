@@ -1,12 +1,13 @@
-"""A lean HTTP/1.1 GET client for peer chunk transfers.
+"""A lean HTTP/1.1 client for chunk transfers: peer and S3 GETs, S3 PUTs.
 
 A 4 MiB chunk through aiohttp's client costs ~5 ms of CPU (a ``bytes`` object per socket
 read, the stream reader's bookkeeping, a final join), more than the transfer itself on
-loopback. Here the body is received straight into one preallocated buffer
-(``asyncio.BufferedProtocol``: the event loop ``recv_into``s it), with keep-alive
-connections pooled per peer. Only what the chunk endpoint answers is supported: a status
-line, headers and a ``Content-Length`` body; anything else closes the connection and fails
-the request (the caller treats it like any transport error).
+loopback; botocore's PUT costs more again (request building, a pool thread). Here a body
+is received straight into one preallocated buffer (``asyncio.BufferedProtocol``: the event
+loop ``recv_into``s it) and a request body is handed to the transport as it is, with
+keep-alive connections pooled per server. Only what chunk endpoints answer is supported: a
+status line, headers and a ``Content-Length`` body; anything else closes the connection
+and fails the request (the caller treats it like any transport error).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from urllib.parse import urlsplit
 _HEAD_MAX = 64 * 1024  # status line and headers, at most
 _IDLE_PER_PEER = 16  # keep-alive connections kept per peer
 Body = Union[bytearray, memoryview]  # noqa: UP007 (a runtime alias)
+Payload = Union[bytes, memoryview]  # noqa: UP007 (a request body: bytes or a read-only view)
 Allocate = Callable[[int], Body]  # the body's buffer, given its Content-Length
 
 
@@ -43,7 +45,7 @@ class _Conn(asyncio.BufferedProtocol):
         self.closed = False
 
     # --- the request side ------------------------------------------------------------------
-    def start(self, request: bytes, allocate: Allocate = bytearray) -> None:
+    def start(self, request: bytes, allocate: Allocate = bytearray, body: Payload = b"") -> None:
         loop = asyncio.get_running_loop()
         self._allocate = allocate
         self._head_len = 0
@@ -53,6 +55,8 @@ class _Conn(asyncio.BufferedProtocol):
         self.done = loop.create_future()
         assert self.transport is not None
         self.transport.write(request)
+        if body:
+            self.transport.write(body)  # kept by reference until sent, not copied
 
     @property
     def reusable(self) -> bool:
@@ -152,7 +156,8 @@ def _parse_head(head: bytes) -> tuple[int, int, bool]:
 
 
 class FastGet:
-    """``await get(base_url, path, headers, ...)`` → (status, body). Loop-bound; ``close()``."""
+    """``await request(method, base_url, path, headers, body, ...)`` → (status, body).
+    Loop-bound; ``close()``."""
 
     def __init__(self) -> None:
         self._idle: dict[tuple[str, int], list[_Conn]] = {}
@@ -163,11 +168,13 @@ class FastGet:
         parts = urlsplit(base_url)
         return parts.scheme == "http" and parts.hostname is not None
 
-    async def get(
+    async def request(
         self,
+        method: str,
         base_url: str,
         path: str,
         headers: Mapping[str, str],
+        body: Payload = b"",
         *,
         connect_timeout: float,
         first_byte_timeout: float | None,
@@ -175,17 +182,20 @@ class FastGet:
         on_headers: Callable[[int], None] | None = None,
         allocate: Allocate = bytearray,
     ) -> tuple[int, Body]:
-        """GET ``base_url + path``. ``first_byte_timeout`` bounds the wait for the status
-        line, ``read_timeout`` the body after it; ``on_headers(status)`` runs in between.
-        ``allocate(length)`` gives the buffer a 200's body is received into (a bytearray by
-        default; other answers always get one). Transport failures raise ``OSError``
-        (``ConnectionError``, ``TimeoutError``). A kept-alive connection the peer closed
-        meanwhile is retried once on a new one."""
+        """``method`` (an idempotent one: GET, PUT) ``base_url + path`` with ``body`` (sent
+        with its ``Content-Length``). ``first_byte_timeout`` bounds the wait for the status
+        line (sending the body included), ``read_timeout`` the answer's body after it;
+        ``on_headers(status)`` runs in between. ``allocate(length)`` gives the buffer a 200's
+        body is received into (a bytearray by default; other answers always get one).
+        Transport failures raise ``OSError`` (``ConnectionError``, ``TimeoutError``). A
+        kept-alive connection the server closed meanwhile is retried once on a new one."""
         parts = urlsplit(base_url)
         host, port = parts.hostname or "", parts.port or 80
         target = (parts.path.rstrip("/") + path).encode()
-        lines = [b"GET " + target + b" HTTP/1.1", b"Host: " + parts.netloc.encode()]
+        lines = [method.encode() + b" " + target + b" HTTP/1.1", b"Host: " + parts.netloc.encode()]
         lines += [f"{k}: {v}".encode() for k, v in headers.items()]
+        if body or method != "GET":
+            lines.append(b"Content-Length: %d" % len(body))
         request = b"\r\n".join(lines) + b"\r\n\r\n"
         key = (host, port)
         conn = self._take(key)
@@ -194,7 +204,7 @@ class FastGet:
             conn = await self._connect(host, port, connect_timeout)
         ok = False
         try:
-            conn.start(request, allocate)
+            conn.start(request, allocate, body)
             assert conn.headers_in is not None and conn.done is not None
             try:
                 async with asyncio.timeout(first_byte_timeout):
@@ -204,16 +214,18 @@ class FastGet:
                     raise
                 conn.close()  # closed by the peer while idle: once more, on a new one
                 conn = await self._connect(host, port, connect_timeout)
-                conn.start(request, allocate)
+                conn.start(request, allocate, body)
                 assert conn.headers_in is not None and conn.done is not None
                 async with asyncio.timeout(first_byte_timeout):
                     status = await asyncio.shield(conn.headers_in)
             if on_headers is not None:
                 on_headers(status)
             async with asyncio.timeout(read_timeout):
-                body = await asyncio.shield(conn.done)
+                answer = await asyncio.shield(conn.done)
             ok = True
-            return status, body
+            if body and status >= 300:
+                conn.close()  # the server may have answered before reading all of the body
+            return status, answer
         finally:
             if ok and conn.reusable and not self._closed:
                 self._idle.setdefault(key, []).append(conn)

@@ -84,14 +84,13 @@ _HITS, _MISSES, _BYTES, _ADVISED = 0, 1, 2, 3  # PerThread slots of ``NvmeTier._
 STATE_FILE = "nvme-state.json"  # boot id at open, clean close, chunks left to verify
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 RESERVE_MAX = 1 << 30  # disk space never claimed by the clamp: max(chunk, 1% of disk), <= 1 GiB
-# Chunk writes go through the page cache, not O_DIRECT (measured on this class of VM disk,
-# unsynced 4 MiB chunks written back to back, each waited for, like a `cp`): 1 GiB buffered
-# 340-660 MiB/s, p99 12-27 ms; O_DIRECT 280-660 MiB/s, p99 9-185 ms, stalls up to 1.3 s;
-# 3 GiB buffered 267-409 MiB/s, O_DIRECT 234-246 MiB/s. Buffered also leaves a chunk just
-# written in the page cache for the hit path; the reads are buffered either way. Promotions
-# of fetched chunks (``promote``) are direct: nobody waits for them, and the copy into the
-# page cache was a quarter of a cold read's CPU.
-DIRECT_WRITES = False
+# Chunk writes from a page-aligned buffer (a sequential writer's sealed chunk, a chunk
+# received from S3) go O_DIRECT: the kernel's copy into the page cache cost 0.5-1.1 CPU-s
+# per GiB in a bare write loop and was a quarter of the client's CPU under a `dd` through
+# the mount; O_DIRECT from an aligned buffer costs 0.16-0.19. Other buffers are written
+# through the page cache (an O_DIRECT write would first copy them to a bounce buffer; on
+# this class of VM disk, buffered 1 GiB ran 340-660 MiB/s against O_DIRECT 280-660 with
+# stalls up to 1.3 s), which also keeps them there for the hit path.
 
 
 class _OpenChunk:
@@ -152,7 +151,7 @@ class NvmeTier:
         self.configured_capacity = config.nvme_capacity
         self.capacity = config.nvme_capacity  # clamped to the disk at open and on ENOSPC
         self.verify_reads = config.verify_cache
-        self.direct = False  # whether O_DIRECT works here (writes use it if DIRECT_WRITES)
+        self.direct = False  # whether O_DIRECT works here (for page-aligned buffers)
         self.boot_id = ""
         self._lock = threading.Lock()
         self._index: OrderedDict[str, int] = OrderedDict()  # oldest first
@@ -168,6 +167,7 @@ class NvmeTier:
         self._reads = PerThread("hits", "misses", "bytes_read", "advised")
         self._local = self._reads.local  # the hit path's own counters: .counts
         self._bytes_written = 0
+        self._direct_writes = 0  # chunk files written with O_DIRECT
         self._evictions = 0
         self._corrupt = 0
         self._errors = 0
@@ -215,18 +215,13 @@ class NvmeTier:
                 len(entries),
             )
         log.info(
-            "NVMe tier at %s: %d chunks, %d of %d bytes used, O_DIRECT %s (writes %s)",
+            "NVMe tier at %s: %d chunks, %d of %d bytes used, O_DIRECT %s",
             self.root,
             len(entries),
             self._used,
             self.capacity,
             "available" if self.direct else "off",
-            "direct" if self._write_direct else "buffered",
         )
-
-    @property
-    def _write_direct(self) -> bool:
-        return self.direct and DIRECT_WRITES
 
     # --- the state file: boot id and clean close ------------------------------------------
     @property
@@ -551,7 +546,7 @@ class NvmeTier:
 
         The caller has hashed ``data`` (it named it); the tier does not hash it again.
         """
-        await self._run(self._write_sync, digest, data, self._write_direct)
+        await self._run(self._write_sync, digest, data, self.direct and chunks.page_aligned(data))
 
     async def promote(self, digest: str, data: Buffer) -> None:
         """``write`` of a verified chunk fetched from a lower tier, with O_DIRECT where the
@@ -594,6 +589,7 @@ class NvmeTier:
                 self._used += size
             self._index.move_to_end(digest)
             self._bytes_written += size
+            self._direct_writes += direct
 
     def _write_file(self, path: str, data: Buffer, direct: bool) -> None:
         try:
@@ -790,7 +786,7 @@ class NvmeTier:
                 "pinned": len(self._pinned),
                 "unverified": len(self._unverified),
                 "direct": self.direct,
-                "direct_writes": self._write_direct,
+                "direct_writes": self._direct_writes,
             }
 
     async def close(self) -> None:

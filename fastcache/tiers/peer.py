@@ -473,7 +473,8 @@ class PeerTier:
         self._counters["probes"] += 1
         try:
             if FastGet.supports(base):
-                await self._fast.get(
+                await self._fast.request(
+                    "GET",
                     base,
                     HEALTH_PATH,
                     self._headers,
@@ -533,7 +534,8 @@ class PeerTier:
         base = self._peers[peer_id]
         if method == "GET" and FastGet.supports(base):
             try:
-                status, body = await self._fast.get(
+                status, body = await self._fast.request(
+                    "GET",
                     base,
                     url[len(base) :],
                     self._headers,

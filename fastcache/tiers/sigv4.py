@@ -1,10 +1,11 @@
-"""AWS Signature Version 4 for one kind of request: a GET of an object, path-style, with no
-query and no body (the cloud tier's chunk reads through ``fastget``).
+"""AWS Signature Version 4 for the two requests the cloud tier makes without botocore: a
+GET and a PUT of an object, path-style, with no query.
 
-Only the headers S3 needs are signed (``host``, ``x-amz-content-sha256``, ``x-amz-date``,
-and ``x-amz-security-token`` with temporary credentials); the payload is
-``UNSIGNED-PAYLOAD``. The signing key is derived once per UTC day. Costs a few µs per
-request, where botocore's request building and signing cost ~1 ms of CPU.
+Signed headers: ``host``, ``x-amz-content-sha256``, ``x-amz-date``, the caller's own
+``x-amz-*`` headers (the PUT's checksum) and ``x-amz-security-token`` with temporary
+credentials; the payload is ``UNSIGNED-PAYLOAD`` (a PUT carries a CRC the server checks
+instead). The signing key is derived once per UTC day. Costs a few µs per request, where
+botocore's request building and signing cost ~1 ms of CPU.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
+from collections.abc import Mapping
 from urllib.parse import quote
 
 _ALGORITHM = "AWS4-HMAC-SHA256"
@@ -23,7 +25,7 @@ def _hmac(key: bytes, msg: str) -> bytes:
 
 
 class SigV4Signer:
-    """Signs object GETs for one set of static credentials, one region, service ``s3``."""
+    """Signs object requests for one set of static credentials, one region, service ``s3``."""
 
     def __init__(
         self, access_key: str, secret_key: str, region: str, token: str | None = None
@@ -37,6 +39,18 @@ class SigV4Signer:
 
     def get_headers(self, host: str, path: str, now: float | None = None) -> dict[str, str]:
         """The headers of a signed ``GET path`` to ``host`` (``host[:port]``) at ``now``."""
+        return self.headers("GET", host, path, now=now)
+
+    def headers(
+        self,
+        method: str,
+        host: str,
+        path: str,
+        amz: Mapping[str, str] | None = None,
+        now: float | None = None,
+    ) -> dict[str, str]:
+        """The headers of a signed ``method path`` to ``host`` at ``now``: ``amz`` (extra
+        ``x-amz-*`` headers, lower-case names) signed and returned with the others."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
         day = stamp[:8]
         if day != self._day:
@@ -44,26 +58,24 @@ class SigV4Signer:
             for part in (self._region, "s3", "aws4_request"):
                 key = _hmac(key, part)
             self._day, self._key = day, key
-        names = ["host", "x-amz-content-sha256", "x-amz-date"]
-        values = [host, _UNSIGNED, stamp]
+        signed_values = {"x-amz-content-sha256": _UNSIGNED, "x-amz-date": stamp}
+        if amz:
+            signed_values.update(amz)
         if self._token is not None:
-            names.append("x-amz-security-token")
-            values.append(self._token)
-        canonical_headers = "".join(f"{n}:{v}\n" for n, v in zip(names, values, strict=True))
+            signed_values["x-amz-security-token"] = self._token
+        names = sorted(["host", *signed_values])
+        values = {"host": host, **signed_values}
+        canonical_headers = "".join(f"{n}:{values[n]}\n" for n in names)
         signed = ";".join(names)
-        canonical = f"GET\n{quote(path, safe='/~')}\n\n{canonical_headers}\n{signed}\n{_UNSIGNED}"
+        canonical = (
+            f"{method}\n{quote(path, safe='/~')}\n\n{canonical_headers}\n{signed}\n{_UNSIGNED}"
+        )
         scope = f"{day}/{self._region}/s3/aws4_request"
         hashed = hashlib.sha256(canonical.encode()).hexdigest()
         to_sign = f"{_ALGORITHM}\n{stamp}\n{scope}\n{hashed}"
         signature = hmac.new(self._key, to_sign.encode(), hashlib.sha256).hexdigest()
-        headers = {
-            "x-amz-content-sha256": _UNSIGNED,
-            "x-amz-date": stamp,
-            "Authorization": (
-                f"{_ALGORITHM} Credential={self._access_key}/{scope}, "
-                f"SignedHeaders={signed}, Signature={signature}"
-            ),
-        }
-        if self._token is not None:
-            headers["x-amz-security-token"] = self._token
-        return headers
+        signed_values["Authorization"] = (
+            f"{_ALGORITHM} Credential={self._access_key}/{scope}, "
+            f"SignedHeaders={signed}, Signature={signature}"
+        )
+        return signed_values

@@ -26,7 +26,8 @@ TOKEN = "api-test-token"
 MiB = 1 << 20
 CHUNK = 4 * MiB
 STREAM_SIZE = 1 << 30  # the streaming upload: 1 GiB
-RSS_BUDGET = 300 * MiB
+UPLOAD_MEMORY = 64 * MiB  # the node's --upload-memory: chunks waiting for S3 kept in memory
+RSS_BUDGET = UPLOAD_MEMORY + 236 * MiB
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +35,11 @@ def node(tmp_path_factory: pytest.TempPathFactory, s3) -> Iterator[Proc]:  # typ
     root = tmp_path_factory.mktemp("client-api")
     cluster = Cluster(root, s3.s3_config(), token=TOKEN, heartbeat_interval=1.0)
     try:
-        cluster.start(1)
-        yield cluster.clients[0]
+        cluster.start_coordinator()
+        node = cluster.start_client(extra=["--upload-memory", f"{UPLOAD_MEMORY}"])
+        node.wait_healthy()
+        cluster.wait_peers({node.name})
+        yield node
     finally:
         cluster.close()
 

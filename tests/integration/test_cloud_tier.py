@@ -268,6 +268,79 @@ def test_s3_hanging_or_down_is_unavailable_and_recovers(tmp_path: Path) -> None:
 
 
 # --- uploads: checksums the server verifies, bodies that are never empty or consumed ---------
+# Every upload test runs on both ways a PUT leaves: ours (``fastget`` + SigV4, over plain HTTP
+# with static keys) and botocore's (HTTPS, credential chains). ``Sends`` watches (and may
+# damage or drop) what each attempt puts on the wire, through botocore's event hooks or by
+# wrapping the lean client's ``request``; the server is the real SeaweedFS either way.
+PATHS = ["lean", "botocore"]
+
+
+@dataclasses.dataclass
+class Attempt:
+    body: Any  # what is about to be sent (bytes, or botocore's body object)
+    headers: dict[str, str]  # lower-case names, str values
+
+
+Hook = Any  # (Attempt) -> bytes | None: a replacement body, or None; may raise to drop it
+
+
+class Sends:
+    """Hooks on the PUTs of ``tier``, on the path it uses."""
+
+    def __init__(self, tier: CloudTier, path: str) -> None:
+        self.tier = tier
+        self.path = path
+        self.hooks: list[Hook] = []
+        if path == "botocore":
+            tier._lean = None
+            tier._client.meta.events.register("before-sign.s3.PutObject", self._before_sign)
+            tier._client.meta.events.register("before-send.s3.PutObject", self._before_send)
+            return
+        assert tier._lean is not None, "the lean path is used over plain HTTP with keys"
+        lean = tier._lean
+        original = lean.request
+
+        async def request(
+            method: str, base: str, path: str, headers: Any, body: bytes = b"", **kw: Any
+        ) -> Any:
+            if method == "PUT":
+                seen = {k.lower(): str(v) for k, v in headers.items()}
+                damaged = self._damage(Attempt(body, seen))
+                body = body if damaged is None else damaged
+                seen["content-length"] = str(len(body))
+                self._watch(Attempt(body, seen))
+            return await original(method, base, path, headers, body, **kw)
+
+        lean.request = request  # type: ignore[method-assign]
+
+    def _damage(self, attempt: Attempt) -> bytes | None:
+        replaced = None
+        for hook in self.hooks:
+            if getattr(hook, "damages", False):
+                damaged = hook(attempt)
+                replaced = replaced if damaged is None else damaged
+        return replaced
+
+    def _watch(self, attempt: Attempt) -> None:
+        for hook in self.hooks:
+            if not getattr(hook, "damages", False):
+                hook(attempt)
+
+    # botocore: damage before signing (Content-Length is signed), drop before sending
+    def _before_sign(self, request: Any, **_: Any) -> None:
+        replaced = self._damage(Attempt(request.data, _headers(request)))
+        if replaced is not None:
+            request.data = replaced
+            del request.headers["Content-Length"]  # setting a header adds one more
+            request.headers["Content-Length"] = str(len(replaced))
+
+    def _before_send(self, request: Any, **_: Any) -> None:
+        body = request.body
+        if hasattr(body, "read"):
+            body.read()  # what sending a stream does to it
+        self._watch(Attempt(body, _headers(request)))
+
+
 def _headers(request: Any) -> dict[str, str]:
     """A prepared request's headers, lower-case names, str values (botocore mixes bytes)."""
     return {
@@ -282,41 +355,46 @@ def _checksum_header(headers: Any) -> str:
     return str(names[0]).lower()
 
 
+def _dropped() -> Exception:
+    return ConnectionResetError("dropped by the test")
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("damage", ["flipped", "truncated", "emptied"])
 def test_the_server_refuses_a_body_that_does_not_match_its_checksum(
-    s3: S3Fixture, damage: str
+    s3: S3Fixture, damage: str, path: str
 ) -> None:
-    """A body damaged between our checksum and the server (here: swapped in the request, with
-    a consistent Content-Length) is refused by the server (400 BadDigest) and becomes a
+    """A body damaged between our checksum and the server (with a consistent, signed
+    Content-Length) is refused by the server (400 BadDigest) and becomes a
     ``FastcacheError``; nothing is stored under the digest name. The same write then works."""
     data = os.urandom(MiB)
     d = digest(data)
     config = s3.s3_config(max_attempts=1)
     seen: list[dict[str, str]] = []
+    damaging = [True]
 
-    def corrupt(request: Any, **_: Any) -> None:
-        # before signing, so the request stays well-formed and signed (Content-Length is a
-        # signed header): only the checksum, computed from ``data``, no longer matches
+    def corrupt(attempt: Attempt) -> bytes | None:
+        if not damaging[0]:
+            return None
         if damage == "flipped":
-            request.data = bytes([data[0] ^ 1]) + data[1:]
-        elif damage == "truncated":
-            request.data = data[: len(data) // 2]
-        else:
-            request.data = b""
-        del request.headers["Content-Length"]  # setting a header adds one more
-        request.headers["Content-Length"] = str(len(request.data))
+            return bytes([data[0] ^ 1]) + data[1:]
+        if damage == "truncated":
+            return data[: len(data) // 2]
+        return b""
 
-    def record(request: Any, **_: Any) -> None:
-        seen.append(_headers(request))
+    corrupt.damages = True  # type: ignore[attr-defined]
+
+    def record(attempt: Attempt) -> None:
+        seen.append(attempt.headers)
 
     async def main() -> None:
         tier = await CloudTier.open(config)
+        sends = Sends(tier, path)
+        sends.hooks += [corrupt, record]
         try:
-            tier._client.meta.events.register("before-sign.s3.PutObject", corrupt)
-            tier._client.meta.events.register("before-send.s3.PutObject", record)
             with pytest.raises(FastcacheError, match="checksum"):
                 await tier.write(d, data)
-            tier._client.meta.events.unregister("before-sign.s3.PutObject", corrupt)
+            damaging[0] = False
             assert not await tier.exists(d)
             assert tier.stats()["errors_by_kind"] == {"BadDigest": 1}
             await tier.write(d, data)
@@ -332,9 +410,13 @@ def test_the_server_refuses_a_body_that_does_not_match_its_checksum(
     assert "expect" not in headers  # the body is a buffer, sent at once, not a stream
 
 
-@pytest.mark.parametrize("max_attempts", [1, 3])  # our retry, then botocore's own
+@pytest.mark.parametrize(
+    ("path", "max_attempts"), [("lean", 1), ("botocore", 1), ("botocore", 3)]
+)  # botocore: our retry, then its own
 @pytest.mark.parametrize("kind", ["bytes", "bytearray", "slice", "mmap"])
-def test_a_retry_resends_the_whole_buffer(s3: S3Fixture, kind: str, max_attempts: int) -> None:
+def test_a_retry_resends_the_whole_buffer(
+    s3: S3Fixture, kind: str, max_attempts: int, path: str
+) -> None:
     """The connection drops after the first attempt has looked at (consumed, were it a
     stream) the body: the retry sends the same buffer, full length, same checksum."""
     data = os.urandom(MiB + 7)
@@ -352,27 +434,23 @@ def test_a_retry_resends_the_whole_buffer(s3: S3Fixture, kind: str, max_attempts
         "mmap": mapped,
     }[kind]
 
-    def drop_first(request: Any, **_: Any) -> None:
-        body = request.body
-        if hasattr(body, "read"):
-            body.read()  # what sending a stream does to it
-        headers = _headers(request)
-        checksum = _checksum_header(headers)
+    def drop_first(attempt: Attempt) -> None:
+        checksum = _checksum_header(attempt.headers)
         attempts.append(
             (
-                len(memoryview(body)),
-                headers["content-length"],
-                f"{checksum}: {headers[checksum]}",
-                hasattr(body, "read"),
+                len(memoryview(attempt.body)),
+                attempt.headers["content-length"],
+                f"{checksum}: {attempt.headers[checksum]}",
+                hasattr(attempt.body, "read"),
             )
         )
         if len(attempts) == 1:
-            raise ConnectionClosedError(endpoint_url=request.url)
+            raise _dropped() if path == "lean" else ConnectionClosedError(endpoint_url="s3")
 
     async def main() -> None:
         tier = await CloudTier.open(config, retries=1, backoff=0)
+        Sends(tier, path).hooks.append(drop_first)
         try:
-            tier._client.meta.events.register("before-send.s3.PutObject", drop_first)
             await tier.write(d, given)
             assert await tier.read(d) == data
             assert tier.stats()["bytes_up"] == len(data)
@@ -385,9 +463,9 @@ def test_a_retry_resends_the_whole_buffer(s3: S3Fixture, kind: str, max_attempts
     assert attempts[0] == attempts[1] == (len(data), str(len(data)), attempts[0][2], False)
 
 
-@pytest.mark.parametrize("max_attempts", [1, 3])  # our retry, then botocore's own
+@pytest.mark.parametrize(("path", "max_attempts"), [("lean", 1), ("botocore", 1), ("botocore", 3)])
 def test_a_buffer_emptied_during_a_retry_is_still_sent_whole(
-    s3: S3Fixture, max_attempts: int
+    s3: S3Fixture, max_attempts: int, path: str
 ) -> None:
     """A caller that empties its bytearray while the upload waits for a retry: every attempt
     sends what the buffer held when ``write`` was called, so no empty (or short) object can
@@ -399,16 +477,16 @@ def test_a_buffer_emptied_during_a_retry_is_still_sent_whole(
     config = s3.s3_config(max_attempts=max_attempts)
     attempts: list[int] = []
 
-    def drop_and_empty(request: Any, **_: Any) -> None:
-        attempts.append(len(request.body or b""))
+    def drop_and_empty(attempt: Attempt) -> None:
+        attempts.append(len(attempt.body or b""))
         if len(attempts) == 1:
             del buf[:]
-            raise ConnectionClosedError(endpoint_url=request.url)
+            raise _dropped() if path == "lean" else ConnectionClosedError(endpoint_url="s3")
 
     async def main() -> None:
         tier = await CloudTier.open(config, retries=1, backoff=0)
+        Sends(tier, path).hooks.append(drop_and_empty)
         try:
-            tier._client.meta.events.register("before-send.s3.PutObject", drop_and_empty)
             await tier.write(d, buf)
             assert await tier.read(d) == data
         finally:
@@ -418,7 +496,8 @@ def test_a_buffer_emptied_during_a_retry_is_still_sent_whole(
     assert attempts == [len(data), len(data)]
 
 
-def test_only_what_hashes_to_its_name_is_uploaded(s3: S3Fixture) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_only_what_hashes_to_its_name_is_uploaded(s3: S3Fixture, path: str) -> None:
     """Empty or truncated buffers under a digest name, and streams, never reach S3; a chunk
     that really is empty does."""
     data = os.urandom(MiB)
@@ -426,13 +505,13 @@ def test_only_what_hashes_to_its_name_is_uploaded(s3: S3Fixture) -> None:
     config = s3.s3_config()
     sent: list[int] = []
 
-    def count(request: Any, **_: Any) -> None:
-        sent.append(len(request.body or b""))
+    def count(attempt: Attempt) -> None:
+        sent.append(len(attempt.body or b""))
 
     async def main() -> None:
         tier = await CloudTier.open(config)
+        Sends(tier, path).hooks.append(count)
         try:
-            tier._client.meta.events.register("before-send.s3.PutObject", count)
             for wrong in (b"", data[:-1], bytearray(len(data)), memoryview(data)[1:]):
                 with pytest.raises(ChunkCorrupt):
                     await tier.write(d, wrong)

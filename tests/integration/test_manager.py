@@ -216,7 +216,11 @@ def test_rss_stays_bounded_writing_and_reading_1_gib(tmp_path: Path, s3: Any) ->
     chunk = 4 * MiB
     total = 1 << 30
     cache = cache_config(
-        tmp_path / "nvme", chunk_size=chunk, nvme_capacity=2 << 30, upload_concurrency=8
+        tmp_path / "nvme",
+        chunk_size=chunk,
+        nvme_capacity=2 << 30,
+        upload_concurrency=8,
+        upload_memory=64 * MiB,  # what may wait in memory for S3; the bound below allows it
     )
     base = bytearray(os.urandom(chunk))
 

@@ -1156,6 +1156,42 @@ def test_write_back_uploads_from_memory_not_a_reread_of_nvme(tmp_path: Path) -> 
     run(main())
 
 
+@pytest.mark.parametrize("budget", [2, 6])
+def test_upload_memory_bounds_what_waits_in_memory(tmp_path: Path, budget: int) -> None:
+    """Six chunks written while S3 does not answer: the first ``budget`` of them (in chunks)
+    wait in memory, the rest are read back from NVMe when their upload starts; read-only
+    views (a sealed chunk) are kept as they are, not copied."""
+
+    async def main() -> None:
+        rig = Rig(tmp_path, upload_memory=budget * CHUNK)
+        datas = [chunk_bytes(f"budget{i}") for i in range(6)]
+        names = [digest(x) for x in datas]
+        rig.s3.block = asyncio.Event()
+        m = await rig.open(with_peer=False)
+        try:
+            views = [memoryview(x) for x in datas]  # read-only: bytes underneath
+            ever_kept: set[str] = set()  # (an upload worker may take a kept chunk meanwhile)
+            for name, view in zip(names, views, strict=True):
+                await m.write_chunk(name, view)
+                kept = m.writeback._upload_data
+                assert m.writeback._upload_bytes == len(kept) * CHUNK <= budget * CHUNK
+                if name in kept:
+                    assert kept[name] is view
+                ever_kept |= set(kept)
+            assert len(ever_kept) >= min(budget, 6)
+            rig.s3.block.set()
+            await m.flush(names, timeout=10)
+            assert [rig.s3.data[n] for n in names] == datas
+            assert rig.nvme.calls["read"] == 6 - len(ever_kept)
+            if budget < 6:
+                assert rig.nvme.calls["read"] > 0
+            assert m.writeback._upload_bytes == 0 and not m.writeback._upload_data
+        finally:
+            await m.close()
+
+    run(main())
+
+
 def test_unpublished_names_only_local_chunks_and_the_peer_id(tmp_path: Path) -> None:
     """What a manifest commit sends as ``holder``/``held`` in place of ``publish``: the same
     filter (on this NVMe, not in S3 yet), this node's peer id, and no request of its own."""

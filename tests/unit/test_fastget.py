@@ -36,7 +36,8 @@ def _with_server(
 
 
 def _get(client: FastGet, url: str, path: str) -> Awaitable[tuple[int, bytearray]]:
-    return client.get(
+    return client.request(  # type: ignore[return-value]
+        "GET",
         url,
         path,
         {"X-Test": "1"},

@@ -560,25 +560,33 @@ def resident_pages(path: str) -> int:
     return int(out.split()[0])
 
 
-def test_promotions_bypass_the_page_cache_writes_do_not(tmp_path: Path) -> None:
-    """``promote`` (a fetched chunk) writes with O_DIRECT: nothing of it lands in the page
-    cache, from a page-aligned receive buffer or from plain bytes (bounced), and it reads
-    back exactly, verified on a whole-chunk read; ``write`` (our own data) stays buffered."""
+def test_promotions_and_sealed_writes_bypass_the_page_cache_others_do_not(
+    tmp_path: Path,
+) -> None:
+    """``promote`` (a fetched chunk) writes with O_DIRECT, from a page-aligned receive buffer
+    or from plain bytes (bounced); ``write`` of a sealed chunk (``chunks.seal``: page-aligned,
+    read-only) too; ``write`` of other buffers stays buffered. Nothing written direct lands
+    in the page cache, everything reads back exactly, verified on a whole-chunk read."""
     size = 16 * CS + 123  # a partial last block too
     received = chunks.receive_buffer(size)
     received[:] = blob(21, size)
-    plain, written = blob(22, size), blob(23, size)
-    names = [digest(received), digest(plain), digest(written)]
+    plain, written, pieces = blob(22, size), blob(23, size), blob(25, size)
+    sealed = chunks.seal([pieces[:1000], memoryview(pieces)[1000:]], size)
+    assert sealed.readonly and sealed == pieces
+    assert chunks.page_aligned(sealed) and not chunks.page_aligned(written)
+    names = [digest(received), digest(plain), digest(sealed), digest(written)]
 
     async def body(tier: NvmeTier) -> None:
         assert tier.direct, "O_DIRECT must work on the test disk"
         await tier.promote(names[0], received)
         await tier.promote(names[1], plain)
-        await tier.write(names[2], written)
+        await tier.write(names[2], sealed)
+        await tier.write(names[3], written)
+        assert tier.stats()["direct_writes"] == 3
         paths = [tier.path_for(d) for d in names]
-        assert [resident_pages(p) for p in paths[:2]] == [0, 0]
-        assert resident_pages(paths[2]) > 0
-        for d, data in zip(names, (bytes(received), plain, written), strict=True):
+        assert [resident_pages(p) for p in paths[:3]] == [0, 0, 0]
+        assert resident_pages(paths[3]) > 0
+        for d, data in zip(names, (bytes(received), plain, pieces, written), strict=True):
             assert await tier.read(d) == data
             assert read_all(tier, d, size) == data
 
