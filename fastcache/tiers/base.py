@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -81,6 +82,11 @@ class LocalChunkStore(TierStorage, LocalChunkReader, Protocol):
 
     async def promote(self, digest: str, data: Buffer) -> None:
         """``write`` a verified chunk fetched from a lower tier (O_DIRECT where it can)."""
+        ...
+
+    def read_whole_soon(self, digest: str) -> Future[memoryview | None]:
+        """The whole chunk read from the disk on the tier's threads (``None``: not here),
+        for a sequential reader's read-ahead. Callable from any thread."""
         ...
 
     def pin(self, digest: str) -> None:

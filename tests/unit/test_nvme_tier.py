@@ -298,20 +298,47 @@ def test_one_policy_whole_chunks_are_verified_parts_are_not(tmp_path: Path) -> N
     run(tmp_path, body)
 
 
-def test_will_read_advises_cached_chunk_files(tmp_path: Path) -> None:
-    """``will_read`` hands the cached chunks' files to the kernel (WILLNEED) through the
-    descriptor cache, skips the others, and counts them."""
-    a, b = blob(11), blob(12)
+def test_read_whole_reads_a_chunk_from_the_disk_in_an_aligned_buffer(tmp_path: Path) -> None:
+    """``read_whole`` (a sequential reader's read-ahead): the exact bytes of a chunk of any
+    length (O_DIRECT into a page-aligned buffer, short at its end), ``None`` for a chunk not
+    here, counted; on the pool through ``read_whole_soon``."""
+    odd, full = blob(11, 3000), blob(12)
 
     async def body(tier: NvmeTier) -> None:
-        await tier.write(digest(a), a)
-        assert await tier.will_read([digest(a), digest(b)]) == 1
-        assert await tier.will_read([digest(b)]) == 0
-        assert tier.stats()["advised"] == 1
-        assert _open_chunk_files(tier) == [digest(a)]  # kept open for the reads to come
-        assert read_all(tier, digest(a)) == a
+        for data in (odd, full):
+            await tier.write(digest(data), data)
+            assert bytes(tier.read_whole(digest(data)) or b"") == data
+        view = tier.read_whole_soon(digest(full)).result(10)
+        assert view is not None and bytes(view) == full
+        assert tier.read_whole(digest(blob(13))) is None
+        stats = tier.stats()
+        assert stats["whole_reads"] == 3 and stats["misses"] == 1
+        assert stats["bytes_read"] == 3000 + 2 * CS
 
     run(tmp_path, body)
+
+
+def test_read_whole_hashes_where_a_part_would_be(tmp_path: Path) -> None:
+    """One policy: the read-ahead serves parts, so it is hashed only with --verify-cache
+    (or for a chunk unverified since a power cut); then a corrupt file is dropped."""
+    data = blob(14)
+    d = digest(data)
+
+    async def plain(tier: NvmeTier) -> None:
+        await tier.write(d, data)
+        corrupt(tier.path_for(d))
+        got = tier.read_whole(d)
+        assert got is not None and bytes(got) != data  # like a pread of a part
+        assert tier.stats()["corrupt"] == 0
+
+    async def verified(tier: NvmeTier) -> None:
+        await tier.write(d, data)
+        corrupt(tier.path_for(d))
+        assert tier.read_whole(d) is None
+        assert tier.stats()["corrupt"] == 1 and d not in tier
+
+    run(tmp_path / "plain", plain)
+    run(tmp_path / "verified", verified, verify_cache=True)
 
 
 # --- failures ----------------------------------------------------------------------------
