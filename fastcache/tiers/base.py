@@ -84,9 +84,9 @@ class LocalChunkStore(TierStorage, LocalChunkReader, Protocol):
         """``write`` a verified chunk fetched from a lower tier (O_DIRECT where it can)."""
         ...
 
-    def read_whole_soon(self, digest: str) -> Future[memoryview | None]:
-        """The whole chunk read from the disk on the tier's threads (``None``: not here),
-        for a sequential reader's read-ahead. Callable from any thread."""
+    def read_whole_soon(self, digest: str, direct: bool) -> Future[memoryview | None]:
+        """The whole chunk read on the tier's threads (``None``: not here), around the page
+        cache if ``direct``, for a sequential reader's read-ahead. Any thread."""
         ...
 
     def pin(self, digest: str) -> None:

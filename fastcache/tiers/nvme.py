@@ -424,20 +424,22 @@ class NvmeTier:
         counts[_BYTES] += n
         return n
 
-    def read_whole_soon(self, digest: str) -> Future[memoryview | None]:
+    def read_whole_soon(self, digest: str, direct: bool) -> Future[memoryview | None]:
         """``read_whole`` on the tier's pool: a sequential reader's next chunk, read while it
         is still busy with this one. Callable from any thread."""
-        return self._pool.submit(self.read_whole, digest)
+        return self._pool.submit(self.read_whole, digest, direct)
 
-    def read_whole(self, digest: str) -> memoryview | None:
-        """The whole chunk in a fresh page-aligned buffer, read from the disk with O_DIRECT
-        where the disk takes it; ``None`` if it is not here (or corrupt: deleted).
+    def read_whole(self, digest: str, direct: bool) -> memoryview | None:
+        """The whole chunk in a fresh page-aligned buffer, with one read; ``None`` if it is
+        not here (or corrupt: deleted).
 
         For a sequential reader through FUSE (``mount.stream``), which then serves its
-        requests from this buffer: one read per chunk instead of 32 ``pread``s of 128 KiB,
-        and no copy into the page cache and out of it again (a third of a warm read's CPU).
-        Hashed only where a partial read is too (``--verify-cache``, unverified chunks):
-        the reader still asks for parts of the chunk, and parts are not hashed.
+        requests from this buffer. ``direct``: read around the page cache (O_DIRECT, where
+        the disk takes it): no copy into the page cache and out of it again, a quarter of a
+        warm read's CPU, but the chunk is not in the page cache afterwards for the readers
+        that reach the chunk files (O_DIRECT readers of the mount). Hashed only where a
+        partial read is too (``--verify-cache``, unverified chunks): the reader still asks
+        for parts of the chunk, and parts are not hashed.
         """
         counts = self._reads.mine()
         size = self._indexed(digest, counts)
@@ -446,7 +448,7 @@ class NvmeTier:
         path = self._path(digest)
         buf = chunks.receive_buffer(-(-max(size, 1) // _BLOCK) * _BLOCK)
         try:
-            fd = os.open(path, _O_READ | (os.O_DIRECT if self.direct else 0))
+            fd = os.open(path, _O_READ | (os.O_DIRECT if direct and self.direct else 0))
         except FileNotFoundError:
             self._forget(digest)  # deleted or evicted under us: a miss after all
             counts[_MISSES] += 1
