@@ -34,13 +34,6 @@ API_VERSION = 2
 cdef extern from "<stdlib.h>" nogil:
     int posix_memalign(void **memptr, size_t alignment, size_t size)
 
-cdef extern from "<sys/uio.h>" nogil:
-    cdef struct iovec:
-        void *iov_base
-        size_t iov_len
-    ssize_t preadv2(int fd, const iovec *iov, int iovcnt, off_t offset, int flags)
-    enum: RWF_NOWAIT
-
 cdef extern from "<sys/vfs.h>" nogil:
     cdef struct statfs_t "statfs":
         long f_type
@@ -50,7 +43,6 @@ cdef enum:
     BLOCK = 4096                      # O_DIRECT alignment of offsets, lengths and addresses
     SCRATCH_MAX = 4 * 1024 * 1024     # per-thread bounce buffer for O_DIRECT writes
     SPARES = 8                        # freed receive buffers kept for reuse (see below)
-    NOWAIT_MAX = 64 * 1024            # pread_fd: reads up to this size try the page cache first
     TMPFS_MAGIC = 0x01021994
     RAMFS_MAGIC = 0x858458F6
 
@@ -368,33 +360,18 @@ def write_file_atomic(path, const unsigned char[::1] buf, bint direct, bint sync
 
 
 def pread_fd(int fd, off_t offset, unsigned char[::1] out) -> int:
-    """Read up to ``len(out)`` bytes at ``offset`` of ``fd`` into ``out``; short only at EOF.
-
-    A small read (up to ``NOWAIT_MAX``) first asks the page cache alone (``RWF_NOWAIT``)
-    with the GIL held: a cached 4 KiB read takes a few microseconds, less than handing the
-    GIL to another thread and waiting to get it back. Whatever the cache did not hold is
-    read with the GIL released, as every larger read is.
-    """
+    """Read up to ``len(out)`` bytes at ``offset`` of ``fd`` into ``out``; short only at EOF."""
     cdef unsigned char *dst = _wptr(out)
     cdef size_t n = <size_t>out.shape[0]
-    cdef ssize_t got, done = 0
+    cdef ssize_t got
     cdef int err = 0
-    cdef iovec iov
     if offset < 0:
         raise ValueError(f"negative offset: {offset}")
-    if 0 < n <= NOWAIT_MAX:
-        iov.iov_base = dst
-        iov.iov_len = n
-        got = preadv2(fd, &iov, 1, offset, RWF_NOWAIT)
-        if <size_t>got == n:
-            return got
-        if got > 0:
-            done = got
     with nogil:
-        got = _pread_all(fd, dst + done, n - <size_t>done, offset + done, &err)
+        got = _pread_all(fd, dst, n, offset, &err)
     if got < 0:
         raise _oserror(err, None)
-    return done + got
+    return got
 
 
 def pread_into(path, off_t offset, unsigned char[::1] out) -> int:

@@ -332,30 +332,6 @@ def test_io_releases_the_gil(tmp_path: Path) -> None:
     assert releases_gil(lambda: _nvme.write_file_atomic(tmp_path / "w", data, False), 50)
 
 
-def test_pread_fd_keeps_the_gil_for_a_small_read_the_page_cache_holds(tmp_path: Path) -> None:
-    """A small read the page cache holds is served with the GIL held (``RWF_NOWAIT``: no
-    hand-over to another thread and back); a large one, and one the cache does not hold,
-    release it; every one exact, short at the end of the file."""
-    data = payload(MiB, seed=7)
-    path = tmp_path / "chunk"
-    path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        out = bytearray(4096)
-        assert _nvme.pread_fd(fd, 8192, out) == 4096  # in the page cache now
-        assert not releases_gil(lambda: _nvme.pread_fd(fd, 8192, out), 200)
-        assert bytes(out) == data[8192:12288]
-        big = bytearray(MiB)
-        assert releases_gil(lambda: _nvme.pread_fd(fd, 0, big))
-        assert bytes(big) == data
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # out of the cache: from the disk
-        assert _nvme.pread_fd(fd, MiB - 100, out) == 100
-        assert bytes(out[:100]) == data[-100:]
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
 def test_failure_mid_write_raises_errno_and_cleans_up(tmp_path: Path, direct: bool) -> None:
     """A write that fails half-way (here: the file-size limit, EFBIG, standing in for ENOSPC)
