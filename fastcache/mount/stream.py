@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import os
 import threading
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 
 from fastcache.chunks import Manifest
 from fastcache.errors import FastcacheError
@@ -94,6 +94,8 @@ class ChunkStream:
             return None
         try:
             data = future.result()
+        except CancelledError:  # closed meanwhile (another request of the handle seeked)
+            return None
         except FastcacheError:  # an NVMe error: the usual read path tries again and reports
             data = None
         if index > self._current[0]:

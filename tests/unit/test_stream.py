@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 from fastcache.chunks import Manifest, digest
@@ -57,3 +59,48 @@ def test_a_stream_reads_the_next_chunks_whole_and_frees_its_slot(tmp_path: Path)
     assert ChunkStream(
         big, NvmeTier(CacheConfig(nvme_dir=tmp_path, chunk_size=CS)), StreamSlots(CS)
     ).direct
+
+
+class _Awaited(Future[memoryview | None]):
+    """A read that never finishes on its own and tells when someone waits for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.awaited = threading.Event()
+
+    def result(self, timeout: float | None = None) -> memoryview | None:
+        self.awaited.set()
+        return super().result(timeout)
+
+
+class _SlowTier:
+    """An NVMe tier whose whole-chunk reads never finish on their own."""
+
+    def __init__(self) -> None:
+        self.started: list[_Awaited] = []
+
+    def chunk_size(self, digest: str) -> int | None:
+        return CS
+
+    def read_whole_soon(self, digest: str, direct: bool) -> Future[memoryview | None]:
+        future = _Awaited()
+        self.started.append(future)
+        return future
+
+
+def test_a_reader_waiting_on_a_stream_closed_under_it_reads_on_without_an_error() -> None:
+    """Another request of the same handle seeks and closes the stream while this one waits
+    for a chunk read ahead: it gets ``None`` (and reads the chunk file itself), not EIO."""
+    tier = _SlowTier()
+    manifest = Manifest(size=4 * CS, chunk_size=CS, chunks=[digest(bytes([i])) for i in range(4)])
+    slots = StreamSlots(CS)
+    assert slots.take()
+    stream = ChunkStream(manifest, tier, slots)  # type: ignore[arg-type]
+    assert stream.chunk(0) is None and len(tier.started) == DEPTH
+    result: dict[str, object] = {}
+    waiting = threading.Thread(target=lambda: result.update(got=stream.chunk(1)))
+    waiting.start()
+    assert tier.started[0].awaited.wait(10)
+    stream.close()
+    waiting.join(10)
+    assert not waiting.is_alive() and result == {"got": None}
