@@ -30,9 +30,6 @@ log = logging.getLogger("fastcache.manager")
 _LOCAL_SAMPLE_EVERY = 16  # NVMe hits: time one in this many
 _MIN_WINDOW = 4  # read-ahead chunks a sequential stream may always reach
 _STREAMS = 64  # read-ahead windows remembered (sequential streams)
-_ADVISE_AHEAD = 2  # chunk files on NVMe a sequential reader's kernel read-ahead covers
-_ADVISED = 256  # chunks advised lately (at most), not advised again ...
-_ADVISE_AGAIN = 10.0  # ... within this many seconds
 
 
 class RecentChunks:
@@ -111,7 +108,6 @@ class ChunkReader:
         # index, window]. A stream that keeps going gets a deeper window (up to
         # ``fetch_concurrency`` chunks), so that many fetches stay in flight.
         self._streams: OrderedDict[int, list[Any]] = OrderedDict()
-        self._advised: OrderedDict[str, float] = OrderedDict()  # will_read lately: when
         self.recent = RecentChunks(
             (max(ctx.config.fetch_concurrency, _MIN_WINDOW) + 8) * ctx.config.chunk_size
         )
@@ -194,10 +190,9 @@ class ChunkReader:
         return b"".join(parts)
 
     def prefetch(self, manifest: Manifest, first_index: int, count: int) -> None:
-        """Fetch and promote, in the background, the chunks not on NVMe; have the kernel
-        read the next ``_ADVISE_AHEAD`` of those on NVMe into the page cache (our preads are
-        all it sees of a sequential reader: its own read-ahead stays within one chunk file,
-        128 KiB ahead). Loop thread only.
+        """Fetch and promote, in the background, the chunks not on NVMe (those on NVMe a
+        sequential reader through FUSE reads whole ahead itself: ``mount.stream``). Loop
+        thread only.
 
         ``count`` is where a stream's window starts: called again for the next chunks of the
         same manifest, the window doubles up to ``fetch_concurrency`` chunks (a cold
@@ -207,9 +202,7 @@ class ChunkReader:
         if self._ctx.closed or count <= 0:
             return
         window = self._window(manifest, first_index, count)
-        advise: list[str] = []
         nvme = self._ctx.nvme
-        now = loop.time()
         for index in range(max(0, first_index), min(first_index + window, len(manifest.chunks))):
             name = manifest.chunks[index]
             if name in self._prefetches or name in self._fetches or name in self._through:
@@ -219,25 +212,10 @@ class ChunkReader:
             if name in self._promoting or name in self.recent:
                 continue
             if nvme.chunk_size(name) is not None:
-                if index < first_index + _ADVISE_AHEAD and self._advise(name, now):
-                    advise.append(name)
                 continue
             task = loop.create_task(self._prefetch_one(name))
             self._prefetches[name] = task
             task.add_done_callback(lambda t, n=name: self._forget(self._prefetches, n, t))
-        if advise:
-            self._ctx.spawn(nvme.will_read(advise))
-
-    def _advise(self, name: str, now: float) -> bool:
-        """Whether to advise ``name`` now (not advised within ``_ADVISE_AGAIN`` s); noted."""
-        last = self._advised.get(name)
-        if last is not None and now - last < _ADVISE_AGAIN:
-            return False
-        self._advised.pop(name, None)
-        self._advised[name] = now
-        while len(self._advised) > _ADVISED:
-            self._advised.popitem(last=False)
-        return True
 
     def _window(self, manifest: Manifest, first_index: int, count: int) -> int:
         """The read-ahead window of the stream reading ``manifest`` now at ``first_index``."""

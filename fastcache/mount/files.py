@@ -58,6 +58,7 @@ from fastcache.chunks import Buffer, Manifest, digest, seal
 from fastcache.coordinator.model import MAX_LOCATION_BATCH, hole_digest, max_file_size
 from fastcache.errors import Conflict, FastcacheError, NotFound, PayloadTooLarge, TierUnavailable
 from fastcache.journal import PendingCommits
+from fastcache.mount.stream import STREAK, ChunkStream, StreamSlots
 
 if TYPE_CHECKING:
     from fastcache.cache.manager import CacheManager
@@ -224,7 +225,17 @@ class OpenFile:
 class Handle:
     """One FUSE file handle: its open flags and the manifest snapshot it reads."""
 
-    __slots__ = ("append", "fh", "file", "generation", "manifest", "next_off", "prefetched")
+    __slots__ = (
+        "append",
+        "fh",
+        "file",
+        "generation",
+        "manifest",
+        "next_off",
+        "prefetched",
+        "streak",
+        "stream",
+    )
 
     def __init__(self, fh: int, file: OpenFile, flags: int) -> None:
         self.fh = fh
@@ -234,6 +245,8 @@ class Handle:
         self.generation = file.generation
         self.next_off = 0
         self.prefetched = -1
+        self.streak = 0  # sequential requests in a row
+        self.stream: ChunkStream | None = None  # whole chunks read ahead (``mount.stream``)
 
 
 class FileTable:
@@ -274,6 +287,8 @@ class FileTable:
         self._read_local = manager.read_local  # bound once: the hit path is a few lookups
         self._recent = manager.recent_chunk
         self._hole = hole_digest(chunk_size)
+        self._nvme = manager.nvme
+        self._streams = StreamSlots(chunk_size)
         # commits the coordinator has not acknowledged: ino → file (holding one ref)
         self._owed: dict[int, OpenFile] = {}
         self._retry_wake = threading.Event()
@@ -400,6 +415,8 @@ class FileTable:
         """Commit what is left and close the handle."""
         with self._lock:
             handle = self._handles.pop(fh)
+        if handle.stream is not None:
+            handle.stream.close()  # its buffers go; its slot is free for another reader
         try:
             return self.commit(handle.file)
         finally:
@@ -479,7 +496,8 @@ class FileTable:
 
         The NVMe hit returns a view of this thread's buffer, valid until the thread's next
         read (llfuse replies before its worker takes another request); a chunk fetched a
-        moment ago (a cold sequential reader's), a view of its bytes in memory.
+        moment ago (a cold sequential reader's) or read whole ahead of a sequential reader
+        (``ChunkStream``), a view of its bytes in memory.
         """
         handle = self._handles[fh]
         file = handle.file
@@ -491,6 +509,15 @@ class FileTable:
             return b""
         if size > left:
             size = left
+        sequential = abs(off - handle.next_off) < SEQUENTIAL_WINDOW
+        if sequential:
+            handle.streak += 1
+        else:
+            handle.streak = 0
+            stream = handle.stream
+            if stream is not None:  # a seek: its read-ahead is of no use now
+                handle.stream = None
+                stream.close()
         cs = manifest.chunk_size
         index = off // cs
         inner = off - index * cs
@@ -500,7 +527,10 @@ class FileTable:
             if name == self._hole:
                 return bytes(size)
             recent = self._recent(name)
-            if recent is not None:  # fetched a moment ago: a view of it, no copy
+            stream = handle.stream
+            if recent is None and stream is not None:
+                recent = stream.chunk(index)
+            if recent is not None:  # fetched or read ahead: a view of it, no copy
                 view = memoryview(recent)[inner : inner + size]
                 hit = len(view) == size
             else:
@@ -512,12 +542,12 @@ class FileTable:
                     view = self._buffer(size)
                 hit = self._read_local(name, inner, view) == size
             if hit:
-                if index != handle.prefetched and abs(off - handle.next_off) < SEQUENTIAL_WINDOW:
+                if index != handle.prefetched and sequential:
                     self._readahead(handle, index)
                 handle.next_off = off + size
                 return view
         # Read ahead before waiting for this read: the next chunks' fetches overlap it.
-        if abs(off - handle.next_off) < SEQUENTIAL_WINDOW and manifest.lengths is None:
+        if sequential and manifest.lengths is None:
             last = (off + size - 1) // cs
             if last != handle.prefetched:
                 self._readahead(handle, last)
@@ -532,8 +562,20 @@ class FileTable:
         return view[:size]
 
     def _readahead(self, handle: Handle, index: int) -> None:
+        """The reader reached chunk ``index`` sequentially: fetch the next chunks missing
+        from NVMe; read those on NVMe whole ahead of it (its stream, once it has read
+        ``STREAK`` requests in a row)."""
         handle.prefetched = index
-        if self.readahead > 0 and index + 1 < len(handle.manifest.chunks):
+        if index + 1 >= len(handle.manifest.chunks):
+            return
+        if handle.stream is None and handle.streak >= STREAK:
+            with self._lock:  # two workers may serve the same handle: one stream
+                if handle.stream is None and self._streams.take():
+                    handle.stream = ChunkStream(handle.manifest, self._nvme, self._streams)
+            stream = handle.stream
+            if stream is not None:
+                stream.chunk(index)  # starts reading the next ones
+        if self.readahead > 0:
             self.call.soon(self.manager.prefetch, handle.manifest, index + 1, self.readahead)
 
     def _read_staged(self, file: OpenFile, off: int, size: int) -> bytes:

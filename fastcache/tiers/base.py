@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -81,6 +82,11 @@ class LocalChunkStore(TierStorage, LocalChunkReader, Protocol):
 
     async def promote(self, digest: str, data: Buffer) -> None:
         """``write`` a verified chunk fetched from a lower tier (O_DIRECT where it can)."""
+        ...
+
+    def read_whole_soon(self, digest: str, direct: bool) -> Future[memoryview | None]:
+        """The whole chunk read on the tier's threads (``None``: not here), around the page
+        cache if ``direct``, for a sequential reader's read-ahead. Any thread."""
         ...
 
     def pin(self, digest: str) -> None:

@@ -43,6 +43,8 @@ its digest (``read``, and ``read_into`` from offset 0 with room for all of it: t
 API, small files through FUSE); a part of a chunk is not hashed (it cannot be without
 reading the rest), except with ``--verify-cache`` or while the chunk is unverified after a
 power cut. A mismatch deletes the file and reads as a miss, so the caller refetches it.
+``read_whole`` (a sequential reader's read-ahead through FUSE, which then serves parts of
+the chunk) follows the part rule.
 """
 
 from __future__ import annotations
@@ -58,8 +60,7 @@ import resource
 import shutil
 import threading
 from collections import OrderedDict
-from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +81,8 @@ log = logging.getLogger("fastcache.client.nvme")
 _FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 FD_CACHE = 1024  # chunk files kept open for the hit path (at most 1/8 of RLIMIT_NOFILE)
 _O_READ = os.O_RDONLY | os.O_CLOEXEC
-_HITS, _MISSES, _BYTES, _ADVISED = 0, 1, 2, 3  # PerThread slots of ``NvmeTier._reads``
+_HITS, _MISSES, _BYTES, _WHOLE = 0, 1, 2, 3  # PerThread slots of ``NvmeTier._reads``
+_BLOCK = 4096  # O_DIRECT alignment of buffer addresses and lengths
 STATE_FILE = "nvme-state.json"  # boot id at open, clean close, chunks left to verify
 BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 RESERVE_MAX = 1 << 30  # disk space never claimed by the clamp: max(chunk, 1% of disk), <= 1 GiB
@@ -164,7 +166,7 @@ class NvmeTier:
         self._chunk_root = str(self.chunk_dir)
         self._used = 0
         self._reserved = 0
-        self._reads = PerThread("hits", "misses", "bytes_read", "advised")
+        self._reads = PerThread("hits", "misses", "bytes_read", "whole_reads")
         self._local = self._reads.local  # the hit path's own counters: .counts
         self._bytes_written = 0
         self._direct_writes = 0  # chunk files written with O_DIRECT
@@ -417,31 +419,57 @@ class NvmeTier:
         counts[_BYTES] += n
         return n
 
-    async def will_read(self, digests: Iterable[str]) -> int:
-        """Tell the kernel these chunk files are about to be read (a sequential reader is
-        coming): ``POSIX_FADV_WILLNEED`` starts reading each whole file into the page cache
-        in the background, so the reader's preads find it there instead of waiting on the
-        disk 128 KiB at a time. Chunks not cached here are skipped; the number advised."""
-        names = [d for d in digests if d in self._index]
-        if not names:
-            return 0
-        return int(await self._run(self._advise_sync, names))
+    def read_whole_soon(self, digest: str, direct: bool) -> Future[memoryview | None]:
+        """``read_whole`` on the tier's pool: a sequential reader's next chunk, read while it
+        is still busy with this one. Callable from any thread."""
+        return self._pool.submit(self.read_whole, digest, direct)
 
-    def _advise_sync(self, names: list[str]) -> int:
-        advised = 0
-        for digest in names:
-            entry = self._open_fd(digest)  # cached for the reads to come (once a chunk)
-            if entry is None:
-                continue
-            try:
-                os.posix_fadvise(entry.fd, 0, 0, os.POSIX_FADV_WILLNEED)
-                advised += 1
-            except OSError as exc:  # advice only: the read itself reports real trouble
-                log.debug("WILLNEED on chunk %s failed: %s", digest, exc)
-            finally:
-                entry.leave()
-        self._reads.mine()[_ADVISED] += advised
-        return advised
+    def read_whole(self, digest: str, direct: bool) -> memoryview | None:
+        """The whole chunk in a fresh page-aligned buffer, with one read; ``None`` if it is
+        not here (or corrupt: deleted).
+
+        For a sequential reader through FUSE (``mount.stream``), which then serves its
+        requests from this buffer. ``direct``: read around the page cache (O_DIRECT, where
+        the disk takes it): no copy into the page cache and out of it again, a quarter of a
+        warm read's CPU, but the chunk is not in the page cache afterwards for the readers
+        that reach the chunk files (O_DIRECT readers of the mount). Hashed only where a
+        partial read is too (``--verify-cache``, unverified chunks): the reader still asks
+        for parts of the chunk, and parts are not hashed.
+        """
+        counts = self._reads.mine()
+        size = self._indexed(digest, counts)
+        if size is None:
+            return None
+        path = self._path(digest)
+        buf = chunks.receive_buffer(-(-max(size, 1) // _BLOCK) * _BLOCK)
+        try:
+            fd = os.open(path, _O_READ | (os.O_DIRECT if direct and self.direct else 0))
+        except FileNotFoundError:
+            self._forget(digest)  # deleted or evicted under us: a miss after all
+            counts[_MISSES] += 1
+            return None
+        except OSError as exc:
+            self._count_error()
+            raise _tier_error(exc, f"opening chunk {digest}") from exc
+        try:
+            n = _read_direct(fd, buf)
+        except OSError as exc:
+            self._count_error()
+            raise _tier_error(exc, f"reading chunk {digest}") from exc
+        finally:
+            os.close(fd)
+        data = buf[:n]
+        if n != size or (
+            (self.verify_reads or digest in self._unverified) and chunks.digest(data) != digest
+        ):
+            self._drop_corrupt(digest, path)
+            counts[_MISSES] += 1
+            return None
+        self._verified(digest)
+        counts[_HITS] += 1
+        counts[_BYTES] += n
+        counts[_WHOLE] += 1
+        return data
 
     def _open_fd(self, digest: str) -> _OpenChunk | None:
         """Open ``digest``'s file for the hit path and cache it (in use once); ``None`` if gone."""
@@ -470,13 +498,20 @@ class NvmeTier:
             os.close(old)
         return entry
 
-    def _read_verified(self, digest: str, offset: int, out: memoryview) -> int | None:
-        counts = self._reads.mine()
+    def _indexed(self, digest: str, counts: list[int]) -> int | None:
+        """The chunk's size, marked used; ``None`` (a miss, counted) if it is not here."""
         size = self._index.get(digest)
         if size is None:
             counts[_MISSES] += 1
             return None
         self._touched.add(digest)
+        return size
+
+    def _read_verified(self, digest: str, offset: int, out: memoryview) -> int | None:
+        counts = self._reads.mine()
+        size = self._indexed(digest, counts)
+        if size is None:
+            return None
         n = max(0, min(len(out), size - offset))
         path = self._path(digest)
         try:
@@ -774,7 +809,7 @@ class NvmeTier:
                 "hits": reads["hits"],
                 "misses": reads["misses"],
                 "bytes_read": reads["bytes_read"],
-                "advised": reads["advised"],
+                "whole_reads": reads["whole_reads"],
                 "bytes_written": self._bytes_written,
                 "evictions": self._evictions,
                 "corrupt": self._corrupt,
@@ -845,6 +880,21 @@ class NvmeTier:
     def _count_error(self) -> None:
         with self._lock:
             self._errors += 1
+
+
+def _read_direct(fd: int, buf: memoryview) -> int:
+    """Fill ``buf`` from the start of ``fd`` (maybe O_DIRECT); short only at end of file.
+
+    A direct read may stop at a block boundary (then the next one starts aligned) and stops
+    at the end of the file, where the offset is no longer aligned: a short, unaligned
+    read is the end."""
+    done = 0
+    while done < len(buf):
+        got = os.preadv(fd, [buf[done:]], done)
+        done += got
+        if got == 0 or done % _BLOCK:
+            break
+    return done
 
 
 def _boot_id() -> str:

@@ -1,6 +1,7 @@
 """The read path through a real mount: a frozen or dead peer never stalls a read beyond the
 hedge delay plus one S3 fetch; reads return exactly the bytes written around every chunk and
-page boundary; a chunk file corrupted on NVMe is caught and refetched; a cold sequential read
+page boundary; a chunk file corrupted on NVMe is caught and refetched; a sequential reader
+gets the chunks ahead of it read whole; a cold sequential read
 from S3 (read-ahead across chunk boundaries, promotion to NVMe) is byte-exact, fetches every
 chunk once, and a read-ahead fetch that fails fails no other read."""
 
@@ -203,22 +204,34 @@ def test_a_chunk_corrupted_on_nvme_is_caught_on_a_whole_chunk_read(
         assert nvme_stats(node)["corrupt"] == before["tiers"]["nvme"]["tier"]["corrupt"] + 1
 
 
-def test_a_sequential_reader_has_the_next_chunk_files_advised(one_node: MountCluster) -> None:
-    """Read-ahead for chunks already on NVMe: a sequential reader through the mount gets the
-    next chunk files handed to the kernel (WILLNEED), each once."""
+def test_a_sequential_reader_gets_the_next_chunks_read_whole(one_node: MountCluster) -> None:
+    """Read-ahead for chunks already on NVMe: once a reader through the mount has gone
+    1 MiB in order, the chunks ahead of it are read whole (one O_DIRECT read each) and its
+    128 KiB requests served from those buffers, byte-exact; a seek drops that read-ahead
+    and the reads stay exact; a closed handle frees its place for the next reader."""
     node = one_node.nodes[0]
-    data = os.urandom(6 * CHUNK)
+    data = os.urandom(6 * CHUNK + 5000)  # the last chunk short: not a multiple of a block
     write_durably(node, "sequential", data)
     path = node.mnt / "sequential"
-    before = nvme_stats(node)["advised"]
+    step = 128 << 10
+    before = nvme_stats(node)["whole_reads"]
+    assert read_sequentially(path, len(data), step) == data
+    # the stream starts in chunk 1 (after 8 requests) and reads chunks 2..6 ahead
+    assert nvme_stats(node)["whole_reads"] == before + 5
     fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
     try:
-        got = b"".join(os.pread(fd, 128 << 10, off) for off in range(0, len(data), 128 << 10))
+        order = [*range(0, 3 * CHUNK, step), 5 * CHUNK, CHUNK - step, 6 * CHUNK, 2 * CHUNK]
+        for off in order:  # in order into chunk 2, then seeks back and forth
+            assert os.pread(fd, step, off) == data[off : off + step], off
     finally:
         os.close(fd)
-    assert got == data
-    # chunks 1..5 advised as the reader reached the chunk before each (chunk 0 is read first)
-    wait_until(lambda: nvme_stats(node)["advised"] == before + 5, 30, message="advised")
+    # more readers, one after the other, than the node has room for at once: each closed
+    # handle gave its place back, so the last one still gets its chunks read ahead (2..5:
+    # two ahead of chunk 3, where it stops)
+    for _ in range(70):
+        before = nvme_stats(node)["whole_reads"]
+        assert read_sequentially(path, 4 * CHUNK, step) == data[: 4 * CHUNK]
+    assert nvme_stats(node)["whole_reads"] == before + 4
 
 
 def cold_reader(mc: MountCluster, files: dict[str, bytes]) -> Node:

@@ -298,20 +298,72 @@ def test_one_policy_whole_chunks_are_verified_parts_are_not(tmp_path: Path) -> N
     run(tmp_path, body)
 
 
-def test_will_read_advises_cached_chunk_files(tmp_path: Path) -> None:
-    """``will_read`` hands the cached chunks' files to the kernel (WILLNEED) through the
-    descriptor cache, skips the others, and counts them."""
-    a, b = blob(11), blob(12)
+def _in_page_cache(path: str) -> bool:
+    """Whether the first page of ``path`` is in the page cache (a read that may not wait)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.preadv(fd, [bytearray(4096)], 0, os.RWF_NOWAIT)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
+def _drop_from_page_cache(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_read_whole_reads_a_chunk_through_the_page_cache_or_around_it(tmp_path: Path) -> None:
+    """``read_whole`` (a sequential reader's read-ahead): the exact bytes of a chunk of any
+    length (short at its end), ``None`` for a chunk not here, counted; through the page
+    cache (the chunk stays there) or, ``direct``, around it (O_DIRECT: it does not)."""
+    odd, full = blob(11, 3000), blob(12)
 
     async def body(tier: NvmeTier) -> None:
-        await tier.write(digest(a), a)
-        assert await tier.will_read([digest(a), digest(b)]) == 1
-        assert await tier.will_read([digest(b)]) == 0
-        assert tier.stats()["advised"] == 1
-        assert _open_chunk_files(tier) == [digest(a)]  # kept open for the reads to come
-        assert read_all(tier, digest(a)) == a
+        for data in (odd, full):
+            await tier.write(digest(data), data)
+            path = tier.path_for(digest(data))
+            for direct in (True, False):
+                _drop_from_page_cache(path)
+                assert bytes(tier.read_whole(digest(data), direct) or b"") == data
+                assert _in_page_cache(path) == (not direct or not tier.direct), direct
+        view = tier.read_whole_soon(digest(full), True).result(10)
+        assert view is not None and bytes(view) == full
+        assert tier.read_whole(digest(blob(13)), False) is None
+        stats = tier.stats()
+        assert stats["whole_reads"] == 5 and stats["misses"] == 1
+        assert stats["bytes_read"] == 2 * 3000 + 3 * CS
 
     run(tmp_path, body)
+
+
+def test_read_whole_hashes_where_a_part_would_be(tmp_path: Path) -> None:
+    """One policy: the read-ahead serves parts, so it is hashed only with --verify-cache
+    (or for a chunk unverified since a power cut); then a corrupt file is dropped."""
+    data = blob(14)
+    d = digest(data)
+
+    async def plain(tier: NvmeTier) -> None:
+        await tier.write(d, data)
+        corrupt(tier.path_for(d))
+        got = tier.read_whole(d, True)
+        assert got is not None and bytes(got) != data  # like a pread of a part
+        assert tier.stats()["corrupt"] == 0
+
+    async def verified(tier: NvmeTier) -> None:
+        await tier.write(d, data)
+        corrupt(tier.path_for(d))
+        assert tier.read_whole(d, False) is None
+        assert tier.stats()["corrupt"] == 1 and d not in tier
+
+    run(tmp_path / "plain", plain)
+    run(tmp_path / "verified", verified, verify_cache=True)
 
 
 # --- failures ----------------------------------------------------------------------------
