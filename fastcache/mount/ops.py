@@ -6,9 +6,11 @@ coordinator, ``llfuse.lock_released`` around the data path in ``mount.files.File
 decorator, ``_handler``, turns every exception into a ``FUSEError`` through
 ``errors.errno_for``: anything else escaping a handler would stop the mount loop.
 
-Inode numbers are the coordinator's. Close-to-open consistency: ``open`` always asks the
-coordinator for the current manifest and drops the kernel's cached pages when another node
-changed the file since this node last read it; ``flush`` (every ``close``) commits.
+Inode numbers are the coordinator's. Close-to-open consistency: ``open`` takes the current
+manifest from the lease this node holds on the file's attributes (another node's commit is
+pushed here, dropping them, before it is acknowledged), else asks the coordinator, and drops
+the kernel's cached pages when another node changed the file since this node last read it;
+``flush`` (every ``close`` of a handle that may have changed the file) commits.
 """
 
 from __future__ import annotations
@@ -408,10 +410,14 @@ class Operations(llfuse.Operations):
                 self._misses.clear()
         self._misses[parent] = (count + 1, until)
 
-    def _committed(self, attrs: InodeAttrs | None) -> None:
-        """New content committed by this node: its page cache already holds it."""
+    def _committed(self, attrs: InodeAttrs | None, epoch: int | None = None) -> None:
+        """New content committed by this node: its page cache already holds it. Kept on the
+        lease this node holds on the file's attributes (the coordinator does not push a
+        change to its author, nor drop the author's lease), unless an invalidation came in
+        since ``epoch`` (taken before the commit): then only for one ttl."""
         if attrs is not None:
-            self.meta.put(attrs)
+            until = self.meta.lease_until(attrs.ino) if epoch == self._epoch else None
+            self.meta.put(attrs, until)
             self.meta.data_follows(attrs.ino, _data_key(attrs))
 
     # --- names -----------------------------------------------------------------------------
@@ -639,7 +645,7 @@ class Operations(llfuse.Operations):
     @_handler
     def open(self, inode: int, flags: int, ctx: Any) -> int:
         known = self.meta.get(inode)  # what the kernel may have been told (lookup, listing)
-        attrs = self.meta.put(self._wait(self.ns.getattr(inode)))
+        attrs = self._open_attrs(inode)
         changed = self.meta.data_changed(inode, _data_key(attrs))
         if known is not None and _data_key(known) != _data_key(attrs):
             changed = True  # e.g. listed before another node's commit: a stale size
@@ -648,16 +654,29 @@ class Operations(llfuse.Operations):
             now = time.time_ns()
             latest = self.atimes.latest(inode, attrs.atime_ns)
             if latest != attrs.atime_ns:  # a read here the coordinator has not heard of yet
-                attrs = self.meta.put(dataclasses.replace(attrs, atime_ns=latest))
+                attrs = self.meta.amend(dataclasses.replace(attrs, atime_ns=latest))
             if relatime_due(attrs, now):  # noted here, sent in the next batch
                 self.atimes.note(inode, now)
-                attrs = self.meta.put(dataclasses.replace(attrs, atime_ns=now))
+                attrs = self.meta.amend(dataclasses.replace(attrs, atime_ns=now))
                 accessed = True
         if (changed or accessed) and self.mounted:
             with llfuse.lock_released:
                 self.kernel.invalidate(inode, attr_only=not changed)
         with llfuse.lock_released:
             return self.files.open(inode, flags, attrs)
+
+    def _open_attrs(self, ino: int) -> InodeAttrs:
+        """Attributes with the manifest, as an open needs them (close-to-open): from a lease
+        this node holds on them (another node's commit is pushed here, dropping them, before
+        it is acknowledged), without a round trip; else asked for, and leased."""
+        if self.session is None:
+            return self.meta.put(self._wait(self.ns.getattr(ino)))
+        held = self.meta.leased(ino)
+        if held is not None and (held.manifest is not None or held.size == 0):
+            return held  # a listing's compact rows carry no manifest: those are asked for
+        epoch = self._epoch
+        leased = self._wait(self.session.getattr_leased(ino))
+        return self.meta.put(leased.value, self._until(leased.deadline, epoch))
 
     @_handler
     def create(
@@ -708,21 +727,24 @@ class Operations(llfuse.Operations):
 
     @_handler
     def flush(self, fh: int) -> None:
+        epoch = self._epoch
         with llfuse.lock_released:
             attrs = self.files.flush(fh)
-        self._committed(attrs)
+        self._committed(attrs, epoch)
 
     @_handler
     def release(self, fh: int) -> None:
+        epoch = self._epoch
         with llfuse.lock_released:
             attrs = self.files.release(fh)
-        self._committed(attrs)
+        self._committed(attrs, epoch)
 
     @_handler
     def fsync(self, fh: int, datasync: bool) -> None:
+        epoch = self._epoch
         with llfuse.lock_released:
             attrs = self.files.fsync(fh)
-        self._committed(attrs)
+        self._committed(attrs, epoch)
 
     # --- the rest --------------------------------------------------------------------------
     @_handler
