@@ -49,7 +49,7 @@ from fastcache.mount.notify import KernelNotifier
 if TYPE_CHECKING:
     from fastcache.cache.manager import CacheManager
     from fastcache.coordinator.client import CoordinatorClient
-    from fastcache.coordinator.model import InodeAttrs
+    from fastcache.coordinator.model import Entry, InodeAttrs
 
 log = logging.getLogger("fastcache.fuse")
 _lock_released = llfuse.lock_released
@@ -367,13 +367,26 @@ class Operations(llfuse.Operations):
         self._misses[parent] = (count + 1, until)  # once per window
         offset = 0
         for _ in range(PREFETCH_BATCHES):
-            entries = self._wait(self.ns.readdir(parent, offset, READDIR_BATCH))
+            entries, lease = self._listing(parent, offset)
             for e in entries:
-                self.meta.bind(parent, e.name, self.meta.put(e.attrs).ino)
+                self.meta.bind(parent, e.name, self.meta.put(e.attrs, lease).ino, lease)
             if len(entries) < READDIR_BATCH:
                 break
             offset = entries[-1].offset
         return True
+
+    def _listing(self, parent: int, offset: int) -> tuple[list[Entry], float | None]:
+        """A batch of ``parent``'s entries (``readdirplus``) and until when they may be kept
+        (``None``: one ttl). With a session they are leased, small files with their
+        manifest: reading back the small files of a listed directory asks nothing more."""
+        if self.session is None:
+            return self._wait(self.ns.readdir(parent, offset, READDIR_BATCH)), None
+        epoch = self._epoch
+        leased = self._wait(
+            self.session.readdir_leased(parent, offset, READDIR_BATCH, manifests=True)
+        )
+        until = self._until(leased.deadline, epoch)
+        return leased.value, until if until > time.monotonic() else None
 
     def _list_leased(self, parent: int) -> bool:
         """A name unknown in ``parent``: take a leased listing of it instead of asking for
@@ -619,11 +632,11 @@ class Operations(llfuse.Operations):
             me = self._attrs(d.ino)
             mode = _TYPE_BITS[me.type] | me.mode
             batch = [(b".", me.ino, mode, 1), (b"..", me.ino, mode, 2)][off:]
-        entries = self._wait(self.ns.readdir(d.ino, max(0, off - 2), READDIR_BATCH))
+        entries, lease = self._listing(d.ino, max(0, off - 2))
         put, bind = self.meta.put, self.meta.bind
         for e in entries:
-            attrs = put(e.attrs)  # readdirplus: the lookups that follow stay local
-            bind(d.ino, e.name, attrs.ino)
+            attrs = put(e.attrs, lease)  # readdirplus: the lookups that follow stay local
+            bind(d.ino, e.name, attrs.ino, lease)
             mode = _TYPE_BITS[attrs.type] | attrs.mode
             batch.append((os.fsencode(e.name), attrs.ino, mode, e.offset + 2))
         d.batch = batch

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fastcache.coordinator.service import LISTED_MANIFEST_MAX
 from fastcache.testing.cluster import Cluster, http
 from tests.mount.conftest import MountCluster
 
@@ -101,3 +102,31 @@ def test_reading_back_small_files_a_node_wrote_asks_nothing(leased: MountCluster
     (b.mnt / "written-back" / "f3").write_bytes(new)
     assert read_direct(d / "f3", 4096) == new
     assert (d / "f3").read_bytes() == new
+
+
+def test_reading_back_small_files_another_node_wrote_asks_nothing_after_a_listing(
+    leased: MountCluster,
+) -> None:
+    """Node B lists a directory of node A's files, then opens and reads each: the listing
+    brought the small files' manifests on a lease (readdirplus), so none of their opens asks
+    (one getattr each before); a file larger than ``LISTED_MANIFEST_MAX`` still asks for its
+    manifest at open. A's rewrite of a listed file is what B reads next."""
+    a, b = leased.nodes
+    small = {f"s{i}": os.urandom(4096) for i in range(20)}
+    large = os.urandom(LISTED_MANIFEST_MAX + 1)
+    (a.mnt / "listed").mkdir()
+    for name, data in small.items():
+        (a.mnt / "listed" / name).write_bytes(data)
+    (a.mnt / "listed" / "large").write_bytes(large)
+    d = b.mnt / "listed"
+    assert sorted(os.listdir(d)) == sorted([*small, "large"])
+    before = session_ops(leased)
+    for name, data in small.items():
+        assert read_direct(d / name, 4096) == data
+    sent = session_ops(leased) - before
+    assert sent["getattr"] + sent["lookup"] == 0, sent
+    assert read_direct(d / "large", len(large)) == large
+    assert (session_ops(leased) - before)["getattr"] == 1
+    new = os.urandom(4096)
+    (a.mnt / "listed" / "s7").write_bytes(new)
+    assert read_direct(d / "s7", 4096) == new
