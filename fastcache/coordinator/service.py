@@ -28,7 +28,6 @@ from fastcache.coordinator.model import (
     DEFAULT_READDIR,
     INODE_TYPES,
     INT64_MAX,
-    LISTING_FIELDS,
     MAX_ATIME_BATCH,
     MAX_FILE_SIZE,
     MAX_LOCATION_BATCH,
@@ -77,7 +76,6 @@ T = TypeVar("T")
 # A listing asked for with manifests carries those of files up to this size (small files:
 # one chunk, a manifest of about 100 bytes); larger files' opens ask for theirs.
 LISTED_MANIFEST_MAX = 64 * 1024
-_ROW_INO, _ROW_TYPE, _ROW_SIZE = (2 + LISTING_FIELDS.index(f) for f in ("ino", "type", "size"))
 ChangeHook = Callable[[list[str]], Awaitable[None]]
 
 
@@ -495,13 +493,7 @@ class CoordinatorService:
 
         def op(tx: Txn) -> list[list[Any]]:
             _dir(tx, ino)
-            rows = tx.list_rows(ino, offset, limit)
-            if manifests:
-                for row in rows:
-                    small = row[_ROW_TYPE] == "file" and 0 < row[_ROW_SIZE] <= LISTED_MANIFEST_MAX
-                    attrs = tx.get_inode(row[_ROW_INO]) if small else None
-                    row.append(None if attrs is None else attrs.manifest)
-            return rows
+            return tx.list_rows(ino, offset, limit, LISTED_MANIFEST_MAX if manifests else 0)
 
         return await self.store.transact(op, readonly=True)
 
