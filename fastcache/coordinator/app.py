@@ -348,7 +348,9 @@ def _with(schema: Schema, required: list[str], **props: Schema) -> Schema:
 
 INO_ARGS = _obj(["ino"], ino=_INO)
 SETATTR_ARGS = _with(SETATTR, ["ino"], ino=_INO)
-READDIR_ARGS = _obj(["ino"], ino=_INO, offset=_INT64, limit=P_LIMIT.schema)
+READDIR_ARGS = _obj(
+    ["ino"], ino=_INO, offset=_INT64, limit=P_LIMIT.schema, manifests={"type": "boolean"}
+)  # manifests: the session's listing only (``service.readdir_rows``)
 MKDIR_ARGS = _obj(["parent", "name"], parent=_INO, name=_NAME, mode=_MODE, uid=_ID, gid=_ID)
 SYMLINK_ARGS = _obj(
     ["parent", "name", "target"],

@@ -73,6 +73,9 @@ from fastcache.paths import is_digest, join_path, split_path, validate_name
 __all__ = ["CoordinatorService", "location_key"]
 
 T = TypeVar("T")
+# A listing asked for with manifests carries those of files up to this size (small files:
+# one chunk, a manifest of about 100 bytes); larger files' opens ask for theirs.
+LISTED_MANIFEST_MAX = 64 * 1024
 ChangeHook = Callable[[list[str]], Awaitable[None]]
 
 
@@ -477,15 +480,20 @@ class CoordinatorService:
         return [entry_from_row(row) for row in await self.readdir_rows(ino, offset, limit)]
 
     async def readdir_rows(
-        self, ino: int, offset: int = 0, limit: int = DEFAULT_READDIR
+        self, ino: int, offset: int = 0, limit: int = DEFAULT_READDIR, manifests: bool = False
     ) -> list[list[Any]]:
-        """``readdir`` as listing rows (``model.entry_from_row``) (what the session sends)."""
+        """``readdir`` as listing rows (``model.entry_from_row``) (what the session sends).
+
+        ``manifests``: each row ends with the manifest of a file of at most
+        ``LISTED_MANIFEST_MAX`` bytes (``None`` for the others), read in the same
+        transaction: a node that reads the small files it lists opens them without asking.
+        """
         _int(offset, "offset", 0, INT64_MAX)
         _int(limit, "limit", 1, MAX_READDIR)
 
         def op(tx: Txn) -> list[list[Any]]:
             _dir(tx, ino)
-            return tx.list_rows(ino, offset, limit)
+            return tx.list_rows(ino, offset, limit, LISTED_MANIFEST_MAX if manifests else 0)
 
         return await self.store.transact(op, readonly=True)
 

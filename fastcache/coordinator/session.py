@@ -462,11 +462,13 @@ async def _getattr(hub: SessionHub, sess: Session, op: Op, a: dict[str, Any]) ->
 
 
 async def _readdir(hub: SessionHub, sess: Session, op: Op, a: dict[str, Any]) -> Any:
-    """A listing as compact rows (``model.entry_from_row``), not the REST maps."""
+    """A listing as compact rows (``model.entry_from_row``), not the REST maps; with
+    ``manifests``, each row ends with a small file's manifest (``service.readdir_rows``)."""
 
     async def read() -> dict[str, Any]:
         offset, limit = a.get("offset") or 0, a.get("limit") or DEFAULT_READDIR
-        return {"rows": await hub.service.readdir_rows(a["ino"], offset, limit)}
+        manifests = bool(a.get("manifests"))
+        return {"rows": await hub.service.readdir_rows(a["ino"], offset, limit, manifests)}
 
     return await hub._leased_read(
         sess,

@@ -84,6 +84,15 @@ class _Lost(Exception):
     """The session went away before the answer came."""
 
 
+def _with_manifest(row: list[Any]) -> Entry:
+    """A listing row that ends with the file's manifest (or ``None``)."""
+    if not isinstance(row, list) or not row or not isinstance(row[-1], dict | None):
+        raise ValueError("a listing row with manifests ends with one or with null")
+    entry = entry_from_row(row[:-1])
+    entry.attrs.manifest = row[-1]
+    return entry
+
+
 class SessionClient:
     def __init__(
         self,
@@ -383,11 +392,20 @@ class SessionClient:
         return Leased(InodeAttrs.from_json(doc["ok"]), *self._lease(doc, [attr_key(ino)]))
 
     async def readdir_leased(
-        self, ino: int, offset: int = 0, limit: int = 1000
+        self, ino: int, offset: int = 0, limit: int = 1000, manifests: bool = False
     ) -> Leased[list[Entry]]:
-        args = {"ino": ino, "offset": offset, "limit": limit}
+        """A listing batch and its lease (on the listing and on every entry's attributes).
+        ``manifests``: small files' attributes come with their manifest (what an open
+        needs), the others without."""
+        args: dict[str, Any] = {"ino": ino, "offset": offset, "limit": limit}
+        if manifests:
+            args["manifests"] = True
         doc = await self._call("readdir", args, retry=True)
-        entries = [entry_from_row(row) for row in doc["ok"]["rows"]]
+        rows = doc["ok"]["rows"]
+        if manifests:
+            entries = [_with_manifest(row) for row in rows]
+        else:
+            entries = [entry_from_row(row) for row in rows]
         keys = [list_key(ino), *(attr_key(e.attrs.ino) for e in entries)]
         return Leased(entries, *self._lease(doc, keys))
 

@@ -223,10 +223,12 @@ class OpenFile:
 
 
 class Handle:
-    """One FUSE file handle: its open flags and the manifest snapshot it reads."""
+    """One FUSE file handle: its open flags and the manifest snapshot it reads. ``changed``:
+    the file was changed through it (writes, its truncate) since its last commit."""
 
     __slots__ = (
         "append",
+        "changed",
         "fh",
         "file",
         "generation",
@@ -235,6 +237,7 @@ class Handle:
         "prefetched",
         "streak",
         "stream",
+        "writable",
     )
 
     def __init__(self, fh: int, file: OpenFile, flags: int) -> None:
@@ -247,6 +250,8 @@ class Handle:
         self.prefetched = -1
         self.streak = 0  # sequential requests in a row
         self.stream: ChunkStream | None = None  # whole chunks read ahead (``mount.stream``)
+        self.changed = False
+        self.writable = flags & os.O_ACCMODE != os.O_RDONLY
 
 
 class FileTable:
@@ -379,10 +384,12 @@ class FileTable:
         with file.lock:
             file.refresh(base)
             file.attrs = attrs
-            if flags & os.O_TRUNC and file.size:
+            truncated = bool(flags & os.O_TRUNC and file.size)
+            if truncated:
                 self._truncate_locked(file, 0)
             fh = next(self._fh)
             handle = Handle(fh, file, flags)
+            handle.changed = truncated
         with self._lock:
             self._handles[fh] = handle
         return fh
@@ -408,25 +415,38 @@ class FileTable:
             file.close_staging()
 
     def flush(self, fh: int) -> InodeAttrs | None:
-        """Commit the handle's file if it has changes; the new attributes, if any."""
-        return self.commit(self._handles[fh].file)
+        """Commit the handle's file if it has changes; the new attributes, if any. Not
+        through a read-only handle that changed nothing: another handle may be half-way
+        through a rewrite (its changes are committed at its own close). A writable one
+        commits them all (a shared mapping's pages may be written through another handle)."""
+        handle = self._handles[fh]
+        if not (handle.changed or handle.writable):
+            return None
+        attrs = self.commit(handle.file)
+        handle.changed = False
+        return attrs
 
     def release(self, fh: int) -> InodeAttrs | None:
-        """Commit what is left and close the handle."""
+        """Commit what was changed through the handle since its flush (a write of a shared
+        mapping's pages) and close it. Not another handle's changes: the kernel sends a
+        release after ``close`` has returned, so a rewrite's ``open(O_TRUNC)`` may already
+        have emptied the file, and committing that would show other nodes the file empty."""
         with self._lock:
             handle = self._handles.pop(fh)
         if handle.stream is not None:
             handle.stream.close()  # its buffers go; its slot is free for another reader
         try:
-            return self.commit(handle.file)
+            return self.commit(handle.file) if handle.changed else None
         finally:
             self._drop(handle.file)
 
     def fsync(self, fh: int) -> InodeAttrs | None:
         """Commit (waiting for the coordinator), then return once every chunk of the file is
         in S3 and the coordinator has synced; ``TierUnavailable`` (EIO) past the bound."""
-        file = self._handles[fh].file
+        handle = self._handles[fh]
+        file = handle.file
         attrs = self.commit(file, timeout=self.fsync_timeout, force=True)
+        handle.changed = False
         if file.ino in self._owed and file.unsent is None:
             self._settle_owed(file)
         chunks = list(file.base.chunks)
@@ -668,6 +688,7 @@ class FileTable:
             file.dirty = True
             file.generation += 1
             file.mtime_ns = time.time_ns()
+        handle.changed = True
         return len(data)
 
     def _write_sequential(self, file: OpenFile, off: int, data: bytes) -> bool:
@@ -801,6 +822,7 @@ class FileTable:
         if handle is not None:
             with handle.file.lock:
                 self._truncate_locked(handle.file, size)
+            handle.changed = True
             return None
         attrs = self.call(self.ns.getattr(ino))
         file = self._acquire(ino, manifest_of(attrs, self.chunk_size))

@@ -27,6 +27,7 @@ Not thread-safe by design: ``fs.Operations`` uses it only while holding the llfu
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -57,6 +58,7 @@ class MetaCache:
         self._complete: dict[int, tuple[int, float]] = {}  # dir -> (version, expiry)
         self._denied: dict[tuple[int, str], float] = {}  # leased "no such name" -> expiry
         self._listed: dict[int, float] = {}  # dir -> expiry of its leased, complete listing
+        self._leased: set[int] = set()  # inodes whose cached attributes are held on a lease
         self._sweep_at = SWEEP_AT
 
     def sizes(self) -> dict[str, int]:
@@ -81,19 +83,57 @@ class MetaCache:
 
     def put(self, attrs: InodeAttrs, until: float | None = None) -> InodeAttrs:
         """Remember ``attrs`` for one ttl (or until a lease's deadline) unless a newer version
-        is cached; returns the winner."""
+        is cached; returns the winner. A listing's row (no manifest) of the version cached
+        with its manifest keeps that manifest: a version names one content. An answer
+        without a lease (a listing's) of the version held on a lease keeps the lease: any
+        change to it is still pushed here first."""
         item = self._attrs.get(attrs.ino)
         now = self._clock()
-        if item is not None and item[0].version > attrs.version and item[1] > now:
-            return item[0]
+        if item is not None:
+            cached = item[0]
+            if cached.version > attrs.version and item[1] > now:
+                return cached
+            if cached.version == attrs.version:
+                if attrs.manifest is None and cached.manifest is not None:
+                    attrs = dataclasses.replace(attrs, manifest=cached.manifest)
+                if until is None and attrs.ino in self._leased and item[1] > now:
+                    until = item[1]
         self._attrs[attrs.ino] = (attrs, now + self.ttl if until is None else until)
+        if until is None:
+            self._leased.discard(attrs.ino)
+        else:
+            self._leased.add(attrs.ino)
         if len(self._attrs) > self._sweep_at:
             self._sweep(now)
         return attrs
 
+    def amend(self, attrs: InodeAttrs) -> InodeAttrs:
+        """Replace the cached attributes of ``attrs.ino`` by ``attrs`` (this node's own
+        change to them, such as a noted access time), keeping their expiry and lease."""
+        item = self._attrs.get(attrs.ino)
+        if item is None:
+            return self.put(attrs)
+        self._attrs[attrs.ino] = (attrs, item[1])
+        return attrs
+
+    def lease_until(self, ino: int) -> float | None:
+        """The deadline of the lease ``ino``'s cached attributes are held on, if one runs."""
+        item = self._attrs.get(ino)
+        if ino not in self._leased or item is None or item[1] <= self._clock():
+            return None
+        return item[1]
+
+    def leased(self, ino: int) -> InodeAttrs | None:
+        """``ino``'s attributes if they are held on a lease that still runs: another node's
+        change to them would have been pushed here (and dropped them) first."""
+        if ino not in self._leased:
+            return None
+        return self.get(ino)
+
     def _sweep(self, now: float) -> None:
         """Drop expired attributes and entries (the cache would otherwise only grow)."""
         self._attrs = {ino: item for ino, item in self._attrs.items() if item[1] > now}
+        self._leased &= self._attrs.keys()
         self._denied = {key: until for key, until in self._denied.items() if until > now}
         for key, (_, until) in list(self._entries.items()):
             if until <= now:
@@ -111,6 +151,7 @@ class MetaCache:
 
     def invalidate(self, ino: int) -> None:
         self._attrs.pop(ino, None)
+        self._leased.discard(ino)
 
     # --- entries ---------------------------------------------------------------------------
     def entry(self, parent: int, name: str) -> int | None:
@@ -161,6 +202,7 @@ class MetaCache:
             if kind == "attr":
                 ino = int(rest)
                 self._attrs.pop(ino, None)
+                self._leased.discard(ino)
                 inodes.append(ino)
             elif kind == "entry":
                 parent_text, _, name = rest.partition(":")
@@ -186,6 +228,7 @@ class MetaCache:
         inodes = list(self._attrs)
         entries = list(self._entries)
         self._attrs.clear()
+        self._leased.clear()
         self._entries.clear()
         self._denied.clear()
         self._complete.clear()

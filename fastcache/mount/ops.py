@@ -6,9 +6,11 @@ coordinator, ``llfuse.lock_released`` around the data path in ``mount.files.File
 decorator, ``_handler``, turns every exception into a ``FUSEError`` through
 ``errors.errno_for``: anything else escaping a handler would stop the mount loop.
 
-Inode numbers are the coordinator's. Close-to-open consistency: ``open`` always asks the
-coordinator for the current manifest and drops the kernel's cached pages when another node
-changed the file since this node last read it; ``flush`` (every ``close``) commits.
+Inode numbers are the coordinator's. Close-to-open consistency: ``open`` takes the current
+manifest from the lease this node holds on the file's attributes (another node's commit is
+pushed here, dropping them, before it is acknowledged), else asks the coordinator, and drops
+the kernel's cached pages when another node changed the file since this node last read it;
+``flush`` (every ``close`` of a handle that may have changed the file) commits.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from fastcache.mount.notify import KernelNotifier
 if TYPE_CHECKING:
     from fastcache.cache.manager import CacheManager
     from fastcache.coordinator.client import CoordinatorClient
-    from fastcache.coordinator.model import InodeAttrs
+    from fastcache.coordinator.model import Entry, InodeAttrs
 
 log = logging.getLogger("fastcache.fuse")
 _lock_released = llfuse.lock_released
@@ -365,13 +367,26 @@ class Operations(llfuse.Operations):
         self._misses[parent] = (count + 1, until)  # once per window
         offset = 0
         for _ in range(PREFETCH_BATCHES):
-            entries = self._wait(self.ns.readdir(parent, offset, READDIR_BATCH))
+            entries, lease = self._listing(parent, offset)
             for e in entries:
-                self.meta.bind(parent, e.name, self.meta.put(e.attrs).ino)
+                self.meta.bind(parent, e.name, self.meta.put(e.attrs, lease).ino, lease)
             if len(entries) < READDIR_BATCH:
                 break
             offset = entries[-1].offset
         return True
+
+    def _listing(self, parent: int, offset: int) -> tuple[list[Entry], float | None]:
+        """A batch of ``parent``'s entries (``readdirplus``) and until when they may be kept
+        (``None``: one ttl). With a session they are leased, small files with their
+        manifest: reading back the small files of a listed directory asks nothing more."""
+        if self.session is None:
+            return self._wait(self.ns.readdir(parent, offset, READDIR_BATCH)), None
+        epoch = self._epoch
+        leased = self._wait(
+            self.session.readdir_leased(parent, offset, READDIR_BATCH, manifests=True)
+        )
+        until = self._until(leased.deadline, epoch)
+        return leased.value, until if until > time.monotonic() else None
 
     def _list_leased(self, parent: int) -> bool:
         """A name unknown in ``parent``: take a leased listing of it instead of asking for
@@ -408,10 +423,14 @@ class Operations(llfuse.Operations):
                 self._misses.clear()
         self._misses[parent] = (count + 1, until)
 
-    def _committed(self, attrs: InodeAttrs | None) -> None:
-        """New content committed by this node: its page cache already holds it."""
+    def _committed(self, attrs: InodeAttrs | None, epoch: int | None = None) -> None:
+        """New content committed by this node: its page cache already holds it. Kept on the
+        lease this node holds on the file's attributes (the coordinator does not push a
+        change to its author, nor drop the author's lease), unless an invalidation came in
+        since ``epoch`` (taken before the commit): then only for one ttl."""
         if attrs is not None:
-            self.meta.put(attrs)
+            until = self.meta.lease_until(attrs.ino) if epoch == self._epoch else None
+            self.meta.put(attrs, until)
             self.meta.data_follows(attrs.ino, _data_key(attrs))
 
     # --- names -----------------------------------------------------------------------------
@@ -613,11 +632,11 @@ class Operations(llfuse.Operations):
             me = self._attrs(d.ino)
             mode = _TYPE_BITS[me.type] | me.mode
             batch = [(b".", me.ino, mode, 1), (b"..", me.ino, mode, 2)][off:]
-        entries = self._wait(self.ns.readdir(d.ino, max(0, off - 2), READDIR_BATCH))
+        entries, lease = self._listing(d.ino, max(0, off - 2))
         put, bind = self.meta.put, self.meta.bind
         for e in entries:
-            attrs = put(e.attrs)  # readdirplus: the lookups that follow stay local
-            bind(d.ino, e.name, attrs.ino)
+            attrs = put(e.attrs, lease)  # readdirplus: the lookups that follow stay local
+            bind(d.ino, e.name, attrs.ino, lease)
             mode = _TYPE_BITS[attrs.type] | attrs.mode
             batch.append((os.fsencode(e.name), attrs.ino, mode, e.offset + 2))
         d.batch = batch
@@ -639,7 +658,7 @@ class Operations(llfuse.Operations):
     @_handler
     def open(self, inode: int, flags: int, ctx: Any) -> int:
         known = self.meta.get(inode)  # what the kernel may have been told (lookup, listing)
-        attrs = self.meta.put(self._wait(self.ns.getattr(inode)))
+        attrs = self._open_attrs(inode)
         changed = self.meta.data_changed(inode, _data_key(attrs))
         if known is not None and _data_key(known) != _data_key(attrs):
             changed = True  # e.g. listed before another node's commit: a stale size
@@ -648,16 +667,29 @@ class Operations(llfuse.Operations):
             now = time.time_ns()
             latest = self.atimes.latest(inode, attrs.atime_ns)
             if latest != attrs.atime_ns:  # a read here the coordinator has not heard of yet
-                attrs = self.meta.put(dataclasses.replace(attrs, atime_ns=latest))
+                attrs = self.meta.amend(dataclasses.replace(attrs, atime_ns=latest))
             if relatime_due(attrs, now):  # noted here, sent in the next batch
                 self.atimes.note(inode, now)
-                attrs = self.meta.put(dataclasses.replace(attrs, atime_ns=now))
+                attrs = self.meta.amend(dataclasses.replace(attrs, atime_ns=now))
                 accessed = True
         if (changed or accessed) and self.mounted:
             with llfuse.lock_released:
                 self.kernel.invalidate(inode, attr_only=not changed)
         with llfuse.lock_released:
             return self.files.open(inode, flags, attrs)
+
+    def _open_attrs(self, ino: int) -> InodeAttrs:
+        """Attributes with the manifest, as an open needs them (close-to-open): from a lease
+        this node holds on them (another node's commit is pushed here, dropping them, before
+        it is acknowledged), without a round trip; else asked for, and leased."""
+        if self.session is None:
+            return self.meta.put(self._wait(self.ns.getattr(ino)))
+        held = self.meta.leased(ino)
+        if held is not None and (held.manifest is not None or held.size == 0):
+            return held  # a listing's compact rows carry no manifest: those are asked for
+        epoch = self._epoch
+        leased = self._wait(self.session.getattr_leased(ino))
+        return self.meta.put(leased.value, self._until(leased.deadline, epoch))
 
     @_handler
     def create(
@@ -708,21 +740,24 @@ class Operations(llfuse.Operations):
 
     @_handler
     def flush(self, fh: int) -> None:
+        epoch = self._epoch
         with llfuse.lock_released:
             attrs = self.files.flush(fh)
-        self._committed(attrs)
+        self._committed(attrs, epoch)
 
     @_handler
     def release(self, fh: int) -> None:
+        epoch = self._epoch
         with llfuse.lock_released:
             attrs = self.files.release(fh)
-        self._committed(attrs)
+        self._committed(attrs, epoch)
 
     @_handler
     def fsync(self, fh: int, datasync: bool) -> None:
+        epoch = self._epoch
         with llfuse.lock_released:
             attrs = self.files.fsync(fh)
-        self._committed(attrs)
+        self._committed(attrs, epoch)
 
     # --- the rest --------------------------------------------------------------------------
     @_handler

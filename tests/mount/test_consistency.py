@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
+import mmap
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -11,9 +13,21 @@ from pathlib import Path
 import pytest
 
 from fastcache.testing.polling import wait_until
-from tests.mount.conftest import MountCluster
+from tests.mount.conftest import MountCluster, Node
+from tests.mount.test_metrics import scrape
 
 MiB = 1 << 20
+LIBC = ctypes.CDLL(None, use_errno=True)  # mmap without the dup of Python's mmap module
+LIBC.mmap.restype = ctypes.c_void_p
+LIBC.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+LIBC.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
 
 @pytest.fixture
@@ -107,3 +121,37 @@ def test_append_on_one_node_read_on_the_other(pair: tuple[Path, Path]) -> None:
         with open(a / "log", "ab") as f:
             f.write(f"line {i}\n".encode())
         assert (b / "log").read_bytes().splitlines()[-1] == f"line {i}".encode()
+
+
+def releases(node: Node) -> float:
+    """How many FUSE releases ``node`` has handled (each counted once it returned)."""
+    samples = scrape(node.proc.url, token=None)
+    return samples.get(("fastcache_fuse_op_seconds_count", (("op", "release"),)), 0.0)
+
+
+def test_closes_during_a_rewrite_commit_nothing_half_way(
+    pair: tuple[Path, Path], two_nodes: MountCluster
+) -> None:
+    """The kernel releases a handle after its last ``close`` returned (here: when its mapping
+    goes), so a rewrite's ``open(O_TRUNC)`` may have emptied the file by then (the race
+    behind the torn reads above); a reader's ``close`` may come at any time. Neither
+    commits what it did not change: node B reads the old content until the rewrite closes,
+    never an empty or half-written file."""
+    a, b = pair
+    node_a = two_nodes.nodes[0]
+    old, new = b"o" * 100_000, b"n" * 100_000
+    (a / "m").write_bytes(old)
+    fd = os.open(a / "m", os.O_RDONLY)
+    addr = LIBC.mmap(None, len(old), mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    assert addr != ctypes.c_void_p(-1).value, os.strerror(ctypes.get_errno())
+    os.close(fd)  # its flush; the mapping holds the handle open
+    with open(a / "m", "wb", buffering=0) as rewrite:  # emptied on node A, not committed
+        before = releases(node_a)
+        assert LIBC.munmap(addr, len(old)) == 0  # the mapped handle's release, alone
+        wait_until(lambda: releases(node_a) > before, 30, message="the mapped handle released")
+        assert (b / "m").read_bytes() == old
+        rewrite.write(new[:50_000])
+        os.close(os.open(a / "m", os.O_RDONLY))  # a reader's flush and release
+        assert (b / "m").read_bytes() == old
+        rewrite.write(new[50_000:])
+    assert (b / "m").read_bytes() == new

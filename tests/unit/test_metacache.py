@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 from fastcache.mount.metacache import MetaCache
 
@@ -19,6 +20,9 @@ class Clock:
 class A:
     ino: int
     version: int = 0
+    size: int = 0
+    manifest: dict[str, Any] | None = None
+    atime_ns: int = 0
 
 
 def test_attrs_expire_and_never_go_back_in_version() -> None:
@@ -157,3 +161,40 @@ def test_a_leased_listing_answers_missing_names_until_it_is_invalidated() -> Non
     m.listed(1, until=clock.now + 2)
     clock.now += 2
     assert not m.absent(1, "missing")  # the lease ran out
+
+
+def test_leased_attributes_keep_their_manifest_and_lease() -> None:
+    """What an open may use without asking: attributes on a lease that still runs. A
+    listing's row (no manifest) of the same version keeps the manifest cached with it, and
+    its lease when it comes without one; a newer version does not; a noted access time
+    keeps the lease; a ttl answer is no lease."""
+    clock = Clock()
+    m = MetaCache(1.0, clock)
+    full = A(5, version=3, size=10, manifest={"chunks": ["x"]})
+    m.put(full)
+    assert m.leased(5) is None  # ttl only
+    m.put(A(5, version=3, size=10), until=clock.now + 30)  # the listing's row, leased
+    held = m.leased(5)
+    assert held is not None and held.manifest == full.manifest
+    m.amend(replace(held, atime_ns=7))
+    clock.now += 5.0  # past the ttl, within the lease
+    held = m.leased(5)
+    assert held is not None and held.atime_ns == 7 and held.manifest == full.manifest
+    m.put(A(5, version=3, size=10, atime_ns=7))  # a listing's row of it, no lease: kept
+    clock.now += 5.0
+    held = m.leased(5)
+    assert held is not None and held.manifest == full.manifest
+    m.put(A(5, version=4, size=20), until=clock.now + 30)  # changed: no manifest to keep
+    held = m.leased(5)
+    assert held is not None and held.manifest is None
+    m.put(A(5, version=5, size=20))  # newer, without a lease: asked for again
+    assert m.leased(5) is None and m.get(5) is not None
+    m.put(A(5, version=5, size=20), until=clock.now + 30)
+    m.drop(["attr:5"])
+    assert m.leased(5) is None
+    m.put(full, until=clock.now + 30)
+    clock.now += 31.0
+    assert m.leased(5) is None  # the lease ran out
+    m.put(full, until=clock.now + 30)
+    m.clear()
+    assert m.leased(5) is None

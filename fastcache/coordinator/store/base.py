@@ -57,8 +57,12 @@ class Txn(Protocol):
     def move_entry(self, parent: int, name: str, new_parent: int, new_name: str) -> None: ...
     def set_entry_ino(self, parent: int, name: str, ino: int) -> None: ...
     def list_entries(self, parent: int, after: int, limit: int) -> list[Entry]: ...
-    def list_rows(self, parent: int, after: int, limit: int) -> list[list[Any]]:
-        """``list_entries`` as listing rows (``model.entry_from_row``), straight from SQL."""
+    def list_rows(
+        self, parent: int, after: int, limit: int, manifests_upto: int = 0
+    ) -> list[list[Any]]:
+        """``list_entries`` as listing rows (``model.entry_from_row``), straight from SQL;
+        ``manifests_upto``: each row ends with the manifest of a file of at most that many
+        bytes (``None`` for the others)."""
         ...
 
     def has_entries(self, parent: int) -> bool: ...
@@ -227,14 +231,24 @@ class SQLTxn:
     def list_entries(self, parent: int, after: int, limit: int) -> list[Entry]:
         return [entry_from_row(row) for row in self.list_rows(parent, after, limit)]
 
-    def list_rows(self, parent: int, after: int, limit: int) -> list[list[Any]]:
-        # a listing never carries manifests: not even read (a file's is its chunk list)
+    def list_rows(
+        self, parent: int, after: int, limit: int, manifests_upto: int = 0
+    ) -> list[list[Any]]:
+        # a listing carries no manifests (a file's is its chunk list) unless asked for small
+        # files' ones: then not read for the others
+        small = ", CASE WHEN i.type = 'file' AND i.size <= ? THEN i.manifest END"
         rows = self._c.execute(
-            f"SELECT e.name, e.cookie, {_ROW_COLS} FROM entries e JOIN inodes i ON i.ino = e.ino "
+            f"SELECT e.name, e.cookie, {_ROW_COLS}{small if manifests_upto else ''} "
+            "FROM entries e JOIN inodes i ON i.ino = e.ino "
             "WHERE e.parent = ? AND e.cookie > ? ORDER BY e.cookie LIMIT ?",
-            (parent, after, limit),
+            (manifests_upto, parent, after, limit) if manifests_upto else (parent, after, limit),
         ).fetchall()
-        return [list(r) for r in rows]
+        out = [list(r) for r in rows]
+        if manifests_upto:
+            for row in out:
+                if row[-1] is not None:
+                    row[-1] = json.loads(row[-1])
+        return out
 
     def has_entries(self, parent: int) -> bool:
         row = self._c.execute("SELECT 1 FROM entries WHERE parent = ? LIMIT 1", (parent,))
