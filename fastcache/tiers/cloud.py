@@ -140,7 +140,7 @@ def _as_body(data: Buffer) -> Payload:
             f"S3 uploads take a buffer (bytes, bytearray, memoryview), not {type(data).__name__}"
         ) from None
     if view.readonly and view.c_contiguous:
-        return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+        return view.cast("B")  # lengths in bytes, whatever the exporter's format
     return view.tobytes()
 
 
